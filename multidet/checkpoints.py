@@ -1,0 +1,218 @@
+"""Checkpoints in effdet's own state_dict format, each with a JSON metadata file beside it.
+
+    checkpoints/efficientdet_d0_coco.pth    torch.save(EfficientDet.state_dict())
+    checkpoints/efficientdet_d0_coco.json   {name, architecture, image_size, num_classes,
+                                             class_names, seed, source, sha256}
+
+Loading always uses ``torch.load(weights_only=True)``, verifies the sha256 first and checks the
+architecture (every key and shape) before the weights reach a model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from effdet import get_efficientdet_config
+from effdet.efficientdet import EfficientDet
+
+from .config import ARCHITECTURE, IMAGE_SIZE, ModelSpec
+
+NUM_ANCHORS = 9  # num_scales (3) x aspect ratios (3) for efficientdet_d0
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, tampered with, unsafe or of the wrong architecture."""
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    name: str
+    architecture: str
+    image_size: int
+    num_classes: int
+    class_names: list[str]
+    seed: int | None
+    source: str
+    sha256: str
+
+    @classmethod
+    def read(cls, path: Path) -> "CheckpointMeta":
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{path} not found: run `make checkpoints` first") from exc
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is not valid checkpoint metadata: {exc}") from exc
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_config(num_classes: int):
+    config = get_efficientdet_config(ARCHITECTURE)
+    config.num_classes = num_classes
+    return config
+
+
+def build_network(num_classes: int) -> EfficientDet:
+    """An EfficientDet-D0 with randomly initialised weights; never touches the network."""
+    return EfficientDet(model_config(num_classes), pretrained_backbone=False)
+
+
+def generate_state_dict(num_classes: int, seed: int, calibration: torch.Tensor | None = None,
+                        ) -> "OrderedDict[str, torch.Tensor]":
+    """Seeded, deterministic weights: the same seed and calibration batch give byte-identical tensors.
+
+    effdet's random init with BatchNorm's identity statistics leaves the heads' inputs ~1e-5 in
+    scale, so every score is the prior (0.0100 +- 1e-6) and every box an anchor. With a
+    ``calibration`` batch (normalised NCHW images) the BatchNorm running statistics are set from
+    real activations, as after training, so outputs have a realistic spread. Still untrained.
+    """
+    torch.manual_seed(seed)
+    net = build_network(num_classes)
+    if calibration is not None:
+        calibrate_batchnorm(net, calibration)
+    return net.state_dict()
+
+
+def calibrate_batchnorm(net: torch.nn.Module, images: torch.Tensor) -> None:
+    """Set every BatchNorm's running mean/var to the statistics of ``images`` (one float64 pass)."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one pass gives exactly this batch's statistics
+    net.double().train()
+    with torch.no_grad():
+        net(images.double())
+    net.float().eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.01  # effdet's norm_kwargs
+
+
+def pretrained_state_dict(num_classes: int, seed: int) -> "OrderedDict[str, torch.Tensor]":
+    """effdet's pretrained COCO weights; for other class counts the class head is re-initialised."""
+    from effdet import create_model
+
+    try:
+        net = create_model(ARCHITECTURE, bench_task="", num_classes=90, pretrained=True)
+    except Exception as exc:  # urllib/hub errors vary by version; all mean the same to the user
+        raise CheckpointError(
+            f"could not download effdet's pretrained {ARCHITECTURE} weights ({type(exc).__name__}: {exc}); "
+            "this machine may be offline. Run without --pretrained to generate seeded checkpoints, "
+            "or pass --from PATH with a checkpoint you have.") from exc
+    if num_classes != 90:
+        torch.manual_seed(seed)
+        net.reset_head(num_classes=num_classes)
+    return net.state_dict()
+
+
+def import_state_dict(path: Path) -> "OrderedDict[str, torch.Tensor]":
+    """A user's effdet checkpoint: bare state_dict, or effdet train.py's dict with
+    ``state_dict_ema`` (preferred) / ``state_dict``. ``module.``/``model.`` prefixes are removed."""
+    obj = safe_torch_load(Path(path))
+    if isinstance(obj, Mapping) and "state_dict_ema" in obj and obj["state_dict_ema"]:
+        obj = obj["state_dict_ema"]
+    elif isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no effdet state_dict")
+    out = OrderedDict()
+    for key, value in obj.items():
+        for prefix in ("module.", "model."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def num_classes_of(state_dict: Mapping[str, torch.Tensor]) -> int:
+    key = "class_net.predict.conv_pw.weight"
+    if key not in state_dict:
+        raise CheckpointError(f"not an {ARCHITECTURE} state_dict: {key} is missing")
+    out_channels = state_dict[key].shape[0]
+    if out_channels % NUM_ANCHORS:
+        raise CheckpointError(f"{key} has {out_channels} outputs, not a multiple of {NUM_ANCHORS} anchors")
+    return out_channels // NUM_ANCHORS
+
+
+def safe_torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} was refused by torch.load(weights_only=True): it contains code or objects "
+            f"other than tensors ({str(exc).splitlines()[0]})") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
+
+
+def check_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int) -> EfficientDet:
+    """Build the network and load ``state_dict`` strictly; every key and shape must match."""
+    net = build_network(num_classes)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in expected if k in state_dict and expected[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"weights do not match {ARCHITECTURE} with {num_classes} classes: "
+            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:2]}), {len(wrong)} with other shapes (e.g. {wrong[:2]})")
+    net.load_state_dict(state_dict, strict=True)
+    return net.eval()
+
+
+def save_checkpoint(out_dir: Path, spec: ModelSpec, state_dict: Mapping[str, torch.Tensor], *,
+                    seed: int | None, source: str) -> CheckpointMeta:
+    num_classes = num_classes_of(state_dict)
+    if num_classes != spec.num_classes:
+        raise CheckpointError(f"{spec.name} needs {spec.num_classes} classes, the weights have {num_classes}")
+    check_architecture(state_dict, num_classes)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pth, tmp = out_dir / f"{spec.name}.pth", out_dir / f".{spec.name}.pth.tmp"
+    torch.save(OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state_dict.items()), tmp)
+    meta = CheckpointMeta(name=spec.name, architecture=ARCHITECTURE, image_size=IMAGE_SIZE,
+                          num_classes=num_classes, class_names=list(spec.class_names), seed=seed,
+                          source=source, sha256=sha256_file(tmp))
+    os.replace(tmp, pth)
+    (out_dir / f"{spec.name}.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    return meta
+
+
+def load_checkpoint(ckpt_dir: Path, name: str) -> tuple[CheckpointMeta, EfficientDet]:
+    """Verify and load one checkpoint; returns its metadata and the eval-mode network on CPU."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = CheckpointMeta.read(ckpt_dir / f"{name}.json")
+    pth = ckpt_dir / f"{name}.pth"
+    if meta.name != name:
+        raise CheckpointError(f"{ckpt_dir / (name + '.json')} describes {meta.name!r}, not {name!r}")
+    if meta.architecture != ARCHITECTURE or meta.image_size != IMAGE_SIZE:
+        raise CheckpointError(f"{name} is {meta.architecture} at {meta.image_size}px; "
+                              f"this service runs {ARCHITECTURE} at {IMAGE_SIZE}px")
+    if not pth.exists():
+        raise CheckpointError(f"{pth} not found: run `make checkpoints` first")
+    actual = sha256_file(pth)
+    if actual != meta.sha256:
+        raise CheckpointError(f"{pth} failed its integrity check: sha256 {actual[:16]}... does not match "
+                              f"the metadata's {meta.sha256[:16]}...; the file was changed or corrupted")
+    state_dict = safe_torch_load(pth)
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{pth} holds no state_dict")
+    if len(meta.class_names) != meta.num_classes:
+        raise CheckpointError(f"{name}: {len(meta.class_names)} class names for {meta.num_classes} classes")
+    return meta, check_architecture(state_dict, meta.num_classes)

@@ -1,0 +1,44 @@
+"""Errors a client caused, each with the HTTP status it maps to.
+
+One rule for the whole service:
+- 400 Bad Request: the request itself is malformed (empty body, no image part, bad query parameter).
+- 413 Payload Too Large: the image declares more pixels than ``max_image_pixels`` (refused from its
+  header, before decoding). Bodies over TorchServe's ``max_request_size`` get 413 from the frontend.
+- 415 Unsupported Media Type: the bytes are not an image in an accepted format.
+- 422 Unprocessable Entity: an accepted format whose data is corrupt or truncated.
+"""
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """A request the service refuses; ``status`` is the HTTP code, ``message`` one line for the client."""
+
+    status = 400
+    kind = "BadRequest"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = " ".join(str(message).split())  # always one line
+
+    def to_dict(self) -> dict:
+        return {"code": self.status, "type": self.kind, "message": self.message}
+
+
+class BadRequest(InputError):
+    status = 400
+    kind = "BadRequest"
+
+
+class ImageTooLarge(InputError):
+    status = 413
+    kind = "ImageTooLarge"
+
+
+class UnsupportedImage(InputError):
+    status = 415
+    kind = "UnsupportedMediaType"
+
+
+class CorruptImage(InputError):
+    status = 422
+    kind = "CorruptImage"

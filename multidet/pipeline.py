@@ -1,0 +1,162 @@
+"""The whole data path for a batch of requests: decode -> preprocess -> run -> postprocess -> JSON.
+
+``Detector.predict`` takes raw image bytes with per-request options and returns, per request,
+either the response dict (schema in README) or the ``InputError`` that request caused. One bad
+request never affects the others in its batch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from .checkpoints import load_checkpoint
+from .config import MODEL_SPECS, Settings
+from .decode import decode_image
+from .device import synchronize
+from .errors import BadRequest, InputError
+from .postprocess import detections_for, letterbox_tensors, merge
+from .preprocess import Preprocessor
+from .runners import LoadedModel, create_runner
+
+log = logging.getLogger(__name__)
+
+QUERY_PARAMETERS = ("threshold", "models")
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    threshold: float | None = None          # None: the configured default
+    models: tuple[str, ...] | None = None   # None: every loaded model
+
+
+def parse_options(params: Mapping[str, object], loaded: Sequence[str]) -> RequestOptions:
+    """Validate query parameters; anything wrong is a 400 naming the parameter."""
+    values = {k: v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
+              for k, v in params.items()}
+    unknown = sorted(set(values) - set(QUERY_PARAMETERS))
+    if unknown:
+        raise BadRequest(f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(QUERY_PARAMETERS)}")
+    threshold = models = None
+    if "threshold" in values:
+        raw = values["threshold"].strip()
+        try:
+            threshold = float(raw)
+        except ValueError:
+            raise BadRequest(f"parameter 'threshold' must be a number in [0, 1], got {raw!r}") from None
+        if not 0.0 <= threshold <= 1.0:  # also rejects nan
+            raise BadRequest(f"parameter 'threshold' must be in [0, 1], got {raw!r}")
+    if "models" in values:
+        names = tuple(n.strip() for n in values["models"].split(",") if n.strip())
+        bad = [n for n in names if n not in loaded]
+        if not names or bad:
+            raise BadRequest(f"parameter 'models' must be a comma-separated subset of {', '.join(loaded)}; "
+                             f"got {values['models']!r}")
+        models = tuple(dict.fromkeys(names))
+    return RequestOptions(threshold=threshold, models=models)
+
+
+class Detector:
+    """Three (or a configured subset of) EfficientDet-D0 models behind one runner."""
+
+    def __init__(self, models: Sequence[LoadedModel], settings: Settings, device: torch.device):
+        self.settings = settings
+        self.device = torch.device(device)
+        self.models = list(models)
+        self.model_names = tuple(m.name for m in self.models)
+        self.preprocessor = Preprocessor()
+        self.runner = create_runner(settings.optimization, self.models, self.device, settings.max_detections)
+
+    @classmethod
+    def from_checkpoints(cls, checkpoint_dir: Path | str, settings: Settings, device: torch.device) -> "Detector":
+        models = []
+        for name in settings.models:
+            meta, net = load_checkpoint(Path(checkpoint_dir), name)
+            if meta.num_classes != MODEL_SPECS[name].num_classes:
+                log.warning("%s: checkpoint has %d classes, the built-in spec %d; using the checkpoint's names",
+                            name, meta.num_classes, MODEL_SPECS[name].num_classes)
+            models.append(LoadedModel(name=name, class_names=tuple(meta.class_names), net=net))
+        return cls(models, settings, device)
+
+    # -- the data path ---------------------------------------------------------------------------
+    def predict(self, bodies: Sequence[bytes], options: Sequence[RequestOptions] | None = None,
+                ) -> list[dict | InputError]:
+        options = list(options) if options is not None else [RequestOptions()] * len(bodies)
+        results: list[dict | InputError] = [None] * len(bodies)  # type: ignore[list-item]
+        timings = [dict() for _ in bodies]
+        ok, arrays, boxes = [], [], []
+        for idx, body in enumerate(bodies):
+            t0 = time.perf_counter()
+            try:
+                image = decode_image(body, self.settings.max_image_pixels)
+            except InputError as err:
+                results[idx] = err
+                continue
+            t1 = time.perf_counter()
+            arr, letterbox = self.preprocessor.letterbox(image)
+            t2 = time.perf_counter()
+            timings[idx].update(decode=(t1 - t0) * 1e3, preprocess=(t2 - t1) * 1e3)
+            ok.append(idx), arrays.append(arr), boxes.append(letterbox)
+        if not ok:
+            return results
+
+        wanted = {name for i in ok for name in (options[i].models or self.model_names)}
+        active = [k for k, name in enumerate(self.model_names) if name in wanted]
+        t0 = time.perf_counter()
+        batch = self.preprocessor.to_batch(arrays, self.device)
+        img_scale, img_size = letterbox_tensors(boxes, self.device)
+        t1 = time.perf_counter()
+        detections = self.runner.detect(batch, img_scale, img_size, active)
+        detections = {k: v.cpu() for k, v in detections.items()}
+        synchronize(self.device)
+        t2 = time.perf_counter()
+        share = (t1 - t0) * 1e3 / len(ok)  # batch normalisation is preprocessing, split evenly
+        for pos, idx in enumerate(ok):
+            t3 = time.perf_counter()
+            opts, letterbox = options[idx], boxes[pos]
+            threshold = self.settings.threshold if opts.threshold is None else opts.threshold
+            per_model = {}
+            for k in active:
+                model = self.models[k]
+                if opts.models is None or model.name in opts.models:
+                    per_model[model.name] = detections_for(detections[k][pos], letterbox, model.name,
+                                                           model.class_names, threshold)
+            dets, summary = merge(per_model, {m.name: m.num_classes for m in self.models})
+            t = timings[idx]
+            t["preprocess"] += share
+            t["inference"] = (t2 - t1) * 1e3
+            t["postprocess"] = (time.perf_counter() - t3) * 1e3
+            t["total"] = t["decode"] + t["preprocess"] + t["inference"] + t["postprocess"]
+            results[idx] = {
+                "image": {"width": letterbox.width, "height": letterbox.height},
+                "optimization": self.runner.name,
+                "device": str(self.device),
+                "detections": dets,
+                "models": summary,
+                "timing_ms": {k: round(v, 3) for k, v in t.items()},
+            }
+        return results
+
+    def predict_one(self, body: bytes, options: RequestOptions | None = None) -> dict:
+        result = self.predict([body], [options or RequestOptions()])[0]
+        if isinstance(result, InputError):
+            raise result
+        return result
+
+    def warmup(self, iterations: int = 2) -> float:
+        """Run a synthetic image through the whole path; returns the last run's milliseconds."""
+        import io
+
+        buf = io.BytesIO()
+        Image.new("RGB", (640, 480), (124, 116, 104)).save(buf, format="JPEG")
+        elapsed = 0.0
+        for _ in range(iterations):
+            t0 = time.perf_counter()
+            self.predict_one(buf.getvalue(), RequestOptions(threshold=0.0))
+            elapsed = (time.perf_counter() - t0) * 1e3
+        return elapsed

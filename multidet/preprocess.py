@@ -1,0 +1,56 @@
+"""Step 2: RGB image -> letterboxed 512x512 tensor, exactly as effdet's own eval pipeline does it.
+
+effdet evaluates with ``transforms_coco_eval`` (ResizePad: resize so the image fits 512x512 keeping
+its aspect ratio, paste at the top-left corner on a mean-coloured canvas) and then normalises on the
+device in its PrefetchLoader: ``x.float().sub_(mean * 255).div_(std * 255)``. We call the same
+transform with the same resolved input config, and normalise the same way on the model's device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from effdet import get_efficientdet_config
+from effdet.data import resolve_input_config
+from effdet.data.transforms import transforms_coco_eval
+from PIL import Image
+
+from .config import ARCHITECTURE
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an original image sits in the network input."""
+
+    width: int          # original image size, pixels
+    height: int
+    scale: float        # original pixels per network pixel (effdet's ``img_scale``)
+
+    @property
+    def content_size(self) -> tuple[float, float]:
+        """(w, h) of the image area inside the network input, in network pixels."""
+        return self.width / self.scale, self.height / self.scale
+
+
+class Preprocessor:
+    def __init__(self, architecture: str = ARCHITECTURE):
+        cfg = resolve_input_config({}, get_efficientdet_config(architecture))
+        self.input_size: tuple[int, int] = tuple(cfg["input_size"][-2:])
+        self._transform = transforms_coco_eval(
+            self.input_size, interpolation=cfg["interpolation"], use_prefetcher=True,
+            fill_color=cfg["fill_color"], mean=cfg["mean"], std=cfg["std"])
+        self._mean = torch.tensor([x * 255 for x in cfg["mean"]]).view(1, 3, 1, 1)
+        self._std = torch.tensor([x * 255 for x in cfg["std"]]).view(1, 3, 1, 1)
+
+    def letterbox(self, img: Image.Image) -> tuple[np.ndarray, Letterbox]:
+        """Resize + pad one image; returns a CHW uint8 array and its Letterbox."""
+        width, height = img.size
+        arr, anno = self._transform(img, {})
+        return arr, Letterbox(width=width, height=height, scale=float(anno["img_scale"]))
+
+    def to_batch(self, arrays: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:
+        """Stack letterboxed uint8 images and normalise them on ``device`` (fp32, NCHW)."""
+        batch = torch.from_numpy(np.stack(arrays)).to(device, non_blocking=True)
+        return batch.float().sub_(self._mean.to(device)).div_(self._std.to(device))

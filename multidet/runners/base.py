@@ -1,0 +1,86 @@
+"""The model-running step: one interface, one class per optimisation path, chosen by name.
+
+A runner gets the three loaded networks and turns a normalised NCHW batch into, per model,
+effdet's detections ``[B, max_det, 6]`` in network pixels. Paths differ in how they run the
+networks (``forward``); the top-k/NMS step (``postprocess.select_detections``) is shared, so every
+path is compared with the baseline on the same post-processing.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+from effdet.anchors import Anchors
+from effdet.efficientdet import EfficientDet
+
+from ..postprocess import select_detections
+
+RawOutput = tuple[list[torch.Tensor], list[torch.Tensor]]  # per level: class logits, box regressions
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    class_names: tuple[str, ...]
+    net: EfficientDet                    # eval mode, on CPU as loaded
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class Runner(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, models: Sequence[LoadedModel], device: torch.device, max_detections: int = 100):
+        if not models:
+            raise ValueError("a runner needs at least one model")
+        self.models = list(models)
+        self.device = torch.device(device)
+        self.max_detections = max_detections
+        config = self.models[0].net.config
+        self.max_detection_points = config.max_detection_points
+        self.anchor_boxes = Anchors.from_config(config).boxes.to(self.device)
+
+    @classmethod
+    def supports(cls, device: torch.device) -> bool:
+        """Whether this path can run on ``device`` (checked before construction)."""
+        return True
+
+    @abstractmethod
+    def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
+        """Run the networks of the models at ``active`` indices on a normalised batch."""
+
+    @torch.inference_mode()
+    def detect(self, images: torch.Tensor, img_scale: torch.Tensor, img_size: torch.Tensor,
+               active: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """Per active model index: [B, max_det, 6] detections in network pixels."""
+        active = range(len(self.models)) if active is None else active
+        raw = self.forward(images, active)
+        return {i: select_detections(cls_out, box_out, self.anchor_boxes, self.models[i].num_classes,
+                                     img_scale, img_size, self.max_detections, self.max_detection_points)
+                for i, (cls_out, box_out) in raw.items()}
+
+
+RUNNERS: dict[str, type[Runner]] = {}
+
+
+def register(cls: type[Runner]) -> type[Runner]:
+    if cls.name in RUNNERS:
+        raise ValueError(f"runner {cls.name!r} registered twice")
+    RUNNERS[cls.name] = cls
+    return cls
+
+
+def create_runner(name: str, models: Sequence[LoadedModel], device: torch.device | str,
+                  max_detections: int = 100) -> Runner:
+    device = torch.device(device)
+    try:
+        cls = RUNNERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimization {name!r}; available: {sorted(RUNNERS)}") from None
+    if not cls.supports(device):
+        raise ValueError(f"optimization {name!r} does not run on {device}")
+    return cls(models, device, max_detections)

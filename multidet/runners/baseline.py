@@ -1,0 +1,20 @@
+"""``baseline``: the three networks one after another, eager fp32, as effdet's DetBenchPredict."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .base import RawOutput, Runner, register
+
+
+@register
+class BaselineRunner(Runner):
+    name = "baseline"
+
+    def __init__(self, models, device, max_detections=100):
+        super().__init__(models, device, max_detections)
+        self.nets = [m.net.to(self.device).eval() for m in self.models]
+
+    def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
+        return {i: self.nets[i](images) for i in active}
