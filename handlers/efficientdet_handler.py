@@ -8,6 +8,7 @@ import time
 from http import HTTPStatus
 from pathlib import Path
 
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from multidet.config import Settings
@@ -34,6 +35,8 @@ class EfficientDetHandler(BaseHandler):
                     time.perf_counter() - t0, f"{warm:.0f}" if warm is not None else "skipped")
 
     def preprocess(self, data):
+        # How full TorchServe's batches are (model_metrics.log / the metrics endpoint's log mode)
+        self.context.metrics.add_metric("RequestsPerBatch", len(data), "count", metric_type=MetricTypes.GAUGE)
         parsed = []
         for idx, row in enumerate(data):
             try:

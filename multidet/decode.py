@@ -12,6 +12,17 @@ from .errors import BadRequest, CorruptImage, ImageTooLarge, UnsupportedImage
 # Formats we accept (Pillow's format names). MPO is the multi-picture JPEG many cameras write.
 ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
+# File signatures of the accepted formats: bytes that start like one but do not parse are a corrupt
+# image (422), bytes that start like none of them are not an image at all (415).
+SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+              (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def sniff(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for sig, fmt in SIGNATURES if data.startswith(sig)), None)
+
 
 def decode_image(data: bytes | bytearray | memoryview, max_pixels: int) -> Image.Image:
     """Decode ``data`` to an 8-bit RGB image in its displayed orientation.
@@ -28,6 +39,9 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int) -> Image
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"image too large: {exc}") from exc
     except UnidentifiedImageError as exc:
+        claimed = sniff(bytes(data[:16]))
+        if claimed:
+            raise CorruptImage(f"body starts like a {claimed} file but its header is corrupt") from exc
         raise UnsupportedImage(
             f"body is not a recognised image; accepted formats: {', '.join(ACCEPTED_FORMATS)}") from exc
     except (OSError, ValueError, SyntaxError) as exc:

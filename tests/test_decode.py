@@ -1,0 +1,138 @@
+"""decode: every accepted kind of image becomes RGB in its displayed orientation; bad input is a clear 4xx."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import encode
+from multidet.decode import ACCEPTED_FORMATS, decode_image
+from multidet.errors import BadRequest, CorruptImage, ImageTooLarge, InputError, UnsupportedImage
+
+MAX = 40_000_000
+
+
+def gradient(w=64, h=48) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h, dtype=np.uint8)[:, None].repeat(w, 1)
+    return Image.fromarray(np.stack([x, y, 255 - x], -1), "RGB")
+
+
+def test_real_jpeg(photos):
+    img = decode_image(photos["coffee"], MAX)
+    assert img.mode == "RGB" and img.size == (600, 400)
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("GIF", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True}),
+                                    ("JPEG", {"progressive": True, "quality": 95})])
+def test_accepted_formats(fmt, kw):
+    assert fmt in ACCEPTED_FORMATS
+    img = decode_image(encode(gradient(), fmt, **kw), MAX)
+    assert img.mode == "RGB" and img.size == (64, 48)
+    # same picture: a lossless format matches the source exactly, a lossy one closely
+    diff = np.abs(np.asarray(img, np.int16) - np.asarray(gradient(), np.int16)).mean()
+    assert diff < (12 if fmt in ("JPEG", "GIF") else 1e-9)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "LA", "P", "1", "I;16"])
+def test_modes_become_rgb(mode):
+    src = gradient().convert(mode) if mode != "I;16" else Image.fromarray(
+        np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    img = decode_image(encode(src, fmt), MAX)
+    assert img.mode == "RGB" and img.size == (64, 48)
+
+
+def test_16bit_png_keeps_its_range():
+    arr = np.full((10, 10), 65535, np.uint16)
+    arr[:, :5] = 32768
+    img = decode_image(encode(Image.fromarray(arr), "PNG"), MAX)
+    px = np.asarray(img)
+    assert px[0, 9].tolist() == [255, 255, 255] and px[0, 0].tolist() == [128, 128, 128]
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    px = np.asarray(decode_image(encode(rgba, "PNG"), MAX))
+    assert px[0, 0].tolist() == [255, 0, 0] and px[3, 3].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_applied():
+    src = gradient(80, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    img = decode_image(encode(src, "JPEG", exif=exif, quality=95), MAX)
+    assert img.size == (40, 80)
+    expected = src.transpose(Image.Transpose.ROTATE_270)
+    assert np.abs(np.asarray(img, np.int16) - np.asarray(expected, np.int16)).mean() < 12
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    assert np.asarray(decode_image(buf.getvalue(), MAX))[0, 0].tolist() == [255, 0, 0]
+
+
+def test_tiny_and_extreme_aspect():
+    assert decode_image(encode(Image.new("RGB", (1, 1)), "PNG"), MAX).size == (1, 1)
+    assert decode_image(encode(Image.new("RGB", (10000, 1)), "PNG"), MAX).size == (10000, 1)
+
+
+def jpeg_declaring(photo: bytes, width: int, height: int) -> bytes:
+    """A real JPEG whose SOF header is patched to declare another size (a decompression bomb)."""
+    data = bytearray(photo)
+    for marker in (b"\xff\xc0", b"\xff\xc2"):
+        i = data.find(marker)
+        if i >= 0:
+            struct.pack_into(">HH", data, i + 5, height, width)
+            return bytes(data)
+    raise AssertionError("no SOF marker")
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    def chunk(tag, payload):
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("make", [lambda p: jpeg_declaring(p, 30000, 30000), lambda p: jpeg_declaring(p, 10000, 5000),
+                                  lambda p: png_declaring(30000, 30000)])
+def test_decompression_bomb_refused_from_header(photos, make):
+    with pytest.raises(ImageTooLarge) as err:
+        decode_image(make(photos["chelsea"]), MAX)
+    assert err.value.status == 413 and ("pixels" in err.value.message or "too large" in err.value.message)
+
+
+@pytest.mark.parametrize("body,cls,status", [
+    (b"", BadRequest, 400),
+    (b"hello, this is text", UnsupportedImage, 415),
+    (b"<html><body>not an image</body></html>", UnsupportedImage, 415),
+    (b"\xff\xd8\xff\xe0" + b"garbage" * 50, CorruptImage, 422),
+    (b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50, CorruptImage, 422),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, CorruptImage, 422),
+])
+def test_bad_bytes(body, cls, status):
+    with pytest.raises(cls) as err:
+        decode_image(body, MAX)
+    assert err.value.status == status and "\n" not in err.value.message
+
+
+def test_truncated_jpeg(photos):
+    with pytest.raises(CorruptImage) as err:
+        decode_image(photos["coffee"][:5000], MAX)
+    assert err.value.status == 422 and "truncated" in err.value.message
+
+
+def test_unaccepted_format():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "PDF")
+    with pytest.raises(InputError) as err:
+        decode_image(buf.getvalue(), MAX)
+    assert err.value.status == 415

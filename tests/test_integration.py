@@ -1,0 +1,123 @@
+"""A real TorchServe (Java frontend + Python worker) serving a MAR built by scripts/create_mar.py."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import assert_equivalent, assert_schema, start_torchserve
+from multidet.compare import compare
+from multidet.config import Settings
+from multidet.embedded import EmbeddedService
+from test_decode import jpeg_declaring
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    # batchSize 4: single requests and concurrent batches are both exercised by the same server
+    ts = start_torchserve(tmp_path_factory.mktemp("torchserve"),
+                          ["--optimization", "baseline", "--batch-size", "4", "--max-batch-delay", "200"])
+    yield ts
+    ts.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return EmbeddedService(Settings())
+
+
+def url(server, path="/predictions/all"):
+    return f"{server.inference}{path}"
+
+
+def test_ping_and_model_description(server):
+    assert requests.get(url(server, "/ping"), timeout=10).json() == {"status": "Healthy"}
+    info = requests.get(f"{server.management}/models/all", timeout=10).json()[0]
+    assert info["batchSize"] == 4 and info["workers"][0]["status"] == "READY"
+
+
+def test_raw_put_equals_embedded(server, embedded, photos):
+    for name, body in photos.items():
+        r = requests.put(url(server), data=body, headers={"X-Threshold": "0"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        result = r.json()
+        assert_schema(result)
+        assert len(result["models"]) == 3 and result["optimization"] == "baseline" and result["device"] == "cpu"
+        want = embedded.predict_one(body, {"threshold": "0"}).body
+        assert result["image"] == want["image"]
+        assert compare(want["detections"], result["detections"]).exact(), name
+
+
+def test_multipart_post_with_form_options(server, embedded, photos):
+    r = requests.post(url(server), files={"data": ("coffee.jpg", photos["coffee"], "image/jpeg")},
+                      data={"threshold": "0.3", "models": "efficientdet_d0_coco,efficientdet_d0_vehicles"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert_schema(r.json(), models=("efficientdet_d0_coco", "efficientdet_d0_vehicles"))
+    want = embedded.predict_one(photos["coffee"], {"threshold": "0.3",
+                                                   "models": "efficientdet_d0_coco,efficientdet_d0_vehicles"}).body
+    assert compare(want["detections"], r.json()["detections"]).exact()
+
+
+def test_default_threshold_and_invocations_query(server, photos):
+    default = requests.put(url(server), data=photos["coffee"], timeout=60).json()
+    assert all(d["score"] >= Settings.threshold for d in default["detections"])
+    # TorchServe forwards URL query parameters on /invocations
+    r = requests.put(url(server, "/invocations?model_name=all&threshold=0.2&models=efficientdet_d0_aquarium"),
+                     data=photos["coffee"], timeout=60)
+    assert r.status_code == 200, r.text
+    assert [m["name"] for m in r.json()["models"]] == ["efficientdet_d0_aquarium"]
+    assert all(d["score"] >= 0.2 for d in r.json()["detections"])
+    bad = requests.put(url(server, "/invocations?model_name=all&threshold=abc"), data=photos["coffee"], timeout=60)
+    assert bad.status_code == 400 and "threshold" in bad.json()["message"]
+
+
+@pytest.mark.parametrize("case", ["empty", "text", "html", "truncated", "garbage_jpeg", "bomb", "threshold", "models"])
+def test_bad_input_gets_4xx_json(server, photos, case):
+    body, headers, content_type, status = {
+        "empty": (b"", {}, None, 400),
+        "text": (b"just some text", {}, "text/plain", 415),
+        "html": (b"<html><body>hi</body></html>", {}, "text/html", 415),
+        "truncated": (photos["coffee"][:3000], {}, "image/jpeg", 422),
+        "garbage_jpeg": (b"\xff\xd8\xff\xe0" + b"\x00garbage" * 100, {}, "image/jpeg", 422),
+        "bomb": (jpeg_declaring(photos["chelsea"], 30000, 30000), {}, "image/jpeg", 413),
+        "threshold": (photos["coffee"], {"X-Threshold": "2"}, None, 400),
+        "models": (photos["coffee"], {"X-Models": "unknown"}, None, 400),
+    }[case]
+    if content_type:
+        headers = {**headers, "Content-Type": content_type}
+    r = requests.put(url(server), data=body, headers=headers, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["code"] == status and err["message"] and "\n" not in err["message"]
+
+
+def test_upload_over_max_request_size_is_413(server):
+    r = requests.put(url(server), data=b"\xff" * (17 * 1024 * 1024), timeout=60)
+    assert r.status_code == 413
+
+
+def test_concurrent_batch_bad_request_fails_alone(server, embedded, photos):
+    bodies = [photos["coffee"], b"not an image at all", photos["rocket"], photos["astronaut"]]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: requests.put(url(server), data=b, headers={"X-Threshold": "0"},
+                                                         timeout=120), bodies))
+    assert [r.status_code for r in responses] == [200, 415, 200, 200]
+    for body, r in zip(bodies, responses):
+        if r.status_code == 200:
+            assert_schema(r.json())
+            assert_equivalent(embedded.predict_one(body, {"threshold": "0"}).body["detections"], r.json()["detections"])
+    # TorchServe batched them: the handler saw more than one request in one call
+    sizes = [int(float(line.split("RequestsPerBatch.Count:")[1].split("|")[0]))
+             for line in server.logs("ts_log.log", tail=100000).splitlines() if "RequestsPerBatch.Count:" in line]
+    assert max(sizes) > 1, sizes
+
+
+def test_server_healthy_after_bad_inputs_and_metrics(server, photos):
+    assert requests.get(url(server, "/ping"), timeout=10).status_code == 200
+    assert requests.put(url(server), data=photos["chelsea"], timeout=60).status_code == 200
+    metrics = requests.get(f"{server.metrics}/metrics", timeout=10).text
+    assert "ts_inference_requests_total" in metrics and 'model_name="all"' in metrics
