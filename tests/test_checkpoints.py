@@ -116,6 +116,7 @@ def test_pretrained_offline_fails_clearly(tmp_path):
     assert not (tmp_path / "efficientdet_d0_coco.pth").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_safe_load_plain_pickle_refused(tmp_path):
     path = tmp_path / "x.pth"
     with open(path, "wb") as f:
