@@ -11,10 +11,11 @@ DELAY ?= 50
 IMG ?= load_tests/images/coffee.jpg
 PYTEST_ARGS ?=
 
-.PHONY: help install java-check checkpoints mar serve stop status predict test test-fast clean
+.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict test test-fast clean
 
 help:
 	@echo "make serve [OPT=baseline] [BATCH=1]  install, generate checkpoints, build the MAR, start TorchServe"
+	@echo "make serve-secure                   the same with token authorisation on (keys in key_file.json)"
 	@echo "make stop                           stop TorchServe"
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
@@ -39,6 +40,9 @@ mar: checkpoints
 
 serve: mar
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start
+
+serve-secure: mar
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start --secure
 
 stop: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py stop

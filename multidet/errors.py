@@ -6,6 +6,8 @@ One rule for the whole service:
   header, before decoding). Bodies over TorchServe's ``max_request_size`` get 413 from the frontend.
 - 415 Unsupported Media Type: the bytes are not an image in an accepted format.
 - 422 Unprocessable Entity: an accepted format whose data is corrupt or truncated.
+- 500 (``ProcessingFailed``): an image we accepted but failed on; a bug of ours, reported for that
+  request alone (the others in its batch are served) and logged with its traceback.
 """
 from __future__ import annotations
 
@@ -42,3 +44,8 @@ class UnsupportedImage(InputError):
 class CorruptImage(InputError):
     status = 422
     kind = "CorruptImage"
+
+
+class ProcessingFailed(InputError):
+    status = 500
+    kind = "ProcessingFailed"

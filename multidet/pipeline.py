@@ -19,7 +19,7 @@ from .checkpoints import load_checkpoint
 from .config import MODEL_SPECS, Settings
 from .decode import decode_image
 from .device import synchronize
-from .errors import BadRequest, InputError
+from .errors import BadRequest, InputError, ProcessingFailed
 from .postprocess import detections_for, letterbox_tensors, merge
 from .preprocess import Preprocessor
 from .runners import LoadedModel, create_runner
@@ -94,11 +94,15 @@ class Detector:
             t0 = time.perf_counter()
             try:
                 image = decode_image(body, self.settings.max_image_pixels)
+                t1 = time.perf_counter()
+                arr, letterbox = self.preprocessor.letterbox(image)
             except InputError as err:
                 results[idx] = err
                 continue
-            t1 = time.perf_counter()
-            arr, letterbox = self.preprocessor.letterbox(image)
+            except Exception as exc:  # one image must not take its batch down with it
+                log.exception("preprocessing request %d failed", idx)
+                results[idx] = ProcessingFailed(f"could not process this image ({type(exc).__name__}: {exc})")
+                continue
             t2 = time.perf_counter()
             timings[idx].update(decode=(t1 - t0) * 1e3, preprocess=(t2 - t1) * 1e3)
             ok.append(idx), arrays.append(arr), boxes.append(letterbox)

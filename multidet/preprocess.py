@@ -7,6 +7,7 @@ transform with the same resolved input config, and normalise the same way on the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,16 +42,32 @@ class Preprocessor:
         self._transform = transforms_coco_eval(
             self.input_size, interpolation=cfg["interpolation"], use_prefetcher=True,
             fill_color=cfg["fill_color"], mean=cfg["mean"], std=cfg["std"])
+        self._fill = tuple(round(255 * x) for x in cfg["mean"])
         self._mean = torch.tensor([x * 255 for x in cfg["mean"]]).view(1, 3, 1, 1)
         self._std = torch.tensor([x * 255 for x in cfg["std"]]).view(1, 3, 1, 1)
 
     def letterbox(self, img: Image.Image) -> tuple[np.ndarray, Letterbox]:
         """Resize + pad one image; returns a CHW uint8 array and its Letterbox."""
         width, height = img.size
-        arr, anno = self._transform(img, {})
+        arr, anno = self._transform(_fit_short_side(img, self.input_size, self._fill), {})
         return arr, Letterbox(width=width, height=height, scale=float(anno["img_scale"]))
 
     def to_batch(self, arrays: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:
         """Stack letterboxed uint8 images and normalise them on ``device`` (fp32, NCHW)."""
         batch = torch.from_numpy(np.stack(arrays)).to(device, non_blocking=True)
         return batch.float().sub_(self._mean.to(device)).div_(self._std.to(device))
+
+
+def _fit_short_side(img: Image.Image, input_size: tuple[int, int], fill: tuple[int, ...]) -> Image.Image:
+    """effdet's ResizePad truncates the scaled short side to int(): at extreme aspect ratios
+    (e.g. 10000x1) that is 0 pixels and the resize fails. Pad the short side at the bottom/right
+    (where the letterbox pads anyway) until it scales to >= 1 pixel; the scale, which the long side
+    sets, is unchanged, and boxes are clipped to the original size afterwards."""
+    width, height = img.size
+    scale = min(input_size[0] / height, input_size[1] / width)
+    if int(width * scale) >= 1 and int(height * scale) >= 1:
+        return img
+    min_side = math.ceil(1 / scale) + 1  # the long side is far longer: it, and so the scale, stay
+    padded = Image.new("RGB", (max(width, min_side), max(height, min_side)), fill)
+    padded.paste(img)
+    return padded

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -109,14 +110,21 @@ class TorchServe:
     workdir: Path
     env: dict
     proc: subprocess.Popen
+    token: bool = False
 
     def logs(self, name: str = "model_log.log", tail: int = 60) -> str:
         path = self.workdir / "logs" / name
         return "\n".join(path.read_text(errors="replace").splitlines()[-tail:]) if path.exists() else ""
 
+    def auth(self, kind: str) -> dict:
+        key_file = self.workdir / "key_file.json"
+        if not self.token or not key_file.exists():
+            return {}
+        return {"Authorization": f"Bearer {json.loads(key_file.read_text())[kind]['key']}"}
+
     def ready_workers(self) -> list[dict]:
         try:
-            info = requests.get(f"{self.management}/models/all", timeout=3).json()
+            info = requests.get(f"{self.management}/models/all", headers=self.auth("management"), timeout=3).json()
             return [w for w in info[0]["workers"] if w["status"] == "READY"]
         except (requests.RequestException, ValueError, LookupError):
             return []
@@ -127,7 +135,8 @@ class TorchServe:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"torchserve exited with {self.proc.returncode}:\n{self.logs('ts_log.log')}")
             try:
-                if requests.get(f"{self.inference}/ping", timeout=3).status_code == 200 and self.ready_workers():
+                ping = requests.get(f"{self.inference}/ping", headers=self.auth("inference"), timeout=3)
+                if ping.status_code == 200 and self.ready_workers():
                     return
             except requests.RequestException:
                 pass
@@ -144,22 +153,26 @@ class TorchServe:
             self.proc.wait(timeout=30)
 
 
-def start_torchserve(workdir: Path, mar_args: list[str], extra_properties: dict | None = None) -> TorchServe:
+def start_torchserve(workdir: Path, mar_args: list[str], extra_properties: dict | None = None,
+                     token: bool = False) -> TorchServe:
     """Build a MAR into ``workdir`` and start TorchServe from the repo's config.properties on free ports."""
     store = workdir / "model_store"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "create_mar.py"), "--export-path", str(store),
                     *mar_args], check=True, capture_output=True)
-    ports = free_ports(3)
+    ports = free_ports(5)
     props = read_properties(ROOT / "config.properties")
     props.update({"inference_address": f"http://127.0.0.1:{ports[0]}",
                   "management_address": f"http://127.0.0.1:{ports[1]}",
                   "metrics_address": f"http://127.0.0.1:{ports[2]}",
+                  "grpc_inference_port": str(ports[3]), "grpc_management_port": str(ports[4]),
                   "model_store": str(store)})
     props.update(extra_properties or {})
     config = workdir / "config.properties"
     config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
     (workdir / "tmp").mkdir(exist_ok=True)
-    env = dict(os.environ, TMPDIR=str(workdir / "tmp"),  # own pid file: never touches a `make serve` server
+    # own pid file (TMPDIR) and worker sockets + model extraction (TEMP -> java.io.tmpdir): never
+    # collides with a `make serve` server or another test server
+    env = dict(os.environ, TMPDIR=str(workdir / "tmp"), TEMP=str(workdir / "tmp"),
                LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"),
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     out = open(workdir / "torchserve.out", "wb")
@@ -167,7 +180,7 @@ def start_torchserve(workdir: Path, mar_args: list[str], extra_properties: dict 
                              "--ts-config", str(config)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = TorchServe(props["inference_address"], props["management_address"], props["metrics_address"],
-                        workdir, env, proc)
+                        workdir, env, proc, token)
     try:
         server.wait_ready()
     except BaseException:

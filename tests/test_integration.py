@@ -121,3 +121,59 @@ def test_server_healthy_after_bad_inputs_and_metrics(server, photos):
     assert requests.put(url(server), data=photos["chelsea"], timeout=60).status_code == 200
     metrics = requests.get(f"{server.metrics}/metrics", timeout=10).text
     assert "ts_inference_requests_total" in metrics and 'model_name="all"' in metrics
+
+
+def unusual_images(photos) -> dict[str, tuple[bytes, tuple[int, int]]]:
+    """Valid but unusual images, all made from the real photos: (bytes, displayed size)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import encode
+
+    coffee = Image.open(io.BytesIO(photos["coffee"])).convert("RGB")      # 600x400
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgba = coffee.convert("RGBA")
+    rgba.putalpha(128)
+    gray16 = Image.fromarray((np.asarray(coffee.convert("L"), np.uint16) * 257))
+    return {
+        "grayscale": (encode(coffee.convert("L"), "JPEG"), (600, 400)),
+        "cmyk": (encode(coffee.convert("CMYK"), "JPEG"), (600, 400)),
+        "progressive": (encode(coffee, "JPEG", progressive=True), (600, 400)),
+        "exif_rotated": (encode(coffee, "JPEG", exif=exif), (400, 600)),
+        "rgba_png": (encode(rgba, "PNG"), (600, 400)),
+        "la_png": (encode(coffee.convert("LA"), "PNG"), (600, 400)),
+        "palette_png": (encode(coffee.convert("P"), "PNG"), (600, 400)),
+        "png16": (encode(gray16, "PNG"), (600, 400)),
+        "one_pixel": (encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), (1, 1)),
+        "extreme_aspect": (encode(Image.new("RGB", (10000, 1), (90, 90, 90)), "PNG"), (10000, 1)),
+        "twelve_megapixel": (encode(coffee.resize((4000, 3000)), "JPEG", quality=80), (4000, 3000)),
+        "gif": (encode(coffee, "GIF"), (600, 400)),
+        "webp": (encode(coffee, "WEBP"), (600, 400)),
+        "bmp": (encode(coffee, "BMP"), (600, 400)),
+        "tiff": (encode(coffee, "TIFF"), (600, 400)),
+    }
+
+
+def test_unusual_but_valid_images_are_served(server, photos):
+    for name, (body, size) in unusual_images(photos).items():
+        r = requests.put(url(server), data=body, headers={"X-Threshold": "0"}, timeout=120)
+        assert r.status_code == 200, (name, r.text)
+        result = r.json()
+        assert (result["image"]["width"], result["image"]["height"]) == size, name
+        assert_schema(result)  # boxes inside the displayed (rotated) image
+
+
+def test_bombs_do_not_grow_the_worker(server, photos):
+    import psutil
+
+    pid = requests.get(f"{server.management}/models/all", timeout=10).json()[0]["workers"][0]["pid"]
+    worker = psutil.Process(pid)
+    before = worker.memory_info().rss
+    for w, h in ((30000, 30000), (10000, 5000), (60000, 60000)):
+        r = requests.put(url(server), data=jpeg_declaring(photos["chelsea"], w, h), timeout=60)
+        assert r.status_code == 413, r.text
+    grown = (worker.memory_info().rss - before) / 2**20
+    assert grown < 50, f"worker RSS grew {grown:.0f} MiB on refused bombs"

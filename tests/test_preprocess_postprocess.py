@@ -86,3 +86,13 @@ def test_merge_is_score_descending_with_counts():
     dets, models = merge({"a": a, "b": b}, {"a": 90, "b": 7})
     assert [d["score"] for d in dets] == [0.7, 0.5, 0.1]
     assert models == [{"name": "a", "num_classes": 90, "count": 2}, {"name": "b", "num_classes": 7, "count": 1}]
+
+
+@pytest.mark.parametrize("size", [(10000, 1), (1, 10000), (5000, 3), (1, 1)])
+def test_extreme_aspect_ratios_letterbox(size):
+    """effdet's ResizePad alone fails when the short side scales below one pixel."""
+    img = Image.new("RGB", size, (255, 255, 255))
+    arr, lb = PRE.letterbox(img)
+    assert arr.shape == (3, 512, 512) and (lb.width, lb.height) == size
+    assert lb.scale == pytest.approx(max(size) / 512)
+    assert arr[:, 0, 0].tolist() != [124, 116, 104]  # the image is there, at the top-left
