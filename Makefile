@@ -10,14 +10,16 @@ BATCH ?= 1
 DELAY ?= 50
 IMG ?= load_tests/images/coffee.jpg
 PYTEST_ARGS ?=
+DURATION ?= 600
 
-.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict test test-fast clean
+.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak test test-fast clean
 
 help:
 	@echo "make serve [OPT=baseline] [BATCH=1]  install, generate checkpoints, build the MAR, start TorchServe"
 	@echo "make serve-secure                   the same with token authorisation on (keys in key_file.json)"
 	@echo "make stop                           stop TorchServe"
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
+	@echo "make soak [DURATION=600]            sustained good+bad load against the server, worker memory"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
 
 install: java-check $(STAMP)
@@ -39,10 +41,10 @@ mar: checkpoints
 	$(PY) scripts/create_mar.py --optimization $(OPT) --batch-size $(BATCH) --max-batch-delay $(DELAY)
 
 serve: mar
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start $(if $(BIND),--bind $(BIND))
 
 serve-secure: mar
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start --secure
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start --secure $(if $(BIND),--bind $(BIND))
 
 stop: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py stop
@@ -52,6 +54,9 @@ status: install
 
 predict: checkpoints
 	$(PY) scripts/predict.py $(IMG) --optimization $(OPT)
+
+soak: serve
+	$(PY) scripts/soak.py --duration $(DURATION)
 
 test: checkpoints
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)

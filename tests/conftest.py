@@ -187,3 +187,13 @@ def start_torchserve(workdir: Path, mar_args: list[str], extra_properties: dict 
         server.stop()
         raise
     return server
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The suite's main TorchServe (baseline). batchSize 4: single requests and concurrent batches
+    are both exercised by the same server."""
+    ts = start_torchserve(tmp_path_factory.mktemp("torchserve"),
+                          ["--optimization", "baseline", "--batch-size", "4", "--max-batch-delay", "200"])
+    yield ts
+    ts.stop()

@@ -6,22 +6,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import assert_equivalent, assert_schema, start_torchserve
+from conftest import assert_equivalent, assert_schema
 from multidet.compare import compare
 from multidet.config import Settings
 from multidet.embedded import EmbeddedService
 from test_decode import jpeg_declaring
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    # batchSize 4: single requests and concurrent batches are both exercised by the same server
-    ts = start_torchserve(tmp_path_factory.mktemp("torchserve"),
-                          ["--optimization", "baseline", "--batch-size", "4", "--max-batch-delay", "200"])
-    yield ts
-    ts.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Sustained load with a mix of good and bad requests against a running server; reports failures by
+status, p50/p99 over time and the worker's memory at start and end.
+
+    python scripts/soak.py --duration 600                 # against config.properties' server
+    python scripts/soak.py --duration 60 --inference http://127.0.0.1:8080 --management http://127.0.0.1:8081
+
+Every request has an expected status (200 for photos, 400/413/415/422 for the bad ones); anything
+else is an unexpected failure. Exit status 1 if there was any, or if the worker's RSS grew by more
+than --max-rss-growth between the end of warm-up and the end of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import platform
+import random
+import struct
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def request_mix(images: list[Path]) -> list[tuple[str, bytes, dict, int]]:
+    """(name, body, headers, expected status). Bad inputs are about a fifth of the mix."""
+    good = [(f"photo:{p.name}", p.read_bytes(), {}, 200) for p in images]
+    photo = images[0].read_bytes()
+    bomb = bytearray(photo)
+    sof = bomb.find(b"\xff\xc0") if bomb.find(b"\xff\xc0") >= 0 else bomb.find(b"\xff\xc2")
+    struct.pack_into(">HH", bomb, sof + 5, 30000, 30000)
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(photo)).convert("L").save(buf, "PNG")
+    return good * 4 + [
+        ("grayscale_png", buf.getvalue(), {}, 200),
+        ("threshold0", photo, {"X-Threshold": "0"}, 200),
+        ("empty", b"", {}, 400),
+        ("text", b"definitely not an image", {"Content-Type": "text/plain"}, 415),
+        ("truncated_jpeg", photo[: len(photo) // 3], {}, 422),
+        ("bomb_30000x30000", bytes(bomb), {}, 413),
+        ("bad_threshold", photo, {"X-Threshold": "abc"}, 400),
+    ]
+
+
+def worker_rss(management: str, model: str) -> int:
+    info = requests.get(f"{management}/models/{model}", timeout=10).json()[0]
+    return sum(psutil.Process(w["pid"]).memory_info().rss for w in info["workers"] if w.get("pid", -1) > 0)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def run(inference: str, management: str, duration: float, concurrency: int, window: float,
+        warmup: int, model: str = "all", seed: int = 0, progress=None) -> dict:
+    progress = progress or (lambda line: print(line, flush=True))
+    mix = request_mix(sorted((ROOT / "load_tests" / "images").glob("*.jpg")))
+    url = f"{inference}/predictions/{model}"
+    session = requests.Session()
+    for _ in range(warmup):  # fill allocator caches before the memory baseline
+        session.put(url, data=mix[0][1], timeout=120)
+    rss_start = worker_rss(management, model)
+    records: list[tuple[float, str, int, int, float]] = []  # (t, name, expected, status, latency)
+    lock = threading.Lock()
+    stop_at = time.monotonic() + duration
+    t_start = time.monotonic()
+
+    def client(k: int) -> None:
+        rnd, s = random.Random(seed + k), requests.Session()
+        while time.monotonic() < stop_at:
+            name, body, headers, expected = rnd.choice(mix)
+            t0 = time.monotonic()
+            try:
+                status = s.put(url, data=body, headers=headers, timeout=120).status_code
+            except requests.RequestException:
+                status = -1  # connection error / timeout
+            with lock:
+                records.append((t0 - t_start, name, expected, status, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    windows, rss_series = [], [(0.0, rss_start)]
+    next_report = window
+    while any(t.is_alive() for t in threads):
+        time.sleep(min(1.0, max(0.0, stop_at - time.monotonic()) + 0.1))
+        elapsed = time.monotonic() - t_start
+        if elapsed >= next_report or not any(t.is_alive() for t in threads):
+            with lock:
+                recent = [r for r in records if next_report - window <= r[0] < next_report]
+            if not recent and not any(t.is_alive() for t in threads):
+                break
+            good = [r[4] * 1e3 for r in recent if r[2] == 200 and r[3] == 200]
+            try:
+                rss_series.append((elapsed, worker_rss(management, model)))
+            except (requests.RequestException, psutil.Error):
+                pass
+            w = {"t_end_s": round(min(next_report, elapsed), 1), "requests": len(recent),
+                 "unexpected": sum(r[2] != r[3] for r in recent),
+                 "p50_ms": round(percentile(good, 50), 1), "p99_ms": round(percentile(good, 99), 1),
+                 "rss_mib": round(rss_series[-1][1] / 2**20, 1)}
+            windows.append(w)
+            progress(f"[{w['t_end_s']:7.1f}s] {w['requests']:4d} req  unexpected {w['unexpected']}  "
+                     f"p50 {w['p50_ms']:7.1f} ms  p99 {w['p99_ms']:7.1f} ms  worker RSS {w['rss_mib']:.0f} MiB")
+            next_report += window
+    for t in threads:
+        t.join()
+    rss_end = worker_rss(management, model)
+    by_status = Counter(str(r[3]) for r in records)
+    unexpected = Counter(f"{r[1]}: expected {r[2]}, got {r[3]}" for r in records if r[2] != r[3])
+    good = [r[4] * 1e3 for r in records if r[2] == 200 and r[3] == 200]
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"cpus": psutil.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "duration_s": duration, "concurrency": concurrency, "requests": len(records),
+        "by_status": dict(sorted(by_status.items())), "by_input": dict(Counter(r[1] for r in records)),
+        "unexpected_failures": sum(unexpected.values()), "unexpected_detail": dict(unexpected),
+        "good_latency_ms": {"p50": round(percentile(good, 50), 1), "p99": round(percentile(good, 99), 1),
+                            "max": round(max(good, default=float("nan")), 1)},
+        "worker_rss_mib": {"start": round(rss_start / 2**20, 1), "end": round(rss_end / 2**20, 1),
+                           "growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2)},
+        "windows": windows,
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w = report["windows"]
+    t = [x["t_end_s"] for x in w]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    a.plot(t, [x["p50_ms"] for x in w], label="p50")
+    a.plot(t, [x["p99_ms"] for x in w], label="p99")
+    a.set_ylabel("latency of good requests (ms)")
+    a.legend()
+    a.set_title(f"soak: {report['requests']} requests, {report['unexpected_failures']} unexpected, "
+                f"concurrency {report['concurrency']}")
+    b.plot(t, [x["rss_mib"] for x in w], color="tab:red")
+    b.set_ylabel("worker RSS (MiB)")
+    b.set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=600, help="seconds of load (default 600)")
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--window", type=float, default=30, help="seconds per reporting window")
+    p.add_argument("--warmup", type=int, default=10, help="requests before the memory baseline")
+    p.add_argument("--inference", default=None, help="default: config.properties' inference_address")
+    p.add_argument("--management", default=None, help="default: config.properties' management_address")
+    p.add_argument("--max-rss-growth", type=float, default=10.0, help="percent (default 10)")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "soak")
+    args = p.parse_args(argv)
+    if args.inference is None or args.management is None:
+        props = dict(line.split("=", 1) for line in (ROOT / "config.properties").read_text().splitlines()
+                     if "=" in line and not line.startswith("#"))
+        args.inference = args.inference or props["inference_address"]
+        args.management = args.management or props["management_address"]
+
+    report = run(args.inference, args.management, args.duration, args.concurrency, args.window, args.warmup)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / "soak.png")
+    print(f"\n{report['requests']} requests in {args.duration:.0f} s; by status {report['by_status']}; "
+          f"unexpected {report['unexpected_failures']}; good p50/p99 {report['good_latency_ms']['p50']}/"
+          f"{report['good_latency_ms']['p99']} ms; worker RSS {report['worker_rss_mib']['start']} -> "
+          f"{report['worker_rss_mib']['end']} MiB ({report['worker_rss_mib']['growth_pct']:+.1f} %)")
+    print(f"wrote {args.out / 'soak.json'} and {args.out / 'soak.png'}")
+    ok = report["unexpected_failures"] == 0 and report["worker_rss_mib"]["growth_pct"] <= args.max_rss_growth
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
