@@ -114,8 +114,9 @@ class Detector:
         t0 = time.perf_counter()
         batch = self.preprocessor.to_batch(arrays, self.device)
         img_scale, img_size = letterbox_tensors(boxes, self.device)
+        thresholds = torch.tensor([self._threshold(options[i]) for i in ok], device=self.device)
         t1 = time.perf_counter()
-        detections = self.runner.detect(batch, img_scale, img_size, active)
+        detections = self.runner.detect(batch, img_scale, img_size, active, thresholds)
         detections = {k: v.cpu() for k, v in detections.items()}
         synchronize(self.device)
         t2 = time.perf_counter()
@@ -123,7 +124,7 @@ class Detector:
         for pos, idx in enumerate(ok):
             t3 = time.perf_counter()
             opts, letterbox = options[idx], boxes[pos]
-            threshold = self.settings.threshold if opts.threshold is None else opts.threshold
+            threshold = self._threshold(opts)
             per_model = {}
             for k in active:
                 model = self.models[k]
@@ -145,6 +146,9 @@ class Detector:
                 "timing_ms": {k: round(v, 3) for k, v in t.items()},
             }
         return results
+
+    def _threshold(self, options: RequestOptions) -> float:
+        return self.settings.threshold if options.threshold is None else options.threshold
 
     def predict_one(self, body: bytes, options: RequestOptions | None = None) -> dict:
         result = self.predict([body], [options or RequestOptions()])[0]

@@ -5,12 +5,19 @@ decoding against the anchors, clipping to the image area, batched NMS, top ``max
 with the letterbox's image area so boxes are clipped before NMS exactly as effdet's evaluation does.
 ``to_original`` maps network pixels back to the original image; ``detections_for`` applies the
 score threshold and names the classes.
+
+Threshold pre-filter: with a score threshold t > 0, candidates scoring below t are dropped before
+the top-k instead of after NMS. That cannot change the answer: a candidate below t is never
+returned, and in NMS a lower-scored box never suppresses a higher-scored one, so every box >= t
+meets exactly the same competitors. When more than ``max_detection_points`` candidates pass, the
+top-k runs as before. With t = 0 the path is effdet's, unchanged.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
+from effdet.anchors import generate_detections
 from effdet.bench import _batch_detection, _post_process
 
 from .preprocess import Letterbox
@@ -26,9 +33,13 @@ def letterbox_tensors(letterboxes: Sequence[Letterbox], device) -> tuple[torch.T
 def select_detections(class_out: Sequence[torch.Tensor], box_out: Sequence[torch.Tensor],
                       anchor_boxes: torch.Tensor, num_classes: int, img_scale: torch.Tensor,
                       img_size: torch.Tensor, max_det: int, max_detection_points: int = 5000,
-                      ) -> torch.Tensor:
+                      thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """[B, max_det, 6] rows (x1, y1, x2, y2, score, class_id) in NETWORK pixels, clipped to the
-    image area; rows past the last detection are zero (class_id 0)."""
+    image area; rows past the last detection are zero (class_id 0). ``thresholds`` [B]: each
+    image's score threshold, for the pre-filter (None or 0: effdet's path)."""
+    if thresholds is not None and bool((thresholds > 0).any()):
+        return _select_prefiltered(class_out, box_out, anchor_boxes, num_classes, img_scale, img_size,
+                                   max_det, max_detection_points, thresholds)
     cls_top, box_top, indices, classes = _post_process(
         list(class_out), list(box_out), num_levels=len(class_out), num_classes=num_classes,
         max_detection_points=max_detection_points)
@@ -38,6 +49,37 @@ def select_detections(class_out: Sequence[torch.Tensor], box_out: Sequence[torch
     ones = torch.ones_like(img_scale)
     return _batch_detection(box_top.shape[0], cls_top, box_top, anchor_boxes, indices, classes,
                             ones, content, max_det_per_image=max_det, soft_nms=False)
+
+
+def _flatten_levels(class_out, box_out, num_classes):
+    batch = class_out[0].shape[0]
+    cls_all = torch.cat([c.permute(0, 2, 3, 1).reshape(batch, -1, num_classes) for c in class_out], 1)
+    box_all = torch.cat([b.permute(0, 2, 3, 1).reshape(batch, -1, 4) for b in box_out], 1)
+    return cls_all, box_all
+
+
+def _select_prefiltered(class_out, box_out, anchor_boxes, num_classes, img_scale, img_size, max_det,
+                        max_detection_points, thresholds) -> torch.Tensor:
+    cls_all, box_all = _flatten_levels(class_out, box_out, num_classes)
+    content = img_size / img_scale[:, None]
+    one = torch.ones((), dtype=img_scale.dtype, device=img_scale.device)
+    # a logit cut slightly below logit(t), so float rounding of sigmoid never loses a box >= t
+    cuts = torch.logit(thresholds.clamp(max=1.0 - 1e-7).double()) - 1e-4
+    out = []
+    for i in range(cls_all.shape[0]):
+        flat = cls_all[i].reshape(-1)
+        keep = (flat.double() >= cuts[i]).nonzero().squeeze(1) if thresholds[i] > 0 else None
+        if keep is None or keep.numel() > max_detection_points:
+            _, top = torch.topk(flat, k=max_detection_points)                 # effdet's own top-k
+        elif keep.numel() == 0:
+            out.append(torch.zeros((max_det, 6), dtype=flat.dtype, device=flat.device))
+            continue
+        else:
+            top = keep[torch.sort(flat[keep], descending=True, stable=True).indices]
+        indices, classes = top // num_classes, top % num_classes
+        out.append(generate_detections(flat[top].unsqueeze(1), box_all[i][indices], anchor_boxes, indices,
+                                       classes, one, content[i], max_det_per_image=max_det, soft_nms=False))
+    return torch.stack(out)
 
 
 def to_original(boxes: torch.Tensor, letterbox: Letterbox) -> torch.Tensor:

@@ -64,3 +64,25 @@ def test_model_subset_and_threshold(detector, photos):
     assert all(d["score"] >= 0.6 for d in high["detections"])
     assert len(high["detections"]) < sum(m["count"] for m in
                                          detector.predict_one(photos["coffee"], RequestOptions(threshold=0.0))["models"])
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.5, 0.9, 1.0])
+def test_threshold_prefilter_gives_effdets_answer(detector, photos, threshold):
+    """Dropping candidates below the threshold before top-k/NMS returns exactly the detections
+    DetBenchPredict returns above the threshold."""
+    x, boxes = batch_of(detector, photos)
+    img_scale, img_size = letterbox_tensors(boxes, "cpu")
+    thresholds = torch.full((len(boxes),), threshold)
+    thresholds[0] = 0.0  # a batch mixing a zero and a non-zero threshold
+    fast = detector.runner.detect(x, img_scale, img_size, thresholds=thresholds)
+    slow = detector.runner.detect(x, img_scale, img_size)
+    for k, model in enumerate(detector.models):
+        for i, lb in enumerate(boxes):
+            t = float(thresholds[i])
+            a = detections_for(fast[k][i], lb, model.name, model.class_names, t)
+            b = detections_for(slow[k][i], lb, model.name, model.class_names, t)
+            # the same detections in the same order; values to the last float bit or so (sigmoid
+            # of a shorter vector may round its tail elements differently)
+            assert [(d["model"], d["class_id"]) for d in a] == [(d["model"], d["class_id"]) for d in b], (i, t)
+            for x, y in zip(a, b):
+                assert x["box"] == pytest.approx(y["box"], abs=1e-4) and x["score"] == pytest.approx(y["score"], abs=1e-6)

@@ -1,5 +1,5 @@
 """Optimisation paths, registered by name. Importing this package registers all of them."""
 from .base import RUNNERS, LoadedModel, Runner, create_runner, register
-from . import baseline  # noqa: F401  (registers "baseline")
+from . import baseline, channels_last, grouped, half, vmap  # noqa: F401  (each module registers its path)
 
 __all__ = ["RUNNERS", "LoadedModel", "Runner", "create_runner", "register"]

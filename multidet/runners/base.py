@@ -33,6 +33,7 @@ class LoadedModel:
 
 class Runner(ABC):
     name: ClassVar[str]
+    exact: ClassVar[bool] = True   # same arithmetic as the baseline up to float reassociation
 
     def __init__(self, models: Sequence[LoadedModel], device: torch.device, max_detections: int = 100):
         if not models:
@@ -55,12 +56,15 @@ class Runner(ABC):
 
     @torch.inference_mode()
     def detect(self, images: torch.Tensor, img_scale: torch.Tensor, img_size: torch.Tensor,
-               active: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
-        """Per active model index: [B, max_det, 6] detections in network pixels."""
+               active: Sequence[int] | None = None, thresholds: torch.Tensor | None = None,
+               ) -> dict[int, torch.Tensor]:
+        """Per active model index: [B, max_det, 6] detections in network pixels. ``thresholds`` [B]
+        lets post-processing drop candidates that cannot reach the response (same answer, less work)."""
         active = range(len(self.models)) if active is None else active
         raw = self.forward(images, active)
-        return {i: select_detections(cls_out, box_out, self.anchor_boxes, self.models[i].num_classes,
-                                     img_scale, img_size, self.max_detections, self.max_detection_points)
+        return {i: select_detections([c.float() for c in cls_out], [b.float() for b in box_out],
+                                     self.anchor_boxes, self.models[i].num_classes, img_scale, img_size,
+                                     self.max_detections, self.max_detection_points, thresholds)
                 for i, (cls_out, box_out) in raw.items()}
 
 

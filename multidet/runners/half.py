@@ -1,0 +1,44 @@
+"""``fp16`` / ``bf16``: the baseline's networks under autocast in half precision.
+
+Convolutions and matmuls run in the half type; autocast keeps numerically sensitive ops (and the
+BatchNorm statistics) in fp32, and the outputs go back to fp32 for top-k/NMS (Runner.detect). Not
+an exact path: quality against the baseline is measured (tests, ablation), not assumed.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Sequence
+
+import torch
+
+from .base import RawOutput, register
+from .baseline import BaselineRunner
+
+
+class AutocastRunner(BaselineRunner):
+    dtype: ClassVar[torch.dtype]
+    exact = False
+
+    @classmethod
+    def supports(cls, device: torch.device) -> bool:
+        device = torch.device(device)
+        if device.type == "cuda":
+            return cls.dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
+        if device.type == "mps":
+            return cls.dtype == torch.float16
+        return torch.amp.is_autocast_available("cpu")
+
+    def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+            return super().forward(images, active)
+
+
+@register
+class Fp16Runner(AutocastRunner):
+    name = "fp16"
+    dtype = torch.float16
+
+
+@register
+class Bf16Runner(AutocastRunner):
+    name = "bf16"
+    dtype = torch.bfloat16
