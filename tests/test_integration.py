@@ -168,3 +168,25 @@ def test_bombs_do_not_grow_the_worker(server, photos):
         assert r.status_code == 413, r.text
     grown = (worker.memory_info().rss - before) / 2**20
     assert grown < 50, f"worker RSS grew {grown:.0f} MiB on refused bombs"
+
+
+@pytest.mark.parametrize("optimization", ["channels_last", "vmap_backbone", "grouped", "bf16"])
+def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_factory, embedded, photos):
+    """`make mar OPT=X` builds a MAR that TorchServe serves with the baseline's detections."""
+    from conftest import start_torchserve
+
+    ts = start_torchserve(tmp_path_factory.mktemp(optimization), ["--optimization", optimization])
+    try:
+        for name in ("coffee", "rocket", "chelsea"):
+            r = requests.put(url(ts), data=photos[name], headers={"X-Threshold": "0"}, timeout=120)
+            assert r.status_code == 200, r.text
+            result = r.json()
+            assert_schema(result)
+            assert result["optimization"] == optimization
+            want = embedded.predict_one(photos[name], {"threshold": "0"}).body["detections"]
+            if optimization == "bf16":  # not an exact path: served, and close on the raw outputs (test_paths)
+                assert compare(want, result["detections"]).matched > 0
+            else:
+                assert_equivalent(want, result["detections"])
+    finally:
+        ts.stop()
