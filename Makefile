@@ -12,7 +12,7 @@ IMG ?= load_tests/images/coffee.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak test test-fast clean
+.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
 
 help:
 	@echo "make serve [OPT=baseline] [BATCH=1]  install, generate checkpoints, build the MAR, start TorchServe"
@@ -20,6 +20,7 @@ help:
 	@echo "make stop                           stop TorchServe"
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
 	@echo "make soak [DURATION=600]            sustained good+bad load against the server, worker memory"
+	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint | kserve-store"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
 
 install: java-check $(STAMP)
@@ -27,10 +28,10 @@ install: java-check $(STAMP)
 java-check:
 	@scripts/check_java.sh
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
@@ -57,6 +58,25 @@ predict: checkpoints
 
 soak: serve
 	$(PY) scripts/soak.py --duration $(DURATION)
+
+DOCKER_OPT ?= channels_last
+docker-build:
+	docker build -f docker/Dockerfile --build-arg OPT=$(DOCKER_OPT) -t multidet:cpu .
+
+docker-build-cuda:
+	docker build -f docker/Dockerfile.cuda --build-arg OPT=baseline -t multidet:cuda .
+
+docker-run:
+	docker run --rm -p 8080:8080 -p 8081:8081 -p 8082:8082 multidet:cpu
+
+docker-lint: install
+	$(BIN)/hadolint --failure-threshold error docker/Dockerfile docker/Dockerfile.cuda
+
+kserve-store: mar
+	rm -rf outputs/kserve && mkdir -p outputs/kserve/config outputs/kserve/model-store
+	cp deploy/kserve/config.properties outputs/kserve/config/
+	cp model_store/all.mar outputs/kserve/model-store/
+	@echo "upload outputs/kserve/ to the storageUri of deploy/k8s/kserve-inferenceservice.yaml"
 
 test: checkpoints
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)

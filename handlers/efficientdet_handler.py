@@ -10,12 +10,13 @@ from pathlib import Path
 
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
 
 from multidet.config import Settings
 from multidet.device import select_device
 from multidet.errors import InputError
 from multidet.pipeline import Detector
-from multidet.serving import error_body, response_body, split_request
+from multidet.serving import split_request
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class EfficientDetHandler(BaseHandler):
         parsed = []
         for idx, row in enumerate(data):
             try:
-                headers = self.context.get_all_request_header(idx)
+                headers = self.context.get_all_request_header(idx) if idx < len(self.context.request_processor) else {}
                 parsed.append(split_request(row, self.detector.model_names, headers))
             except InputError as err:
                 parsed.append(err)
@@ -55,12 +56,19 @@ class EfficientDetHandler(BaseHandler):
         return results
 
     def postprocess(self, data):
+        if len(data) != len(self.context.request_processor or []):
+            # a request envelope (KServe v1: several "instances" in one request): one HTTP status
+            # for the request, so any bad instance fails it with that instance's 4xx
+            bad = next(((i, item) for i, item in enumerate(data) if isinstance(item, InputError)), None)
+            if bad:
+                raise PredictionException(f"instance {bad[0]}: {bad[1].message}", bad[1].status)
+            return data
         responses = []
         for idx, item in enumerate(data):
             self.context.set_response_content_type(idx, "application/json")
             if isinstance(item, InputError):
                 self.context.set_response_status(item.status, HTTPStatus(item.status).phrase, idx)
-                responses.append(error_body(item))
+                responses.append(item.to_dict())
             else:
-                responses.append(response_body(item))
+                responses.append(item)
         return responses

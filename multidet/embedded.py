@@ -77,7 +77,8 @@ class EmbeddedService:
         self.context.request_processor = headers
         self.context.metrics.request_ids = ids
         out = self.handler.handle(rows, self.context)
-        return [EmbeddedResponse(self.context.get_response_status(i)[0], json.loads(body))
+        # TorchServe's worker json.dumps what the handler returns; so do we, and parse it back
+        return [EmbeddedResponse(self.context.get_response_status(i)[0], json.loads(json.dumps(body)))
                 for i, body in enumerate(out)]
 
     def predict_one(self, body: bytes, params: Mapping[str, str] | None = None,

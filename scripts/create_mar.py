@@ -35,6 +35,7 @@ def model_config(args) -> dict:
         "maxBatchDelay": args.max_batch_delay,
         "responseTimeout": args.response_timeout,
         "startupTimeout": args.startup_timeout,
+        **({"deviceIds": [int(i) for i in args.device_ids.split(",")]} if args.device_ids else {}),
         "handler": settings.to_mapping(),
     }
 
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch")
     p.add_argument("--response-timeout", type=int, default=120, help="s per inference before the worker is reset")
     p.add_argument("--startup-timeout", type=int, default=600, help="s for load + warm-up")
+    p.add_argument("--device-ids", default=None, help="GPUs this model's workers may use, e.g. 0,1 (TorchServe deviceIds)")
     args = p.parse_args(argv)
 
     try:

@@ -1,0 +1,22 @@
+#!/bin/sh
+# Container entry point: TorchServe in the foreground (PID 1 after exec) with a config generated
+# from the repository's config.properties. Environment:
+#   BIND          listen address (the images set 0.0.0.0; default here 127.0.0.1)
+#   MODEL_STORE   folder holding all.mar (default: model_store next to this script's parent)
+#   TOKEN_AUTH    "true" turns TorchServe's token authorisation on (keys in key_file.json)
+#   INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT GRPC_INFERENCE_PORT GRPC_MANAGEMENT_PORT
+#   CONFIG_OUT    where the generated config is written (default /tmp/multidet-config.properties)
+set -eu
+APP=$(cd "$(dirname "$0")/.." && pwd)
+cd "$APP"
+set -- foreground --bind "${BIND:-127.0.0.1}" --model-store "${MODEL_STORE:-$APP/model_store}" \
+    --write-config "${CONFIG_OUT:-/tmp/multidet-config.properties}"
+if [ "${TOKEN_AUTH:-false}" = "true" ]; then
+    set -- "$@" --secure
+fi
+[ -n "${INFERENCE_PORT:-}" ] && set -- "$@" --port "inference=$INFERENCE_PORT"
+[ -n "${MANAGEMENT_PORT:-}" ] && set -- "$@" --port "management=$MANAGEMENT_PORT"
+[ -n "${METRICS_PORT:-}" ] && set -- "$@" --port "metrics=$METRICS_PORT"
+[ -n "${GRPC_INFERENCE_PORT:-}" ] && set -- "$@" --port "grpc_inference=$GRPC_INFERENCE_PORT"
+[ -n "${GRPC_MANAGEMENT_PORT:-}" ] && set -- "$@" --port "grpc_management=$GRPC_MANAGEMENT_PORT"
+exec python scripts/serve.py "$@"

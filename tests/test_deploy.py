@@ -1,0 +1,164 @@
+"""Containers and Kubernetes, checked without a Docker engine or a cluster: the Dockerfiles are
+linted with hadolint, the entrypoint serves outside Docker, and the manifests are validated against
+Kubernetes' schemas and against config.properties' ports and paths."""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from conftest import BIN, ROOT, assert_schema, free_ports, read_properties, start_torchserve
+
+DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]
+K8S = ROOT / "deploy" / "k8s"
+K8S_VERSION = "1.33.0"
+
+
+def test_hadolint_has_no_errors():
+    r = subprocess.run([str(BIN / "hadolint"), "--failure-threshold", "error", *map(str, DOCKERFILES)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # and nothing above "info" either
+    assert not re.search(r"\b(error|warning)\b", r.stdout), r.stdout
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_essentials(dockerfile):
+    text = dockerfile.read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert len(froms) >= 2, "multi-stage build"
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M).group(1)
+    assert re.match(r"python:3\.11\.\d+-slim-\w+$", base), f"pinned base image, got {base}"
+    assert "ARG OPT=" in text and '--optimization "${OPT}"' in text
+    assert re.search(r"^USER 1000:1000$", text, re.M), "runs as a non-root user"
+    assert re.search(r"^EXPOSE 8080 8081 8082$", text, re.M)
+    assert re.search(r'HEALTHCHECK .*\n\s+CMD \["python", "/app/scripts/serve.py", "status"\]', text)
+    assert "ENTRYPOINT [\"/app/docker/entrypoint.sh\"]" in text and "BIND=0.0.0.0" in text
+    assert "generate_checkpoints.py" in text and "create_mar.py" in text
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        assert not line or line.startswith("#") or "==" in line, f"unpinned requirement {line}"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and "checkpoints" in ignored
+
+
+def test_entrypoint_serves_outside_docker(tmp_path, photos):
+    """docker/entrypoint.sh as the image runs it: TorchServe in the foreground from a generated config."""
+    store = tmp_path / "model_store"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "create_mar.py"), "--export-path", str(store)],
+                   check=True, capture_output=True)
+    ports = free_ports(5)
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, BIND="127.0.0.1", MODEL_STORE=str(store), CONFIG_OUT=str(tmp_path / "config.properties"),
+               INFERENCE_PORT=str(ports[0]), MANAGEMENT_PORT=str(ports[1]), METRICS_PORT=str(ports[2]),
+               GRPC_INFERENCE_PORT=str(ports[3]), GRPC_MANAGEMENT_PORT=str(ports[4]),
+               TMPDIR=str(tmp_path / "tmp"), TEMP=str(tmp_path / "tmp"), LOG_LOCATION=str(tmp_path / "logs"),
+               METRICS_LOCATION=str(tmp_path / "logs"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    out = open(tmp_path / "entrypoint.out", "wb")
+    proc = subprocess.Popen([str(ROOT / "docker" / "entrypoint.sh")], env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{ports[0]}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "entrypoint.out").read_text()[-3000:]
+            try:
+                if requests.get(f"{base}/ping", timeout=3).status_code == 200:
+                    r = requests.put(f"{base}/predictions/all", data=photos["coffee"], timeout=60)
+                    if r.status_code == 200:
+                        break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("entrypoint did not serve in 300 s")
+        assert_schema(r.json())
+        generated = read_properties(tmp_path / "config.properties")
+        assert generated["inference_address"] == base and generated["model_store"] == str(store)
+        assert generated["grpc_inference_address"] == "127.0.0.1"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # what `docker stop` does to PID 1
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def manifests() -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs.append((path.name, doc))
+    return docs
+
+
+def test_kubernetes_manifests_validate_against_the_schema():
+    import kubernetes_validate
+
+    checked = 0
+    for name, doc in manifests():
+        if doc["apiVersion"].startswith(("serving.kserve.io", "kustomize.config.k8s.io")):
+            continue  # CRD-defined kinds: checked field by field below
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        checked += 1
+    assert checked == 4  # two Deployments, Service, HPA
+
+
+def test_manifests_match_config_properties():
+    props = read_properties(ROOT / "config.properties")
+    port = {k: int(props[f"{k}_address"].rsplit(":", 1)[1]) for k in ("inference", "management", "metrics")}
+    docs = {d["metadata"]["name"] + "/" + d["kind"]: d for _, d in manifests() if "metadata" in d}
+    for name in ("multidet/Deployment", "multidet-gpu/Deployment"):
+        pod = docs[name]["spec"]["template"]
+        c = pod["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == port
+        assert c["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
+        for probe in ("startupProbe", "readinessProbe"):  # /ping and a READY worker
+            assert c[probe]["exec"]["command"] == ["python", "/app/scripts/serve.py", "status"]
+        assert {"name": "BIND", "value": "0.0.0.0"} in c["env"]
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port["metrics"])
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert c["resources"]["requests"]["cpu"] == c["resources"]["limits"]["cpu"]
+    gpu = docs["multidet-gpu/Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert gpu["limits"]["nvidia.com/gpu"] == 1
+    svc = docs["multidet/Service"]["spec"]
+    assert {p["port"] for p in svc["ports"]} == {port["inference"], port["metrics"]}  # management not exposed
+    hpa = docs["multidet/HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "multidet" and hpa["minReplicas"] >= 1
+    isvc = docs["multidet/InferenceService"]
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == "pytorch" and model["protocolVersion"] == "v1" and model["storageUri"]
+    kserve = read_properties(ROOT / "deploy" / "kserve" / "config.properties")
+    assert kserve["service_envelope"] == "kserve" and kserve["model_store"] == "/mnt/models/model-store"
+    assert '"all"' in kserve["model_snapshot"] and '"marName":"all.mar"' in kserve["model_snapshot"]
+
+
+def test_kserve_v1_protocol_through_torchserve(tmp_path_factory, photos):
+    """TorchServe with KServe's envelope, as KServe's TorchServe runtime runs it: instances of base64."""
+    kserve = read_properties(ROOT / "deploy" / "kserve" / "config.properties")
+    ts = start_torchserve(tmp_path_factory.mktemp("kserve"), [], {"service_envelope": kserve["service_envelope"]})
+    try:
+        instances = [{"data": base64.b64encode(photos[n]).decode()} for n in ("coffee", "rocket")]
+        r = requests.post(f"{ts.inference}/v1/models/all:predict", json={"instances": instances}, timeout=120)
+        assert r.status_code == 200, r.text
+        predictions = r.json()["predictions"]
+        assert len(predictions) == 2
+        for p in predictions:
+            assert_schema(p)
+        bad = requests.post(f"{ts.inference}/v1/models/all:predict",
+                            json={"instances": instances[:1] + [{"data": "not base64 !"}]}, timeout=120)
+        assert bad.status_code == 415 and "instance 1" in bad.json()["message"]
+    finally:
+        ts.stop()
