@@ -27,12 +27,13 @@ class EfficientDetHandler(BaseHandler):
         props = context.system_properties
         settings = Settings.from_mapping((context.model_yaml_config or {}).get("handler"))
         device = select_device(settings.device, props.get("gpu_id"))
-        checkpoint_dir = Path(props["model_dir"]) / settings.checkpoint_dir
-        self.detector = Detector.from_checkpoints(checkpoint_dir, settings, device)
+        model_dir = Path(props["model_dir"])
+        self.detector = Detector.from_checkpoints(model_dir / settings.checkpoint_dir, settings, device,
+                                                  model_dir / settings.artifact_dir)
         warm = self.detector.warmup() if settings.warmup else None
         self.initialized = True
         logger.info("loaded %s on %s with optimization=%s in %.1f s (warm request %s ms)",
-                    ",".join(self.detector.model_names), device, settings.optimization,
+                    ",".join(self.detector.model_names), device, self.detector.runner.description,
                     time.perf_counter() - t0, f"{warm:.0f}" if warm is not None else "skipped")
 
     def preprocess(self, data):

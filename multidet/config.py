@@ -45,6 +45,7 @@ class Settings:
     max_detections: int = 100                 # per model and image, after NMS
     max_image_pixels: int = 40_000_000        # larger images are refused from their header
     checkpoint_dir: str = "checkpoints"       # relative to the model directory
+    artifact_dir: str = "artifacts"           # build-time files of a path (ONNX), relative too
     models: tuple[str, ...] = field(default=MODEL_NAMES)
     warmup: bool = True
 

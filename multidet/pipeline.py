@@ -64,16 +64,19 @@ def parse_options(params: Mapping[str, object], loaded: Sequence[str]) -> Reques
 class Detector:
     """Three (or a configured subset of) EfficientDet-D0 models behind one runner."""
 
-    def __init__(self, models: Sequence[LoadedModel], settings: Settings, device: torch.device):
+    def __init__(self, models: Sequence[LoadedModel], settings: Settings, device: torch.device,
+                 artifact_dir: Path | None = None):
         self.settings = settings
         self.device = torch.device(device)
         self.models = list(models)
         self.model_names = tuple(m.name for m in self.models)
         self.preprocessor = Preprocessor()
-        self.runner = create_runner(settings.optimization, self.models, self.device, settings.max_detections)
+        self.runner = create_runner(settings.optimization, self.models, self.device, settings.max_detections,
+                                    artifact_dir)
 
     @classmethod
-    def from_checkpoints(cls, checkpoint_dir: Path | str, settings: Settings, device: torch.device) -> "Detector":
+    def from_checkpoints(cls, checkpoint_dir: Path | str, settings: Settings, device: torch.device,
+                         artifact_dir: Path | str | None = None) -> "Detector":
         models = []
         for name in settings.models:
             meta, net = load_checkpoint(Path(checkpoint_dir), name)
@@ -81,7 +84,7 @@ class Detector:
                 log.warning("%s: checkpoint has %d classes, the built-in spec %d; using the checkpoint's names",
                             name, meta.num_classes, MODEL_SPECS[name].num_classes)
             models.append(LoadedModel(name=name, class_names=tuple(meta.class_names), net=net))
-        return cls(models, settings, device)
+        return cls(models, settings, device, Path(artifact_dir) if artifact_dir is not None else None)
 
     # -- the data path ---------------------------------------------------------------------------
     def predict(self, bodies: Sequence[bytes], options: Sequence[RequestOptions] | None = None,
@@ -139,7 +142,7 @@ class Detector:
             t["total"] = t["decode"] + t["preprocess"] + t["inference"] + t["postprocess"]
             results[idx] = {
                 "image": {"width": letterbox.width, "height": letterbox.height},
-                "optimization": self.runner.name,
+                "optimization": self.runner.description,
                 "device": str(self.device),
                 "detections": dets,
                 "models": summary,

@@ -19,7 +19,7 @@ import yaml
 
 from multidet.checkpoints import CheckpointError, load_checkpoint
 from multidet.config import MODEL_NAMES, ConfigError, Settings
-from multidet.runners import RUNNERS
+from multidet.runners import RUNNERS, LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,10 @@ def main(argv=None) -> int:
 
     try:
         config = model_config(args)
+        models = []
         for name in config["handler"]["models"]:
-            load_checkpoint(args.checkpoints, name)  # sha256 + architecture, before packing
+            meta, net = load_checkpoint(args.checkpoints, name)  # sha256 + architecture, before packing
+            models.append(LoadedModel(name, tuple(meta.class_names), net))
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -75,6 +77,9 @@ def main(argv=None) -> int:
         for name in config["handler"]["models"]:
             for suffix in (".pth", ".json"):
                 shutil.copy2(args.checkpoints / f"{name}{suffix}", extra / "checkpoints")
+        built = RUNNERS[args.optimization].build(models, extra / config["handler"]["artifact_dir"])
+        for path in built:
+            print(f"built {path.name} for {args.optimization} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         args.export_path.mkdir(parents=True, exist_ok=True)

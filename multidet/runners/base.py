@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Sequence
 
 import torch
@@ -35,12 +36,14 @@ class Runner(ABC):
     name: ClassVar[str]
     exact: ClassVar[bool] = True   # same arithmetic as the baseline up to float reassociation
 
-    def __init__(self, models: Sequence[LoadedModel], device: torch.device, max_detections: int = 100):
+    def __init__(self, models: Sequence[LoadedModel], device: torch.device, max_detections: int = 100,
+                 artifact_dir: Path | None = None):
         if not models:
             raise ValueError("a runner needs at least one model")
         self.models = list(models)
         self.device = torch.device(device)
         self.max_detections = max_detections
+        self.artifact_dir = Path(artifact_dir) if artifact_dir is not None else None
         config = self.models[0].net.config
         self.max_detection_points = config.max_detection_points
         self.anchor_boxes = Anchors.from_config(config).boxes.to(self.device)
@@ -49,6 +52,17 @@ class Runner(ABC):
     def supports(cls, device: torch.device) -> bool:
         """Whether this path can run on ``device`` (checked before construction)."""
         return True
+
+    @classmethod
+    def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
+        """Build-time work for this path (e.g. an ONNX export), written to ``artifact_dir`` and
+        packed into the MAR by create_mar.py. Returns the files written; most paths need none."""
+        return []
+
+    @property
+    def description(self) -> str:
+        """What the response's "optimization" field reports."""
+        return self.name
 
     @abstractmethod
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
@@ -79,7 +93,7 @@ def register(cls: type[Runner]) -> type[Runner]:
 
 
 def create_runner(name: str, models: Sequence[LoadedModel], device: torch.device | str,
-                  max_detections: int = 100) -> Runner:
+                  max_detections: int = 100, artifact_dir: Path | None = None) -> Runner:
     device = torch.device(device)
     try:
         cls = RUNNERS[name]
@@ -87,4 +101,4 @@ def create_runner(name: str, models: Sequence[LoadedModel], device: torch.device
         raise ValueError(f"unknown optimization {name!r}; available: {sorted(RUNNERS)}") from None
     if not cls.supports(device):
         raise ValueError(f"optimization {name!r} does not run on {device}")
-    return cls(models, device, max_detections)
+    return cls(models, device, max_detections, artifact_dir)

@@ -12,8 +12,8 @@ from .base import RawOutput, Runner, register
 class BaselineRunner(Runner):
     name = "baseline"
 
-    def __init__(self, models, device, max_detections=100):
-        super().__init__(models, device, max_detections)
+    def __init__(self, models, device, max_detections=100, artifact_dir=None):
+        super().__init__(models, device, max_detections, artifact_dir)
         self.nets = [m.net.to(self.device).eval() for m in self.models]
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:

@@ -2,6 +2,7 @@
 pick NHWC kernels); same arithmetic, another memory layout."""
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -14,9 +15,10 @@ from .baseline import BaselineRunner
 class ChannelsLastRunner(BaselineRunner):
     name = "channels_last"
 
-    def __init__(self, models, device, max_detections=100):
-        super().__init__(models, device, max_detections)
-        self.nets = [net.to(memory_format=torch.channels_last) for net in self.nets]
+    def __init__(self, models, device, max_detections=100, artifact_dir=None):
+        super().__init__(models, device, max_detections, artifact_dir)
+        # a copy: Module.to(memory_format) works in place, and the loaded nets are shared with other paths
+        self.nets = [copy.deepcopy(net).to(memory_format=torch.channels_last) for net in self.nets]
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         return super().forward(images.contiguous(memory_format=torch.channels_last), active)

@@ -169,8 +169,8 @@ def conv_calls(module: nn.Module, x: torch.Tensor) -> int:
 class GroupedRunner(Runner):
     name = "grouped"
 
-    def __init__(self, models, device, max_detections=100):
-        super().__init__(models, device, max_detections)
+    def __init__(self, models, device, max_detections=100, artifact_dir=None):
+        super().__init__(models, device, max_detections, artifact_dir)
         merged, self.widths, self.widest = merge_networks([m.net for m in self.models])
         self.network = merged.to(self.device)
 

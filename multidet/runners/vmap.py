@@ -71,8 +71,8 @@ class StackedNetwork(torch.nn.Module):
 class VmapBackboneRunner(Runner):
     name = "vmap_backbone"
 
-    def __init__(self, models, device, max_detections=100):
-        super().__init__(models, device, max_detections)
+    def __init__(self, models, device, max_detections=100, artifact_dir=None):
+        super().__init__(models, device, max_detections, artifact_dir)
         self.network = StackedNetwork([m.net.eval() for m in self.models]).to(self.device).eval()
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
