@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-OPT ?= baseline
+OPT ?= auto
 BATCH ?= 1
 DELAY ?= 50
 IMG ?= load_tests/images/coffee.jpg
@@ -15,7 +15,7 @@ DURATION ?= 600
 .PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
 
 help:
-	@echo "make serve [OPT=baseline] [BATCH=1]  install, generate checkpoints, build the MAR, start TorchServe"
+	@echo "make serve [OPT=auto] [BATCH=1]      install, generate checkpoints, build the MAR, start TorchServe"
 	@echo "make serve-secure                   the same with token authorisation on (keys in key_file.json)"
 	@echo "make stop                           stop TorchServe"
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"

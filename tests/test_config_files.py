@@ -40,5 +40,5 @@ def test_serve_derives_container_and_secure_configs():
 
 def test_gitignore_keeps_secrets_and_generated_files_out():
     ignored = (ROOT / ".gitignore").read_text().split()
-    for entry in ("key_file.json", "logs/", ".venv/", "checkpoints/", "model_store/*.mar", "outputs/"):
+    for entry in ("key_file.json", "logs/", ".venv/", "checkpoints/", "model_store/*.mar", "outputs/", "artifacts/"):
         assert entry in ignored, entry
