@@ -37,12 +37,13 @@ class EfficientDetHandler(BaseHandler):
                     time.perf_counter() - t0, f"{warm:.0f}" if warm is not None else "skipped")
 
     def preprocess(self, data):
-        # How full TorchServe's batches are (model_metrics.log / the metrics endpoint's log mode)
+        # How full TorchServe's batches are (a [METRICS] line in logs/ts_log.log)
         self.context.metrics.add_metric("RequestsPerBatch", len(data), "count", metric_type=MetricTypes.GAUGE)
-        parsed = []
+        parsed, requests = [], len(self.context.request_processor or [])
         for idx, row in enumerate(data):
             try:
-                headers = self.context.get_all_request_header(idx) if idx < len(self.context.request_processor) else {}
+                # with a request envelope (KServe) rows are instances of one request: no headers each
+                headers = self.context.get_all_request_header(idx) if idx < requests else {}
                 parsed.append(split_request(row, self.detector.model_names, headers))
             except InputError as err:
                 parsed.append(err)
