@@ -52,3 +52,4 @@ def split_request(row: Mapping[str, Any], loaded_models: Sequence[str],
     return bytes(body or b""), parse_options(params, loaded_models)
 
 
+

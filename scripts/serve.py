@@ -23,17 +23,9 @@ from pathlib import Path
 
 import requests
 
+from multidet.tsconfig import read_properties
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    props = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
-    return props
 
 
 def auth(kind: str) -> dict:

@@ -28,6 +28,8 @@ import psutil
 import requests
 from PIL import Image
 
+from multidet.tsconfig import read_properties
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -169,8 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "soak")
     args = p.parse_args(argv)
     if args.inference is None or args.management is None:
-        props = dict(line.split("=", 1) for line in (ROOT / "config.properties").read_text().splitlines()
-                     if "=" in line and not line.startswith("#"))
+        props = read_properties(ROOT / "config.properties")
         args.inference = args.inference or props["inference_address"]
         args.management = args.management or props["management_address"]
 

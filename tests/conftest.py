@@ -20,6 +20,7 @@ from PIL import Image
 from multidet.compare import compare
 from multidet.config import MODEL_NAMES, Settings
 from multidet.pipeline import Detector
+from multidet.tsconfig import read_properties  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "load_tests" / "images"
@@ -91,15 +92,6 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    props = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            k, v = line.split("=", 1)
-            props[k.strip()] = v.strip()
-    return props
 
 
 @dataclass
