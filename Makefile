@@ -12,7 +12,7 @@ IMG ?= load_tests/images/coffee.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
+.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak load docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
 
 help:
 	@echo "make serve [OPT=auto] [BATCH=1]      install, generate checkpoints, build the MAR, start TorchServe"
@@ -20,6 +20,7 @@ help:
 	@echo "make stop                           stop TorchServe"
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
 	@echo "make soak [DURATION=600]            sustained good+bad load against the server, worker memory"
+	@echo "make load [USERS=2] [LOAD_TIME=60s] Locust, headless, against the server; CSV in outputs/load/"
 	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint | kserve-store"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
 
@@ -58,6 +59,14 @@ predict: checkpoints
 
 soak: serve
 	$(PY) scripts/soak.py --duration $(DURATION)
+
+USERS ?= 2
+LOAD_TIME ?= 60s
+load: serve
+	mkdir -p outputs/load
+	$(BIN)/locust -f load_tests --headless -u $(USERS) -r $(USERS) -t $(LOAD_TIME) \
+		--host $$($(PY) -c "from multidet.tsconfig import read_properties; print(read_properties('config.properties')['inference_address'])") \
+		--csv outputs/load/load --only-summary
 
 DOCKER_OPT ?= channels_last
 docker-build:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import BIN, ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -24,3 +24,17 @@ def test_short_soak(server, tmp_path):
     assert report["worker_rss_mib"]["growth_pct"] <= 10
     assert len(report["windows"]) >= 3 and (tmp_path / "soak.png").stat().st_size > 1000
     assert "unexpected 0" in r.stdout  # progress lines were printed
+
+
+def test_locust_load_package(server, tmp_path):
+    """`locust -f load_tests` as `make load` runs it: real JPEGs, every response checked."""
+    import csv
+
+    r = subprocess.run([str(BIN / "locust"), "-f", str(ROOT / "load_tests"), "--headless", "-u", "2", "-r", "2", "-t", "15s",
+                        "--host", server.inference, "--csv", str(tmp_path / "load"), "--only-summary"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = {row["Name"]: row for row in csv.DictReader(open(tmp_path / "load_stats.csv"))}
+    stats = rows["/predictions/all"]
+    assert int(stats["Request Count"]) >= 5 and int(stats["Failure Count"]) == 0, stats
+    assert float(stats["50%"]) > 0
