@@ -25,6 +25,7 @@ from effdet.efficientdet import EfficientDet
 from .config import ARCHITECTURE, IMAGE_SIZE, ModelSpec
 
 NUM_ANCHORS = 9  # num_scales (3) x aspect ratios (3) for efficientdet_d0
+CLASS_HEAD = "class_net.predict.conv_pw"  # the only layer whose shape depends on num_classes
 
 
 class CheckpointError(RuntimeError):
@@ -140,7 +141,7 @@ def import_state_dict(path: Path) -> "OrderedDict[str, torch.Tensor]":
 
 
 def num_classes_of(state_dict: Mapping[str, torch.Tensor]) -> int:
-    key = "class_net.predict.conv_pw.weight"
+    key = f"{CLASS_HEAD}.weight"
     if key not in state_dict:
         raise CheckpointError(f"not an {ARCHITECTURE} state_dict: {key} is missing")
     out_channels = state_dict[key].shape[0]

@@ -75,8 +75,7 @@ class AutoRunner(Runner):
             if reference is None:
                 reference = dets  # baseline comes first
             agreement = compare(reference, dets)
-            equal = (agreement.label_agreement >= 0.99 and agreement.max_box_diff <= 0.1
-                     and agreement.max_score_diff <= 1e-4)
+            equal = agreement.equivalent()
             row = {"path": name, "ms": round(statistics.median(times), 1), "equal": equal,
                    "label_agreement": round(agreement.label_agreement, 4), "load_s": round(time.perf_counter() - t0, 1)}
             self.table.append(row)

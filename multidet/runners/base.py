@@ -16,9 +16,22 @@ import torch
 from effdet.anchors import Anchors
 from effdet.efficientdet import EfficientDet
 
+from ..checkpoints import CLASS_HEAD
 from ..postprocess import select_detections
 
 RawOutput = tuple[list[torch.Tensor], list[torch.Tensor]]  # per level: class logits, box regressions
+
+# CLASS_HEAD (9 anchors x 90/7/20 = 810/63/180 outputs) is the only layer whose shape depends on
+# num_classes: paths that run the three networks as one pad it to the widest and slice each back.
+
+
+def class_head_widths(nets: Sequence[torch.nn.Module]) -> list[int]:
+    return [net.get_submodule(CLASS_HEAD).out_channels for net in nets]
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero-pad dim 0 to ``rows`` (extra output channels that are sliced away afterwards)."""
+    return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0],) + tensor.shape[1:])])
 
 
 @dataclass

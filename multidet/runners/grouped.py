@@ -26,9 +26,8 @@ import torch
 import torch.nn as nn
 from effdet.efficientdet import FpnCombine
 
-from .base import RawOutput, Runner, register
+from .base import CLASS_HEAD, RawOutput, Runner, class_head_widths, pad_rows, register
 
-CLASS_HEAD = "class_net.predict.conv_pw"
 STEM = "backbone.conv_stem"
 # (conv, bn) attribute pairs where the BatchNorm directly follows the conv in the parent's forward
 FOLD_PAIRS = {
@@ -101,7 +100,7 @@ class MergedFpnCombine(nn.Module):
 def merge_networks(nets: Sequence[nn.Module]) -> tuple[nn.Module, list[int], int]:
     """The fused super-model; returns (module, class-head widths, padded width per model)."""
     nets = [fold_batchnorm(copy.deepcopy(n).eval()) for n in nets]
-    widths = [n.get_submodule(CLASS_HEAD).out_channels for n in nets]
+    widths = class_head_widths(nets)
     widest = max(widths)
     merged = copy.deepcopy(nets[widths.index(widest)])
     m = len(nets)
@@ -111,9 +110,8 @@ def merge_networks(nets: Sequence[nn.Module]) -> tuple[nn.Module, list[int], int
             weights = [p.weight for p in parts]
             biases = [p.bias for p in parts] if module.bias is not None else None
             if name == CLASS_HEAD:
-                pad = lambda t: torch.cat([t, t.new_zeros((widest - t.shape[0],) + t.shape[1:])])  # noqa: E731
-                weights = [pad(w) for w in weights]
-                biases = [pad(b) for b in biases] if biases is not None else None
+                weights = [pad_rows(w, widest) for w in weights]
+                biases = [pad_rows(b, widest) for b in biases] if biases is not None else None
             shared_input = name == STEM
             conv = nn.Conv2d(module.in_channels * (1 if shared_input else m), weights[0].shape[0] * m,
                              module.kernel_size, module.stride, module.padding, module.dilation,
@@ -147,8 +145,9 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def split_outputs(cls_out, box_out, widths: Sequence[int], widest: int, active: Sequence[int]) -> dict[int, RawOutput]:
+    box = box_out[0].shape[1] // len(widths)  # 9 anchors x 4 coordinates per model
     return {k: ([c[:, k * widest:k * widest + widths[k]] for c in cls_out],
-                [b[:, k * 36:(k + 1) * 36] for b in box_out]) for k in active}
+                [b[:, k * box:(k + 1) * box] for b in box_out]) for k in active}
 
 
 def conv_calls(module: nn.Module, x: torch.Tensor) -> int:

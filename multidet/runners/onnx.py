@@ -9,6 +9,7 @@ Post-processing (top-k/NMS) stays in PyTorch, shared with every other path.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
@@ -18,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import LoadedModel, RawOutput, Runner, register
+from .base import LoadedModel, RawOutput, Runner, class_head_widths, register
 from .grouped import merge_networks, split_outputs
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,6 @@ OPSET = 17
 
 def _stamp(models: Sequence[LoadedModel]) -> dict:
     """What the export depends on: the models' weights (hashed) and the exporter's versions."""
-    import hashlib
-
     digest = {}
     for m in models:
         h = hashlib.sha256()
@@ -79,7 +78,7 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(models, device, max_detections, artifact_dir)
         import onnxruntime as ort
 
-        self.widths = [m.net.get_submodule("class_net.predict.conv_pw").out_channels for m in self.models]
+        self.widths = class_head_widths([m.net for m in self.models])
         self.widest = max(self.widths)  # the exported graph pads every class head to this width
         path = (self.artifact_dir or Path("artifacts")) / ONNX_FILE
         stamp_file = path.with_suffix(".json")

@@ -19,23 +19,24 @@ from typing import Sequence
 import torch
 from torch.func import functional_call
 
-from .base import RawOutput, Runner, register
+from .base import CLASS_HEAD, RawOutput, Runner, class_head_widths, pad_rows, register
 
-CLASS_HEAD = "class_net.predict.conv_pw"
 
 
 def stack_weights(nets: Sequence[torch.nn.Module]) -> tuple[dict, dict, list[int]]:
     """Stacked params and buffers of same-architecture nets; the class head padded to the widest."""
-    widths = [net.get_submodule(CLASS_HEAD).out_channels for net in nets]
-    widest = max(widths)
-    params, buffers = {}, {}
-    for source, target in ((lambda n: n.named_parameters(), params), (lambda n: n.named_buffers(), buffers)):
-        for name, _ in source(nets[0]):
-            tensors = [dict(source(net))[name].detach() for net in nets]
+    widths = class_head_widths(nets)
+    stacked = []
+    for source in (lambda n: n.named_parameters(), lambda n: n.named_buffers()):
+        per_net = [dict(source(net)) for net in nets]
+        out = {}
+        for name in per_net[0]:
+            tensors = [d[name].detach() for d in per_net]
             if name.startswith(CLASS_HEAD + "."):
-                tensors = [torch.cat([t, t.new_zeros((widest - t.shape[0],) + t.shape[1:])]) for t in tensors]
-            target[name] = torch.stack(tensors).contiguous()
-    return params, buffers, widths
+                tensors = [pad_rows(t, max(widths)) for t in tensors]
+            out[name] = torch.stack(tensors).contiguous()
+        stacked.append(out)
+    return stacked[0], stacked[1], widths
 
 
 class StackedNetwork(torch.nn.Module):
