@@ -66,20 +66,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(inference: str, management: str, duration: float, concurrency: int, window: float,
-        warmup: int, model: str = "all", seed: int = 0, progress=None) -> dict:
+        warmup: float, model: str = "all", seed: int = 0, progress=None) -> dict:
     progress = progress or (lambda line: print(line, flush=True))
     mix = request_mix(sorted((ROOT / "load_tests" / "images").glob("*.jpg")))
     url = f"{inference}/predictions/{model}"
-    session = requests.Session()
-    for _ in range(warmup):  # fill allocator caches before the memory baseline
-        session.put(url, data=mix[0][1], timeout=120)
-    rss_start = worker_rss(management, model)
-    records: list[tuple[float, str, int, int, float]] = []  # (t, name, expected, status, latency)
     lock = threading.Lock()
-    stop_at = time.monotonic() + duration
-    t_start = time.monotonic()
 
-    def client(k: int) -> None:
+    def client(k: int, stop_at: float, t_ref: float, sink: list) -> None:
         rnd, s = random.Random(seed + k), requests.Session()
         while time.monotonic() < stop_at:
             name, body, headers, expected = rnd.choice(mix)
@@ -89,11 +82,24 @@ def run(inference: str, management: str, duration: float, concurrency: int, wind
             except requests.RequestException:
                 status = -1  # connection error / timeout
             with lock:
-                records.append((t0 - t_start, name, expected, status, time.monotonic() - t0))
+                sink.append((t0 - t_ref, name, expected, status, time.monotonic() - t0))
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(concurrency)]
-    for t in threads:
-        t.start()
+    def start(seconds: float, sink: list) -> list[threading.Thread]:
+        stop_at, t_ref = time.monotonic() + seconds, time.monotonic()
+        threads = [threading.Thread(target=client, args=(k, stop_at, t_ref, sink), daemon=True)
+                   for k in range(concurrency)]
+        for t in threads:
+            t.start()
+        return threads
+
+    # Warm-up with the same mix and concurrency (so TorchServe forms the same batch sizes and the
+    # allocator has seen every shape) before the memory baseline; its requests are not counted.
+    for t in start(warmup, []):
+        t.join()
+    rss_start = worker_rss(management, model)
+    records: list[tuple[float, str, int, int, float]] = []  # (t, name, expected, status, latency)
+    t_start, stop_at = time.monotonic(), time.monotonic() + duration
+    threads = start(duration, records)
     windows, rss_series = [], [(0.0, rss_start)]
     next_report = window
     while any(t.is_alive() for t in threads):
@@ -164,7 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=600, help="seconds of load (default 600)")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--window", type=float, default=30, help="seconds per reporting window")
-    p.add_argument("--warmup", type=int, default=10, help="requests before the memory baseline")
+    p.add_argument("--warmup", type=float, default=20,
+                   help="seconds of the same load before the memory baseline (default 20)")
     p.add_argument("--inference", default=None, help="default: config.properties' inference_address")
     p.add_argument("--management", default=None, help="default: config.properties' management_address")
     p.add_argument("--max-rss-growth", type=float, default=10.0, help="percent (default 10)")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 def test_short_soak(server, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--duration", "45", "--window", "15",
-                        "--warmup", "5", "--inference", server.inference, "--management", server.management,
+                        "--warmup", "15", "--inference", server.inference, "--management", server.management,
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "soak.json").read_text())
     assert r.returncode == 0, r.stdout + r.stderr
