@@ -19,7 +19,7 @@ import yaml
 
 from multidet.checkpoints import CheckpointError, load_checkpoint
 from multidet.config import MODEL_NAMES, ConfigError, Settings
-from multidet.runners import RUNNERS, LoadedModel
+from multidet.runners import RUNNERS, SERVABLE, LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def model_config(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--optimization", default="baseline", choices=sorted(RUNNERS))
+    p.add_argument("--optimization", default="baseline", choices=SERVABLE)
     p.add_argument("--model-name", default="all", help="endpoint name: /predictions/NAME (default all)")
     p.add_argument("--export-path", type=Path, default=ROOT / "model_store")
     p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from multidet.config import ConfigError, Settings
 from multidet.embedded import REPO_ROOT, EmbeddedService
-from multidet.runners import RUNNERS
+from multidet.runners import SERVABLE
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image", type=Path)
-    p.add_argument("--optimization", default="baseline", choices=sorted(RUNNERS))
+    p.add_argument("--optimization", default="baseline", choices=SERVABLE)
     p.add_argument("--device", default="auto")
     p.add_argument("--threshold", help="score threshold 0..1 (default: the model config's)")
     p.add_argument("--models", help="comma-separated subset of the model names")

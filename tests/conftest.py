@@ -2,31 +2,22 @@
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 from PIL import Image
 
 from multidet.compare import compare
 from multidet.config import MODEL_NAMES, Settings
 from multidet.pipeline import Detector
+from multidet.server import BIN, TorchServe, free_ports, start_torchserve  # noqa: F401
 from multidet.tsconfig import read_properties  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "load_tests" / "images"
 CHECKPOINTS = ROOT / "checkpoints"
 PHOTOS = sorted(IMAGES.glob("*.jpg"))
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -82,105 +73,7 @@ def assert_equivalent(reference: list[dict], candidate: list[dict]) -> None:
     assert agreement.max_box_diff <= 0.1 and agreement.max_score_diff <= 1e-4, agreement
 
 
-# -- a real TorchServe ---------------------------------------------------------------------------
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-@dataclass
-class TorchServe:
-    inference: str
-    management: str
-    metrics: str
-    workdir: Path
-    env: dict
-    proc: subprocess.Popen
-    token: bool = False
-
-    def logs(self, name: str = "model_log.log", tail: int = 60) -> str:
-        path = self.workdir / "logs" / name
-        return "\n".join(path.read_text(errors="replace").splitlines()[-tail:]) if path.exists() else ""
-
-    def auth(self, kind: str) -> dict:
-        key_file = self.workdir / "key_file.json"
-        if not self.token or not key_file.exists():
-            return {}
-        return {"Authorization": f"Bearer {json.loads(key_file.read_text())[kind]['key']}"}
-
-    def ready_workers(self) -> list[dict]:
-        try:
-            info = requests.get(f"{self.management}/models/all", headers=self.auth("management"), timeout=3).json()
-            return [w for w in info[0]["workers"] if w["status"] == "READY"]
-        except (requests.RequestException, ValueError, LookupError):
-            return []
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"torchserve exited with {self.proc.returncode}:\n{self.logs('ts_log.log')}")
-            try:
-                ping = requests.get(f"{self.inference}/ping", headers=self.auth("inference"), timeout=3)
-                if ping.status_code == 200 and self.ready_workers():
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"TorchServe not ready after {timeout} s:\n{self.logs()}")
-
-    def stop(self) -> None:
-        subprocess.run([str(BIN / "torchserve"), "--stop"], env=self.env, cwd=self.workdir,
-                       capture_output=True, timeout=60)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-
-def start_torchserve(workdir: Path, mar_args: list[str], extra_properties: dict | None = None,
-                     token: bool = False) -> TorchServe:
-    """Build a MAR into ``workdir`` and start TorchServe from the repo's config.properties on free ports."""
-    store = workdir / "model_store"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "create_mar.py"), "--export-path", str(store),
-                    *mar_args], check=True, capture_output=True)
-    ports = free_ports(5)
-    props = read_properties(ROOT / "config.properties")
-    props.update({"inference_address": f"http://127.0.0.1:{ports[0]}",
-                  "management_address": f"http://127.0.0.1:{ports[1]}",
-                  "metrics_address": f"http://127.0.0.1:{ports[2]}",
-                  "grpc_inference_port": str(ports[3]), "grpc_management_port": str(ports[4]),
-                  "model_store": str(store)})
-    props.update(extra_properties or {})
-    config = workdir / "config.properties"
-    config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-    (workdir / "tmp").mkdir(exist_ok=True)
-    # own pid file (TMPDIR) and worker sockets + model extraction (TEMP -> java.io.tmpdir): never
-    # collides with a `make serve` server or another test server
-    env = dict(os.environ, TMPDIR=str(workdir / "tmp"), TEMP=str(workdir / "tmp"),
-               LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"),
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    out = open(workdir / "torchserve.out", "wb")
-    proc = subprocess.Popen([str(BIN / "torchserve"), "--start", "--foreground", "--ncs",
-                             "--ts-config", str(config)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = TorchServe(props["inference_address"], props["management_address"], props["metrics_address"],
-                        workdir, env, proc, token)
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
+# -- a real TorchServe: multidet.server.start_torchserve (imported above) ------------------------
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """The suite's main TorchServe (baseline). batchSize 4: single requests and concurrent batches

@@ -1,6 +1,9 @@
 """Optimisation paths, registered by name. Importing this package registers all of them."""
 from .base import RUNNERS, LoadedModel, Runner, create_runner, register
-from . import baseline, channels_last, compiled, grouped, half, onnx, vmap  # noqa: F401  (each registers its path)
+from . import baseline, channels_last, compiled, grouped, half, mock, onnx, vmap  # noqa: F401  (each registers its path)
 from . import auto  # noqa: F401  (last: it chooses among the others)
 
-__all__ = ["RUNNERS", "LoadedModel", "Runner", "create_runner", "register"]
+__all__ = ["RUNNERS", "SERVABLE", "LoadedModel", "Runner", "create_runner", "register"]
+
+# every path a MAR can be built for (the mock lower bound is for benchmarks only)
+SERVABLE = sorted(name for name, cls in RUNNERS.items() if not cls.benchmark_only)

@@ -48,6 +48,8 @@ class LoadedModel:
 class Runner(ABC):
     name: ClassVar[str]
     exact: ClassVar[bool] = True   # same arithmetic as the baseline up to float reassociation
+    benchmark_only: ClassVar[bool] = False  # a measuring aid (the mock lower bound), never served
+    separable: ClassVar[bool] = False  # forward(x, [k]) runs model k alone (per-model timings make sense)
 
     def __init__(self, models: Sequence[LoadedModel], device: torch.device, max_detections: int = 100,
                  artifact_dir: Path | None = None):

@@ -11,6 +11,7 @@ from .base import RawOutput, Runner, register
 @register
 class BaselineRunner(Runner):
     name = "baseline"
+    separable = True
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)

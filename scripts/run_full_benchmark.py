@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Per-device benchmark of the baseline path (and the mock lower bound): latency percentiles,
+throughput, and where the time goes (decode, preprocess, each model's network and top-k/NMS).
+
+    python scripts/run_full_benchmark.py --mock                 # every available device (cpu, cuda, mps)
+    python scripts/run_full_benchmark.py --mock --requests 8    # quick (< 1 min on a 2-core CPU)
+    python scripts/run_full_benchmark.py --devices cpu --paths baseline,channels_last
+
+For each device, every configuration (path x real/mock) is loaded, warmed up, then timed on the
+sample photos request by request in interleaved order (A, B, A, B, ...), synchronising the device
+around each clock read. ``--mock`` adds the lower bound: the same I/O path with a runner that returns
+constant "nothing detected" outputs instead of running the networks. Writes
+outputs/benchmark/benchmark_results.json and benchmark_report.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from multidet.bench import (SEED, available_devices, environment, model_breakdown, photos, summarize,
+                            timed_batch, timed_predict)
+from multidet.config import Settings
+from multidet.pipeline import Detector
+from multidet.runners import RUNNERS
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("decode", "preprocess", "inference", "postprocess")
+
+
+def measure_device(device: torch.device, paths: list[str], args) -> dict:
+    images = photos()
+    bodies = list(images.values())
+    configs = {}
+    for name in paths:
+        t0 = time.perf_counter()
+        det = Detector.from_checkpoints(ROOT / "checkpoints", Settings(optimization=name), device)
+        for i in range(args.warmup):
+            det.predict_one(bodies[i % len(bodies)])
+        configs[name] = det
+        print(f"[{device}] loaded {name} + {args.warmup} warm-up requests in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    latency = {n: [] for n in configs}
+    stages = {n: {s: [] for s in STAGES} for n in configs}
+    t_start = time.perf_counter()
+    for i in range(args.requests):
+        body = bodies[i % len(bodies)]
+        for name, det in configs.items():
+            ms, result = timed_predict(det, body)
+            latency[name].append(ms)
+            for s in STAGES:
+                stages[name][s].append(result["timing_ms"][s])
+        if (i + 1) % max(1, args.requests // 5) == 0 or i + 1 == args.requests:
+            print(f"[{device}] {i + 1}/{args.requests} requests per config ({time.perf_counter() - t_start:.0f} s): "
+                  + ", ".join(f"{n} p50 {statistics.median(v):.1f} ms" for n, v in latency.items()), flush=True)
+
+    batch_ms = {n: [] for n in configs}
+    batch_calls = max(1, args.requests // (2 * args.batch_size))
+    for i in range(batch_calls):
+        chunk = [bodies[(i * args.batch_size + j) % len(bodies)] for j in range(args.batch_size)]
+        for name, det in configs.items():
+            batch_ms[name].append(timed_batch(det, chunk))
+    print(f"[{device}] batches of {args.batch_size}: " + ", ".join(
+        f"{n} {args.batch_size * 1e3 / statistics.median(v):.2f} img/s" for n, v in batch_ms.items()), flush=True)
+
+    breakdown = {}
+    for name, det in configs.items():
+        if not det.runner.separable:
+            continue
+        runs = [model_breakdown(det, bodies[i % len(bodies)]) for i in range(args.breakdown)]
+        breakdown[name] = {k: round(statistics.fmean(r[k] for r in runs), 3) for k in runs[0]}
+
+    out = {}
+    for name in configs:
+        lat = summarize(latency[name])
+        out[name] = {
+            "latency_ms": lat,
+            "throughput_img_s": round(1e3 * len(latency[name]) / sum(latency[name]), 3),
+            "batch": {"batch_size": args.batch_size, "calls": batch_calls,
+                      "ms_per_call": summarize(batch_ms[name]),
+                      "throughput_img_s": round(args.batch_size * 1e3 * batch_calls / sum(batch_ms[name]), 3)},
+            "stages_ms_mean": {s: round(statistics.fmean(v), 3) for s, v in stages[name].items()},
+            "breakdown_ms_mean": breakdown.get(name),
+            "description": configs[name].runner.description,
+        }
+    return out
+
+
+def report(results: dict) -> str:
+    env, lines = results["environment"], []
+    lines.append(f"Benchmark {env['date']}  host {env['host']}  CPU {env['cpu']} ({env['cpu_cores']} cores, "
+                 f"{env['torch_threads']} torch threads)  torch {env['versions']['torch']}")
+    lines.append(f"{results['requests']} timed requests per configuration after {results['warmup']} warm-up, "
+                 f"photos {', '.join(results['images'])}, threshold {results['threshold']}, configurations interleaved")
+    lines.append("")
+    lines.append("Latency per image, end to end in the core package (decode to response), ms")
+    head = f"{'device':<8} {'path':<16} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8} {'std':>7} {'min':>8} {'max':>8} {'img/s':>7} {'batch img/s':>12}"
+    lines += [head, "-" * len(head)]
+    for dev, paths in results["devices"].items():
+        for name, r in paths.items():
+            lat = r["latency_ms"]
+            lines.append(f"{dev:<8} {name:<16} {lat['p50']:>8.1f} {lat['p90']:>8.1f} {lat['p99']:>8.1f} {lat['mean']:>8.1f} "
+                         f"{lat['std']:>7.1f} {lat['min']:>8.1f} {lat['max']:>8.1f} {r['throughput_img_s']:>7.2f} "
+                         f"{r['batch']['throughput_img_s']:>12.2f}")
+    lines.append("")
+    lines.append("Where the time goes (mean ms of one request, models run one at a time)")
+    for dev, paths in results["devices"].items():
+        for name, r in paths.items():
+            if r["breakdown_ms_mean"]:
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms_mean"].items())
+                lines.append(f"  {dev}/{name}: {parts}")
+    lines.append("")
+    lines.append("Bounds and speed-ups (p50)")
+    cpu = results["devices"].get("cpu", {}).get("baseline")
+    for dev, paths in results["devices"].items():
+        real = paths.get("baseline")
+        if real and "mock" in paths:
+            mock = paths["mock"]["latency_ms"]["p50"]
+            lines.append(f"  {dev}: mock lower bound {mock:.1f} ms vs baseline {real['latency_ms']['p50']:.1f} ms: "
+                         f"the networks + their NMS are {100 * (1 - mock / real['latency_ms']['p50']):.0f} % of a request")
+        if real and cpu and dev != "cpu":
+            lines.append(f"  {dev} vs cpu (baseline): {cpu['latency_ms']['p50'] / real['latency_ms']['p50']:.2f}x")
+        for name, r in paths.items():
+            if real and name not in ("baseline", "mock"):
+                lines.append(f"  {dev}/{name} vs {dev}/baseline: {real['latency_ms']['p50'] / r['latency_ms']['p50']:.2f}x")
+    if cpu:
+        lines.append("")
+        lines.append(f"Seed report for comparison: CPU baseline {SEED['cpu_baseline_ms']:.0f} ms on {SEED['cpu_hardware']}, "
+                     f"MPS {SEED['mps_baseline_ms']:.0f} ms, MPS+vmap {SEED['mps_vmap_ms']:.0f} ms; "
+                     f"this run: CPU baseline p50 {cpu['latency_ms']['p50']:.0f} ms on {env['cpu']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", default="auto", help="comma-separated (cpu,cuda,mps); auto: every available one")
+    p.add_argument("--paths", default="baseline", help="comma-separated optimisation paths (default baseline)")
+    p.add_argument("--mock", action="store_true", help="also measure the mock lower bound, interleaved")
+    p.add_argument("--requests", type=int, default=40, help="timed requests per configuration and device")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4, help="images per call for the batched throughput")
+    p.add_argument("--breakdown", type=int, default=None, help="requests for the per-model breakdown (default min(requests, 12))")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmark")
+    args = p.parse_args(argv)
+    args.breakdown = args.breakdown or min(args.requests, 12)
+
+    devices = available_devices() if args.devices == "auto" else [torch.device(d) for d in args.devices.split(",")]
+    paths = args.paths.split(",") + (["mock"] if args.mock else [])
+    unknown = [n for n in paths if n not in RUNNERS]
+    if unknown:
+        p.error(f"unknown path(s) {unknown}; available: {sorted(RUNNERS)}")
+    results = {"environment": environment(devices), "requests": args.requests, "warmup": args.warmup,
+               "images": list(photos()), "threshold": Settings().threshold, "paths": paths, "devices": {}}
+    for device in devices:
+        valid = [n for n in paths if RUNNERS[n].supports(device)]
+        results["devices"][device.type] = measure_device(device, valid, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = report(results)
+    (args.out / "benchmark_report.txt").write_text(text)
+    print("\n" + text + f"written: {args.out / 'benchmark_results.json'}, {args.out / 'benchmark_report.txt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
