@@ -12,7 +12,7 @@ IMG ?= load_tests/images/coffee.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak load docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
+.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
 
 help:
 	@echo "make serve [OPT=auto] [BATCH=1]      install, generate checkpoints, build the MAR, start TorchServe"
@@ -21,6 +21,8 @@ help:
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
 	@echo "make soak [DURATION=600]            sustained good+bad load against the server, worker memory"
 	@echo "make load [USERS=2] [LOAD_TIME=60s] Locust, headless, against the server; CSV in outputs/load/"
+	@echo "make bench | ablation | overhead | sweep   measurements -> outputs/{benchmark,ablation,overhead,sweep}/"
+	@echo "make benchmarks                     all four (docs/benchmarks.md explains them); ARGS=... passes flags"
 	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint | kserve-store"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
 
@@ -67,6 +69,22 @@ load: serve
 	$(BIN)/locust -f load_tests --headless -u $(USERS) -r $(USERS) -t $(LOAD_TIME) \
 		--host $$($(PY) -c "from multidet.tsconfig import read_properties; print(read_properties('config.properties')['inference_address'])") \
 		--csv outputs/load/load --only-summary
+
+# Measurements (docs/benchmarks.md). ARGS passes flags through, e.g. make bench ARGS="--requests 8".
+ARGS ?=
+bench: checkpoints
+	$(PY) scripts/run_full_benchmark.py --mock $(ARGS)
+
+ablation: checkpoints
+	$(PY) scripts/run_ablation.py $(ARGS)
+
+overhead: checkpoints
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_serving_overhead.py $(ARGS)
+
+sweep: checkpoints
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_load_sweep.py $(ARGS)
+
+benchmarks: bench ablation overhead sweep
 
 DOCKER_OPT ?= channels_last
 docker-build:

@@ -193,7 +193,7 @@ def backend_metrics(ts_log: Path, since: float, until: float) -> dict[str, list[
             continue
         name, value, stamp = m.group(1), float(m.group(2)), int(m.group(3))
         key = (name, stamp, line.rsplit(",", 2)[-2] if line.count(",") >= 2 else "")
-        if key in seen or not since - 1 <= stamp <= until + 1:
+        if key in seen or not int(since) <= stamp <= int(until):
             continue
         seen.add(key)
         out.setdefault(name, []).append(value)

@@ -1,0 +1,99 @@
+"""The measuring scripts in their quick modes: they run, write well-formed outputs with the required
+keys, and pass sanity checks (the mock lower bound is faster than the real path; the baseline agrees
+with itself). Speed itself is never asserted: it is measured and reported (docs/benchmarks.md)."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from multidet.config import MODEL_NAMES
+
+LATENCY_KEYS = {"p50", "p90", "p95", "p99", "mean", "std", "min", "max", "n"}
+
+
+def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def assert_environment(env: dict) -> None:
+    assert env["date"][:2] == "20" and env["cpu_cores"] >= 1 and env["versions"]["torch"].startswith("2.")
+    assert env["cpu"] and env["torch_threads"] >= 1
+
+
+def test_full_benchmark_quick(tmp_path):
+    r = run("run_full_benchmark.py", "--mock", "--devices", "cpu", "--requests", "4", "--warmup", "1", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "benchmark_results.json").read_text())
+    assert_environment(results["environment"])
+    assert results["environment"]["devices"] == {"cpu": results["environment"]["cpu"]}
+    cpu = results["devices"]["cpu"]
+    assert set(cpu) == {"baseline", "mock"}
+    for name, r_ in cpu.items():
+        assert set(r_["latency_ms"]) == LATENCY_KEYS and r_["latency_ms"]["n"] == 4
+        assert r_["latency_ms"]["min"] <= r_["latency_ms"]["p50"] <= r_["latency_ms"]["p99"] <= r_["latency_ms"]["max"]
+        assert r_["throughput_img_s"] > 0 and r_["batch"]["throughput_img_s"] > 0
+        assert set(r_["stages_ms_mean"]) == {"decode", "preprocess", "inference", "postprocess"}
+        assert set(r_["breakdown_ms_mean"]) == {"decode", "preprocess"} | {
+            f"{m}.{part}" for m in MODEL_NAMES for part in ("network", "nms")}
+    # sanity, not a timing assertion: running three networks costs more than returning constants
+    assert cpu["mock"]["latency_ms"]["p50"] < cpu["baseline"]["latency_ms"]["p50"]
+    assert cpu["mock"]["breakdown_ms_mean"][f"{MODEL_NAMES[0]}.network"] < cpu["baseline"]["breakdown_ms_mean"][f"{MODEL_NAMES[0]}.network"]
+    text = (tmp_path / "benchmark_report.txt").read_text()
+    assert "mock lower bound" in text and "Seed report" in text
+    assert "4/4 requests per config" in r.stdout  # progress
+
+
+def test_ablation_quick(tmp_path):
+    run("run_ablation.py", "--paths", "baseline,channels_last,bf16", "--requests", "3", "--warmup", "1",
+        "--device", "cpu", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "ablation_results.json").read_text())
+    assert_environment(results["meta"]["environment"])
+    rows = {r["path"]: r for r in results["paths"]}
+    assert list(rows) == ["baseline", "channels_last", "bf16"]
+    for r in rows.values():
+        assert set(r["latency_ms"]) == LATENCY_KEYS and r["speedup_p50"] > 0
+        assert {"label_accuracy", "mean_iou", "box_mse_px2", "score_mse", "equivalent"} <= set(r["quality"])
+    base = rows["baseline"]["quality"]
+    assert base["label_accuracy"] == 1.0 and base["box_mse_px2"] == 0.0 and rows["baseline"]["speedup_p50"] == 1.0
+    assert rows["channels_last"]["quality"]["equivalent"] and not rows["bf16"]["exact"]
+    assert (tmp_path / "ablation.png").stat().st_size > 5000
+    assert "fastest path with the baseline's answer" in (tmp_path / "ablation_report.txt").read_text()
+
+
+@pytest.mark.integration
+def test_serving_overhead_quick(tmp_path):
+    run("run_serving_overhead.py", "--paths", "baseline", "--requests", "4", "--warmup", "1", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "overhead_results.json").read_text())
+    assert_environment(results["environment"])
+    r = results["paths"]["baseline"]
+    assert set(r["latency_ms"]) == {"core", "embedded", "http"}
+    assert all(set(v) == LATENCY_KEYS and v["n"] == 4 for v in r["latency_ms"].values())
+    assert set(r["overhead_p50"]) == {"handler (embedded - core)", "frontend+ipc+http (http - embedded)", "total (http - core)"}
+    assert r["torchserve_metrics_per_request_ms"]["requests"] >= 4
+    # sanity: a round trip through TorchServe costs more outside the pipeline than an in-process call
+    assert r["outside_pipeline_ms"]["http"]["p50"] > r["outside_pipeline_ms"]["core"]["p50"] >= 0
+
+
+@pytest.mark.integration
+def test_load_sweep_quick(tmp_path):
+    run("run_load_sweep.py", "--users", "1,2", "--duration", "4", "--batching", "on", "--batch-size", "2",
+        "--max-batch-delay", "100", "--optimization", "channels_last", "--warmup", "1", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "sweep.json").read_text())
+    (label, cfg), = results["configs"].items()
+    assert "batchSize 2" in label and [s["users"] for s in cfg["steps"]] == [1, 2]
+    for step in cfg["steps"]:
+        assert step["requests"] >= 2 and step["failures"] == 0 and step["rps"] > 0
+        assert step["p50_ms"] <= step["p95_ms"] <= step["p99_ms"]
+        srv = step["server"]
+        assert srv["served"] >= 1 and srv["queue_ms"] >= 0 and srv["worker_ms"] > 0
+        assert srv["handler_ms_per_batch"] > 0 and 1 <= srv["mean_batch_size"] <= 2
+    rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
+    assert len(rows) == 2 and rows[0]["queue_ms"]
+    assert (tmp_path / "sweep.png").stat().st_size > 5000
