@@ -12,7 +12,7 @@ IMG ?= load_tests/images/coffee.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
+.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks gpu-wheels docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
 
 help:
 	@echo "make serve [OPT=auto] [BATCH=1]      install, generate checkpoints, build the MAR, start TorchServe"
@@ -85,6 +85,15 @@ sweep: checkpoints
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_load_sweep.py $(ARGS)
 
 benchmarks: bench ablation overhead sweep
+
+# Wheels a bare GPU image (Python 3.12) lacks, for scripts/gpu_check.sh there (see that script).
+GPU_WHEEL_PLATFORMS := $(foreach n,2_28 2_27 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_WHEEL_PLATFORMS) -d .whl effdet==0.4.1 omegaconf==2.3.0 pycocotools==2.0.11
+	$(PY) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	@ls .whl
 
 DOCKER_OPT ?= channels_last
 docker-build:

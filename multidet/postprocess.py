@@ -63,12 +63,15 @@ def _select_prefiltered(class_out, box_out, anchor_boxes, num_classes, img_scale
     cls_all, box_all = _flatten_levels(class_out, box_out, num_classes)
     content = img_size / img_scale[:, None]
     one = torch.ones((), dtype=img_scale.dtype, device=img_scale.device)
-    # a logit cut slightly below logit(t), so float rounding of sigmoid never loses a box >= t
+    # a logit cut slightly below logit(t), so float rounding of sigmoid never loses a box >= t; compared
+    # in the logits' own dtype, rounded down once more (a superset of candidates is harmless: those
+    # below t are never returned and, in NMS, never suppress a higher-scored box)
     cuts = torch.logit(thresholds.clamp(max=1.0 - 1e-7).double()) - 1e-4
+    cuts = torch.nextafter(cuts.to(cls_all.dtype), torch.tensor(float("-inf"), dtype=cls_all.dtype, device=cuts.device))
     out = []
     for i in range(cls_all.shape[0]):
         flat = cls_all[i].reshape(-1)
-        keep = (flat.double() >= cuts[i]).nonzero().squeeze(1) if thresholds[i] > 0 else None
+        keep = (flat >= cuts[i]).nonzero().squeeze(1) if thresholds[i] > 0 else None
         if keep is None or keep.numel() > max_detection_points:
             _, top = torch.topk(flat, k=max_detection_points)                 # effdet's own top-k
         elif keep.numel() == 0:

@@ -71,3 +71,12 @@ def _fit_short_side(img: Image.Image, input_size: tuple[int, int], fill: tuple[i
     padded = Image.new("RGB", (max(width, min_side), max(height, min_side)), fill)
     padded.paste(img)
     return padded
+
+
+def synthetic_photo(size: int = 640) -> Image.Image:
+    """A deterministic, photo-like test image (smooth gradients and shapes; no file needed)."""
+    y, x = np.mgrid[0:size * 3 // 4, 0:size].astype(np.float32)
+    r = 127 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)
+    g = 127 + 100 * np.cos((x + y) / 51.0)
+    b = 127 + 100 * np.sin(np.hypot(x - size / 2, y - size / 3) / 29.0)
+    return Image.fromarray(np.stack([r, g, b], -1).clip(0, 255).astype(np.uint8), "RGB")

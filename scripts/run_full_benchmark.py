@@ -73,7 +73,7 @@ def measure_device(device: torch.device, paths: list[str], args) -> dict:
         if not det.runner.separable:
             continue
         runs = [model_breakdown(det, bodies[i % len(bodies)]) for i in range(args.breakdown)]
-        breakdown[name] = {k: round(statistics.fmean(r[k] for r in runs), 3) for k in runs[0]}
+        breakdown[name] = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
 
     out = {}
     for name in configs:
@@ -85,7 +85,7 @@ def measure_device(device: torch.device, paths: list[str], args) -> dict:
                       "ms_per_call": summarize(batch_ms[name]),
                       "throughput_img_s": round(args.batch_size * 1e3 * batch_calls / sum(batch_ms[name]), 3)},
             "stages_ms_mean": {s: round(statistics.fmean(v), 3) for s, v in stages[name].items()},
-            "breakdown_ms_mean": breakdown.get(name),
+            "breakdown_ms_p50": breakdown.get(name),
             "description": configs[name].runner.description,
         }
     return out
@@ -108,11 +108,11 @@ def report(results: dict) -> str:
                          f"{lat['std']:>7.1f} {lat['min']:>8.1f} {lat['max']:>8.1f} {r['throughput_img_s']:>7.2f} "
                          f"{r['batch']['throughput_img_s']:>12.2f}")
     lines.append("")
-    lines.append("Where the time goes (mean ms of one request, models run one at a time)")
+    lines.append("Where the time goes (median ms of one request, models run one at a time)")
     for dev, paths in results["devices"].items():
         for name, r in paths.items():
-            if r["breakdown_ms_mean"]:
-                parts = ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms_mean"].items())
+            if r["breakdown_ms_p50"]:
+                parts = ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms_p50"].items())
                 lines.append(f"  {dev}/{name}: {parts}")
     lines.append("")
     lines.append("Bounds and speed-ups (p50)")

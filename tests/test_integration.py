@@ -170,7 +170,8 @@ def test_bombs_do_not_grow_the_worker(server, photos):
     assert grown < 50, f"worker RSS grew {grown:.0f} MiB on refused bombs"
 
 
-@pytest.mark.parametrize("optimization", ["channels_last", "vmap_backbone", "grouped", "bf16", "onnxruntime", "auto"])
+@pytest.mark.parametrize("optimization", ["channels_last", "vmap_backbone", "grouped", "bf16", "onnxruntime",
+                                          "aot_inductor", "auto"])
 def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_factory, embedded, photos):
     """`make mar OPT=X` builds a MAR that TorchServe serves with the baseline's detections."""
     from conftest import start_torchserve
@@ -186,10 +187,13 @@ def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_fa
             want = embedded.predict_one(photos[name], {"threshold": "0"}).body["detections"]
             if optimization == "bf16":  # not an exact path: served, and close on the raw outputs (test_paths)
                 assert compare(want, result["detections"]).matched > 0
-            elif optimization == "onnxruntime":  # its own float reassociation (test_paths)
+            elif optimization in ("onnxruntime", "aot_inductor"):  # their own float reassociation (test_paths)
                 agreement = compare(want, result["detections"])
                 assert agreement.label_agreement >= 0.97 and agreement.max_box_diff <= 0.5, agreement
             else:
                 assert_equivalent(want, result["detections"])
+        if optimization == "aot_inductor":  # compiled at MAR build, only loaded by the worker
+            log = ts.logs(tail=400)
+            assert "loaded 3 AOTInductor packages" in log and "compiling now" not in log, log[-3000:]
     finally:
         ts.stop()

@@ -21,7 +21,8 @@ from multidet.runners.grouped import conv_calls, merge_networks
 
 EXACT = ["channels_last", "vmap_backbone", "grouped"]
 HALF = ["bf16", "fp16"]
-ALL = ["baseline", *EXACT, *HALF, "onnxruntime", "auto", "compile", "compile_reduce_overhead"]
+ALL = ["baseline", *EXACT, *HALF, "onnxruntime", "auto", "compile", "compile_reduce_overhead", "aot_inductor",
+       "cuda_graphs", "mock"]
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +151,28 @@ def test_compile_matches_baseline(photos, reference):
         agreement = compare(reference[img]["detections"], got["detections"])
         assert agreement.label_agreement >= 0.97 and agreement.max_box_diff <= 0.5, agreement
         assert agreement.max_score_diff <= 1e-3, agreement
+
+
+def test_aot_inductor_refuses_a_package_that_differs(detector):
+    """Every AOTInductor package is checked against the eager network right after compiling (the
+    path itself is built and served through TorchServe in test_integration). A wrong one is refused."""
+    from multidet.runners.aot import example_batch, verify
+
+    nets = [m.net for m in detector.models]
+    example = example_batch(torch.device("cpu"))
+    assert verify(nets[1], nets[1], example) < 1e-4  # eager itself differs a little between batch sizes
+    def wrong(x):  # what a miscompiled package looks like: class logits off
+        cls_out, box_out = nets[1](x)
+        return [c * 1.5 for c in cls_out], box_out
+
+    with pytest.raises(RuntimeError, match="refusing it"):
+        verify(wrong, nets[1], example)
+
+
+def test_mock_lower_bound_detects_nothing_and_is_not_servable(photos):
+    from multidet.runners import SERVABLE
+
+    det = path_detector("mock")
+    got = det.predict_one(photos["coffee"], RequestOptions(threshold=0.01))
+    assert_schema(got)
+    assert got["detections"] == [] and "mock" not in SERVABLE and "baseline" in SERVABLE

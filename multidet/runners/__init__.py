@@ -1,6 +1,6 @@
 """Optimisation paths, registered by name. Importing this package registers all of them."""
 from .base import RUNNERS, LoadedModel, Runner, create_runner, register
-from . import baseline, channels_last, compiled, grouped, half, mock, onnx, vmap  # noqa: F401  (each registers its path)
+from . import aot, baseline, channels_last, compiled, cuda_graphs, grouped, half, mock, onnx, vmap  # noqa: F401  (each registers its path)
 from . import auto  # noqa: F401  (last: it chooses among the others)
 
 __all__ = ["RUNNERS", "SERVABLE", "LoadedModel", "Runner", "create_runner", "register"]

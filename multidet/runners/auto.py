@@ -12,28 +12,17 @@ import statistics
 import time
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ..compare import compare
 from ..device import synchronize
 from ..postprocess import detections_for, letterbox_tensors
-from ..preprocess import Preprocessor
+from ..preprocess import Preprocessor, synthetic_photo
 from .base import RUNNERS, RawOutput, Runner, register
 
 log = logging.getLogger(__name__)
-CANDIDATES = ("baseline", "channels_last", "grouped", "vmap_backbone", "onnxruntime", "fp16", "bf16")
+CANDIDATES = ("baseline", "channels_last", "grouped", "vmap_backbone", "cuda_graphs", "onnxruntime", "fp16", "bf16")
 SLOW_ON_CPU = ("fp16",)  # no fast fp16 kernels on common CPUs: seconds per image
-
-
-def warmup_image(size: int = 640) -> Image.Image:
-    """A deterministic, photo-like test image (smooth gradients and shapes; no file needed)."""
-    y, x = np.mgrid[0:size * 3 // 4, 0:size].astype(np.float32)
-    r = 127 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)
-    g = 127 + 100 * np.cos((x + y) / 51.0)
-    b = 127 + 100 * np.sin(np.hypot(x - size / 2, y - size / 3) / 29.0)
-    return Image.fromarray(np.stack([r, g, b], -1).clip(0, 255).astype(np.uint8), "RGB")
 
 
 @register
@@ -48,7 +37,7 @@ class AutoRunner(Runner):
     def __init__(self, models, device, max_detections=100, artifact_dir=None, repeats: int = 3):
         super().__init__(models, device, max_detections, artifact_dir)
         pre = Preprocessor()
-        arr, letterbox = pre.letterbox(warmup_image())
+        arr, letterbox = pre.letterbox(synthetic_photo())
         x = pre.to_batch([arr], self.device)
         scale, size = letterbox_tensors([letterbox], self.device)
         names = [n for n in CANDIDATES if n in RUNNERS and RUNNERS[n].supports(self.device)

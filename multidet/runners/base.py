@@ -7,6 +7,7 @@ path is compared with the baseline on the same post-processing.
 """
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,19 @@ def class_head_widths(nets: Sequence[torch.nn.Module]) -> list[int]:
 def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """Zero-pad dim 0 to ``rows`` (extra output channels that are sliced away afterwards)."""
     return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0],) + tensor.shape[1:])])
+
+
+def weights_stamp(models: Sequence["LoadedModel"], **extra) -> dict:
+    """What a build artifact (ONNX export, AOT package) depends on: each model's weights, hashed,
+    plus the versions/settings in ``extra``. A load compares it with the artifact's saved stamp."""
+    digest = {}
+    for m in models:
+        h = hashlib.sha256()
+        for name, tensor in m.net.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest[m.name] = h.hexdigest()
+    return {"models": digest, **extra}
 
 
 @dataclass

@@ -9,7 +9,6 @@ Post-processing (top-k/NMS) stays in PyTorch, shared with every other path.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -19,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import LoadedModel, RawOutput, Runner, class_head_widths, register
+from .base import LoadedModel, RawOutput, Runner, class_head_widths, register, weights_stamp
 from .grouped import merge_networks, split_outputs
 
 log = logging.getLogger(__name__)
@@ -28,15 +27,7 @@ OPSET = 17
 
 
 def _stamp(models: Sequence[LoadedModel]) -> dict:
-    """What the export depends on: the models' weights (hashed) and the exporter's versions."""
-    digest = {}
-    for m in models:
-        h = hashlib.sha256()
-        for name, tensor in m.net.state_dict().items():
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        digest[m.name] = h.hexdigest()
-    return {"models": digest, "opset": OPSET, "torch": torch.__version__}
+    return weights_stamp(models, opset=OPSET, torch=torch.__version__)
 
 
 def export_onnx(models: Sequence[LoadedModel], path: Path) -> Path:
