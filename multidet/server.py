@@ -46,6 +46,8 @@ class TorchServe:
     env: dict
     proc: subprocess.Popen
     token: bool = False
+    build_s: float = 0.0     # create_mar.py (incl. a path's build step: ONNX export, AOT compile)
+    startup_s: float = 0.0   # torchserve --start until /ping healthy and the worker READY
 
     def logs(self, name: str = "model_log.log", tail: int = 60) -> str:
         path = self.workdir / "logs" / name
@@ -100,10 +102,12 @@ def start_torchserve(workdir: Path, mar_args: list[str], extra_properties: dict 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "model_store"
+    t0 = time.monotonic()
     build = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "create_mar.py"), "--export-path", str(store),
                             *mar_args], capture_output=True, text=True)
     if build.returncode != 0:
         raise RuntimeError(f"create_mar.py {' '.join(mar_args)} failed:\n{build.stdout[-2000:]}{build.stderr[-4000:]}")
+    build_s = time.monotonic() - t0
     ports = free_ports(5)
     props = read_properties(REPO_ROOT / "config.properties")
     props.update({"inference_address": f"http://127.0.0.1:{ports[0]}",
@@ -120,14 +124,16 @@ def start_torchserve(workdir: Path, mar_args: list[str], extra_properties: dict 
                LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"),
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     out = open(workdir / "torchserve.out", "wb")
+    t0 = time.monotonic()
     proc = subprocess.Popen([str(BIN / "torchserve"), "--start", "--foreground", "--ncs",
                              "--ts-config", str(config)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = TorchServe(props["inference_address"], props["management_address"], props["metrics_address"],
-                        workdir, env, proc, token)
+                        workdir, env, proc, token, build_s=build_s)
     try:
         server.wait_ready(timeout)
     except BaseException:
         server.stop()
         raise
+    server.startup_s = time.monotonic() - t0
     return server

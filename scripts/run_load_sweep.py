@@ -104,8 +104,10 @@ def plot(results: dict, path: Path) -> None:
         if cfg.get("saturation"):
             axes[1].axvline(cfg["saturation"]["users"], color=line.get_color(), ls=":", lw=1)
     titles = ("client latency (ms)", "achieved requests/s (dotted: saturation)", "TorchServe: queue vs worker ms/request")
+    axes[1].set_ylim(bottom=0)
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(results["users"], [str(u) for u in results["users"]])
         ax.set_xlabel("concurrent users")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)

@@ -45,7 +45,9 @@ def measure_path(name: str, device, args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"overhead-{name}-") as tmp, \
             start_torchserve(Path(tmp), ["--optimization", name], timeout=args.server_timeout) as server, \
             requests.Session() as http:
-        print(f"[{name}] TorchServe ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"[{name}] MAR built in {server.build_s:.0f} s; TorchServe started to a READY worker in "
+              f"{server.startup_s:.0f} s", flush=True)
+        startup = {"mar_build_s": round(server.build_s, 1), "start_to_ready_s": round(server.startup_s, 1)}
 
         def via_core(body):
             ms, result = timed_predict(core, body)
@@ -95,6 +97,7 @@ def measure_path(name: str, device, args) -> dict:
 
     return {
         "runs_as": core.runner.description,
+        "torchserve_startup": startup,
         "latency_ms": stats,
         "overhead_p50": {"handler (embedded - core)": overhead("core", "embedded"),
                          "frontend+ipc+http (http - embedded)": overhead("embedded", "http"),
@@ -127,6 +130,8 @@ def report(results: dict) -> str:
         parts = "; ".join(f"{k}: {v['ms']:+.1f} ms ({v['pct_of_core']:+.1f} %)" for k, v in r["overhead_p50"].items())
         m = r["torchserve_metrics_per_request_ms"]
         lines.append(f"{name} (runs as {r['runs_as']}): {parts}; TorchServe queue {m['queue']:.2f} ms/request")
+        lines.append(f"  MAR build {r['torchserve_startup']['mar_build_s']:.0f} s, TorchServe start to a READY worker "
+                     f"{r['torchserve_startup']['start_to_ready_s']:.0f} s")
         paired = ", ".join(f"{mode} {r['outside_pipeline_ms'][mode]['p50']:.2f} ms (p99 {r['outside_pipeline_ms'][mode]['p99']:.2f})"
                            for mode in MODES)
         lines.append(f"  paired per request, wall clock minus the pipeline's own timing (p50): {paired}")

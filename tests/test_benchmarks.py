@@ -77,6 +77,7 @@ def test_serving_overhead_quick(tmp_path):
     assert all(set(v) == LATENCY_KEYS and v["n"] == 4 for v in r["latency_ms"].values())
     assert set(r["overhead_p50"]) == {"handler (embedded - core)", "frontend+ipc+http (http - embedded)", "total (http - core)"}
     assert r["torchserve_metrics_per_request_ms"]["requests"] >= 4
+    assert r["torchserve_startup"]["start_to_ready_s"] > 0 and r["torchserve_startup"]["mar_build_s"] > 0
     # sanity: a round trip through TorchServe costs more outside the pipeline than an in-process call
     assert r["outside_pipeline_ms"]["http"]["p50"] > r["outside_pipeline_ms"]["core"]["p50"] >= 0
 
