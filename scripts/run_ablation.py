@@ -11,7 +11,9 @@ paths interleaved request by request after a warm-up, the device synchronised ar
 read. Quality: at threshold 0 (top 100 per model, the strictest comparison) on every photo,
 detections matched one to one with the baseline's (same model and label, IoU >= 0.5): label
 accuracy (matched / max(count)), mean IoU of matched boxes, box MSE (px^2), score MSE, max
-differences. Writes outputs/ablation/ablation_results.json, ablation_report.txt, ablation.png.
+differences. Each path's build step (what `make mar` runs: the ONNX export, the AOT compile, the Inductor cache)
+is timed separately from its load. Writes outputs/ablation/ablation_results.json,
+ablation_report.txt, ablation.png (build artifacts in outputs/ablation/artifacts/).
 """
 from __future__ import annotations
 
@@ -89,13 +91,13 @@ def report(rows: list[dict], meta: dict) -> str:
              f"torch {env['versions']['torch']}",
              f"{meta['requests']} timed requests per path after {meta['warmup']} warm-up, interleaved; "
              f"threshold {meta['threshold']} for latency, 0 for quality; photos {', '.join(meta['images'])}", ""]
-    head = (f"{'path':<24} {'exact':>5} {'p50 ms':>8} {'p99 ms':>8} {'mean':>8} {'std':>6} {'speed-up':>8} {'load s':>7} "
+    head = (f"{'path':<24} {'exact':>5} {'p50 ms':>8} {'p99 ms':>8} {'mean':>8} {'std':>6} {'speed-up':>8} {'build s':>7} {'load s':>7} "
             f"{'label acc':>9} {'mean IoU':>8} {'box MSE':>9} {'score MSE':>9}")
     lines += [head, "-" * len(head)]
     for r in rows:
         q, lat = r["quality"], r["latency_ms"]
         lines.append(f"{r['path']:<24} {'yes' if r['exact'] else 'no':>5} {lat['p50']:>8.1f} {lat['p99']:>8.1f} "
-                     f"{lat['mean']:>8.1f} {lat['std']:>6.1f} {r['speedup_p50']:>7.2f}x {r['load_s']:>7.1f} "
+                     f"{lat['mean']:>8.1f} {lat['std']:>6.1f} {r['speedup_p50']:>7.2f}x {r['build_s']:>7.1f} {r['load_s']:>7.1f} "
                      f"{q['label_accuracy']:>9.3f} {q['mean_iou']:>8.3f} {q['box_mse_px2']:>9.2g} {q['score_mse']:>9.2g}")
     best = max(rows, key=lambda r: r["speedup_p50"] if r["quality"]["equivalent"] else 0)
     lines += ["", f"fastest path with the baseline's answer: {best['path']} ({best['speedup_p50']:.2f}x, "
@@ -121,14 +123,20 @@ def main(argv=None) -> int:
     images = photos()
     bodies = list(images.values())
 
-    detectors, load_s = {}, {}
+    detectors, load_s, build_s = {}, {}, {}
+    artifacts = args.out / "artifacts"  # each path's build step (ONNX export, AOT compile...), as make mar runs it
     for name in names:
         t0 = time.perf_counter()
-        det = Detector.from_checkpoints(ROOT / "checkpoints", Settings(optimization=name), device)
+        if name != "baseline":
+            RUNNERS[name].build(detectors["baseline"].models, artifacts)
+        build_s[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        det = Detector.from_checkpoints(ROOT / "checkpoints", Settings(optimization=name), device, artifacts)
         for i in range(args.warmup):
             det.predict_one(bodies[i % len(bodies)])
         detectors[name], load_s[name] = det, time.perf_counter() - t0
-        print(f"loaded {name} as {det.runner.description} ({load_s[name]:.1f} s incl. {args.warmup} warm-up)", flush=True)
+        print(f"{name}: built in {build_s[name]:.1f} s, loaded as {det.runner.description} in {load_s[name]:.1f} s "
+              f"(incl. {args.warmup} warm-up requests)", flush=True)
 
     reference = {img: detectors["baseline"].predict_one(b, RequestOptions(threshold=0.0))["detections"]
                  for img, b in images.items()}
@@ -147,7 +155,8 @@ def main(argv=None) -> int:
         lat = summarize(times[name])
         rows.append({"path": name, "runs_as": det.runner.description, "exact": RUNNERS[name].exact,
                      "latency_ms": lat, "speedup_p50": round(base["p50"] / lat["p50"], 3),
-                     "speedup_mean": round(base["mean"] / lat["mean"], 3), "load_s": round(load_s[name], 1),
+                     "speedup_mean": round(base["mean"] / lat["mean"], 3), "build_s": round(build_s[name], 1),
+                     "load_s": round(load_s[name], 1),
                      "quality": quality(reference, det)})
         print(f"quality {name}: {rows[-1]['quality']}", flush=True)
     meta = {"environment": environment([device]), "device": str(device),
