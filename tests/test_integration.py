@@ -170,8 +170,8 @@ def test_bombs_do_not_grow_the_worker(server, photos):
     assert grown < 50, f"worker RSS grew {grown:.0f} MiB on refused bombs"
 
 
-@pytest.mark.parametrize("optimization", ["channels_last", "vmap_backbone", "grouped", "bf16", "onnxruntime",
-                                          "aot_inductor", "auto"])
+@pytest.mark.parametrize("optimization", ["channels_last", "vmap_backbone", "grouped", "bf16", "fp16", "onnxruntime",
+                                          "aot_inductor", "compile", "compile_reduce_overhead", "auto"])
 def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_factory, embedded, photos):
     """`make mar OPT=X` builds a MAR that TorchServe serves with the baseline's detections."""
     from conftest import start_torchserve
@@ -185,9 +185,10 @@ def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_fa
             assert_schema(result)
             assert result["optimization"].split(":")[0] == optimization
             want = embedded.predict_one(photos[name], {"threshold": "0"}).body["detections"]
-            if optimization == "bf16":  # not an exact path: served, and close on the raw outputs (test_paths)
+            if optimization in ("bf16", "fp16"):  # not exact: served, and close on the raw outputs (test_paths)
                 assert compare(want, result["detections"]).matched > 0
-            elif optimization in ("onnxruntime", "aot_inductor"):  # their own float reassociation (test_paths)
+            elif optimization in ("onnxruntime", "aot_inductor", "compile", "compile_reduce_overhead"):
+                # their own kernels' float reassociation (test_paths)
                 agreement = compare(want, result["detections"])
                 assert agreement.label_agreement >= 0.97 and agreement.max_box_diff <= 0.5, agreement
             else:
@@ -195,5 +196,7 @@ def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_fa
         if optimization == "aot_inductor":  # compiled at MAR build, only loaded by the worker
             log = ts.logs(tail=400)
             assert "loaded 3 AOTInductor packages" in log and "compiling now" not in log, log[-3000:]
+        if optimization.startswith("compile"):  # the Inductor cache packed into the MAR was used
+            assert "loaded Inductor cache" in ts.logs(tail=400)
     finally:
         ts.stop()
