@@ -29,7 +29,7 @@ from pathlib import Path
 
 import requests
 
-from multidet.bench import backend_metrics, environment, parse_prometheus, photos
+from multidet.bench import available_devices, backend_metrics, environment, parse_prometheus, photos
 from multidet.runners import SERVABLE
 from multidet.server import BIN, start_torchserve
 
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     if not set(configs) <= {"off", "on", "external"}:
         p.error("--batching takes off, on or off,on")
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"environment": environment(), "optimization": args.optimization, "duration_s": args.duration,
+    results = {"environment": environment(available_devices()), "optimization": args.optimization, "duration_s": args.duration,
                "users": levels, "images": list(photos()), "configs": {}}
     body = next(iter(photos().values()))
     for config in configs:

@@ -87,6 +87,8 @@ def test_load_sweep_quick(tmp_path):
     run("run_load_sweep.py", "--users", "1,2", "--duration", "4", "--batching", "on", "--batch-size", "2",
         "--max-batch-delay", "100", "--optimization", "channels_last", "--warmup", "1", "--out", str(tmp_path))
     results = json.loads((tmp_path / "sweep.json").read_text())
+    assert_environment(results["environment"])
+    assert "cpu" in results["environment"]["devices"]
     (label, cfg), = results["configs"].items()
     assert "batchSize 2" in label and [s["users"] for s in cfg["steps"]] == [1, 2]
     for step in cfg["steps"]:
