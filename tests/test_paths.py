@@ -176,3 +176,13 @@ def test_mock_lower_bound_detects_nothing_and_is_not_servable(photos):
     got = det.predict_one(photos["coffee"], RequestOptions(threshold=0.01))
     assert_schema(got)
     assert got["detections"] == [] and "mock" not in SERVABLE and "baseline" in SERVABLE
+
+
+def test_compiled_paths_allow_a_variant_per_network_and_batch_size(detector):
+    """Dynamo counts compiled variants of EfficientDet.forward against one limit; 3 networks x the
+    batch sizes TorchServe hands over must fit, or later variants silently run eager (found in the
+    ablation: compile_reduce_overhead ran at the baseline's speed)."""
+    from multidet.runners import create_runner
+
+    create_runner("compile", detector.models, "cpu")  # wraps lazily: nothing compiles here
+    assert torch._dynamo.config.recompile_limit >= 3 * 16
