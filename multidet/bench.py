@@ -7,6 +7,7 @@ machine does not favour one; the environment (date, torch, device, cores) record
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import os
 import platform
@@ -19,6 +20,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from .decode import decode_image
 from .device import synchronize
 from .pipeline import Detector, RequestOptions
 from .postprocess import letterbox_tensors, select_detections
@@ -35,6 +37,14 @@ def photos(directory: Path = PHOTO_DIR) -> dict[str, bytes]:
     if not found:
         raise FileNotFoundError(f"no JPEG photos in {directory}")
     return found
+
+
+def write_outputs(out: Path, stem: str, results: dict, report: str) -> None:
+    """``<stem>_results.json`` and ``<stem>_report.txt`` in ``out``; the report is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}_report.txt").write_text(report)
+    print("\n" + report + f"written: {out}/{stem}_results.json, {stem}_report.txt", flush=True)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -133,8 +143,6 @@ def model_breakdown(detector: Detector, body: bytes, threshold: float | None = N
     """One request with a clock around each step, the models one at a time: decode, preprocess,
     then per model its network and its top-k/NMS, in milliseconds. For paths that run the models
     separately (baseline, channels_last, mock); fused paths only have a total."""
-    from .decode import decode_image
-
     device = detector.device
     runner = detector.runner
     threshold = detector.settings.threshold if threshold is None else threshold

@@ -26,6 +26,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def healthy(inference: str, headers: dict | None = None, timeout: float = 3) -> bool:
+    """TorchServe's /ping answers 200 (alone, not proof that a model can answer: see ready_workers)."""
+    try:
+        return requests.get(f"{inference}/ping", headers=headers or {}, timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def ready_workers(management: str, model: str = "all", headers: dict | None = None, timeout: float = 3) -> list[dict]:
+    """The model's workers in state READY (empty when the server or the model is not there)."""
+    try:
+        info = requests.get(f"{management}/models/{model}", headers=headers or {}, timeout=timeout).json()
+        return [w for w in info[0].get("workers", []) if w.get("status") == "READY"]
+    except (requests.RequestException, ValueError, LookupError, AttributeError):
+        return []
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -60,23 +77,15 @@ class TorchServe:
         return {"Authorization": f"Bearer {json.loads(key_file.read_text())[kind]['key']}"}
 
     def ready_workers(self, model: str = "all") -> list[dict]:
-        try:
-            info = requests.get(f"{self.management}/models/{model}", headers=self.auth("management"), timeout=3).json()
-            return [w for w in info[0]["workers"] if w["status"] == "READY"]
-        except (requests.RequestException, ValueError, LookupError):
-            return []
+        return ready_workers(self.management, model, self.auth("management"))
 
     def wait_ready(self, timeout: float = 300) -> None:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"torchserve exited with {self.proc.returncode}:\n{self.logs('ts_log.log')}")
-            try:
-                ping = requests.get(f"{self.inference}/ping", headers=self.auth("inference"), timeout=3)
-                if ping.status_code == 200 and self.ready_workers():
-                    return
-            except requests.RequestException:
-                pass
+            if healthy(self.inference, self.auth("inference")) and self.ready_workers():
+                return
             time.sleep(1)
         raise TimeoutError(f"TorchServe not ready after {timeout} s:\n{self.logs()}")
 

@@ -18,7 +18,7 @@ import base64
 import binascii
 from typing import Any, Mapping, Sequence
 
-from .errors import BadRequest, InputError, UnsupportedImage
+from .errors import BadRequest, UnsupportedImage
 from .pipeline import RequestOptions, parse_options
 
 IMAGE_KEYS = ("body", "data", "file", "image")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -68,7 +67,6 @@ def main(argv=None) -> int:
                     continue
                 print(f"{prefix}: building {spec.num_classes}-class network ({source}, seed {seed})...",
                       flush=True)
-                t0 = time.perf_counter()
                 if args.pretrained:
                     state = pretrained_state_dict(spec.num_classes, seed)
                 else:

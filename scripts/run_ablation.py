@@ -18,13 +18,12 @@ ablation_report.txt, ablation.png (build artifacts in outputs/ablation/artifacts
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from multidet.bench import environment, photos, summarize, timed_predict
+from multidet.bench import environment, photos, summarize, timed_predict, write_outputs
 from multidet.compare import compare
 from multidet.config import Settings
 from multidet.device import select_device
@@ -34,10 +33,10 @@ from multidet.runners import RUNNERS, SERVABLE
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def quality(reference: dict, detector: Detector) -> dict:
+def quality(reference: dict, detector: Detector, images: dict[str, bytes]) -> dict:
     """The path's answer vs the baseline's, worst image for each figure."""
     ags = [compare(reference[img], detector.predict_one(body, RequestOptions(threshold=0.0))["detections"])
-           for img, body in photos().items()]
+           for img, body in images.items()]
     return {
         "label_accuracy": round(min(a.label_agreement for a in ags), 4),
         "mean_iou": round(min(a.mean_iou for a in ags), 4),
@@ -159,17 +158,14 @@ def main(argv=None) -> int:
                      "latency_ms": lat, "speedup_p50": round(base["p50"] / lat["p50"], 3),
                      "speedup_mean": round(base["mean"] / lat["mean"], 3), "build_s": round(build_s[name], 1),
                      "load_s": round(load_s[name], 1),
-                     "quality": quality(reference, det)})
+                     "quality": quality(reference, det, images)})
         print(f"quality {name}: {rows[-1]['quality']}", flush=True)
-    meta = {"environment": environment([device]), "device": str(device),
-            "device_name": environment([device])["devices"][str(device)], "requests": args.requests,
-            "warmup": args.warmup, "threshold": Settings().threshold, "images": list(images)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ablation_results.json").write_text(json.dumps({"meta": meta, "paths": rows}, indent=2) + "\n")
-    text = report(rows, meta)
-    (args.out / "ablation_report.txt").write_text(text)
+    env = environment([device])
+    meta = {"environment": env, "device": str(device), "device_name": env["devices"][str(device)],
+            "requests": args.requests, "warmup": args.warmup, "threshold": Settings().threshold, "images": list(images)}
+    write_outputs(args.out, "ablation", {"meta": meta, "paths": rows}, report(rows, meta))
     plot(rows, meta, args.out / "ablation.png")
-    print("\n" + text + f"written: {args.out}/ablation_results.json, ablation_report.txt, ablation.png")
+    print(f"written: {args.out}/ablation.png")
     return 0
 
 

@@ -15,7 +15,6 @@ outputs/benchmark/benchmark_results.json and benchmark_report.txt.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from multidet.bench import (SEED, available_devices, environment, model_breakdown, photos, summarize,
-                            timed_batch, timed_predict)
+                            timed_batch, timed_predict, write_outputs)
 from multidet.config import Settings
 from multidet.pipeline import Detector
 from multidet.runners import RUNNERS
@@ -33,9 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("decode", "preprocess", "inference", "postprocess")
 
 
-def measure_device(device: torch.device, paths: list[str], args) -> dict:
-    images = photos()
-    bodies = list(images.values())
+def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], args) -> dict:
     configs = {}
     for name in paths:
         t0 = time.perf_counter()
@@ -154,16 +151,13 @@ def main(argv=None) -> int:
     unknown = [n for n in paths if n not in RUNNERS]
     if unknown:
         p.error(f"unknown path(s) {unknown}; available: {sorted(RUNNERS)}")
+    images = photos()
     results = {"environment": environment(devices), "requests": args.requests, "warmup": args.warmup,
-               "images": list(photos()), "threshold": Settings().threshold, "paths": paths, "devices": {}}
+               "images": list(images), "threshold": Settings().threshold, "paths": paths, "devices": {}}
     for device in devices:
         valid = [n for n in paths if RUNNERS[n].supports(device)]
-        results["devices"][device.type] = measure_device(device, valid, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmark_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = report(results)
-    (args.out / "benchmark_report.txt").write_text(text)
-    print("\n" + text + f"written: {args.out / 'benchmark_results.json'}, {args.out / 'benchmark_report.txt'}")
+        results["devices"][device.type] = measure_device(device, valid, list(images.values()), args)
+    write_outputs(args.out, "benchmark", results, report(results))
     return 0
 
 

@@ -139,9 +139,10 @@ def main(argv=None) -> int:
     if not set(configs) <= {"off", "on", "external"}:
         p.error("--batching takes off, on or off,on")
     args.out.mkdir(parents=True, exist_ok=True)
+    images = photos()
     results = {"environment": environment(available_devices()), "optimization": args.optimization, "duration_s": args.duration,
-               "users": levels, "images": list(photos()), "configs": {}}
-    body = next(iter(photos().values()))
+               "users": levels, "images": list(images), "configs": {}}
+    body = next(iter(images.values()))
     for config in configs:
         label = {"off": "batching off", "on": f"batching on (batchSize {args.batch_size}, maxBatchDelay "
                                                f"{args.max_batch_delay} ms)", "external": args.url}[config]

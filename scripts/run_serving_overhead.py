@@ -16,7 +16,6 @@ time (metrics endpoint) is reported alongside. Writes outputs/overhead/overhead_
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-from multidet.bench import SEED, environment, parse_prometheus, photos, summarize, timed_predict
+from multidet.bench import SEED, environment, parse_prometheus, photos, summarize, timed_predict, write_outputs
 from multidet.config import Settings
 from multidet.device import select_device
 from multidet.embedded import EmbeddedService
@@ -36,8 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("core", "embedded", "http")
 
 
-def measure_path(name: str, device, args) -> dict:
-    images = list(photos().values())
+def measure_path(name: str, device, images: list[bytes], args) -> dict:
     t0 = time.perf_counter()
     core = Detector.from_checkpoints(ROOT / "checkpoints", Settings(optimization=name), device)
     embedded = EmbeddedService(Settings(optimization=name))
@@ -153,15 +151,12 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown path(s) {bad}; available: {SERVABLE}")
     device = select_device(args.device)
+    images = photos()
     results = {"environment": environment([device]), "device": str(device), "requests": args.requests,
-               "images": list(photos()), "paths": {}}
+               "images": list(images), "paths": {}}
     for name in names:
-        results["paths"][name] = measure_path(name, device, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = report(results)
-    (args.out / "overhead_report.txt").write_text(text)
-    print("\n" + text + f"written: {args.out}/overhead_results.json, overhead_report.txt")
+        results["paths"][name] = measure_path(name, device, list(images.values()), args)
+    write_outputs(args.out, "overhead", results, report(results))
     return 0
 
 

@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-import requests
-
+from multidet import server
 from multidet.tsconfig import read_properties
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,18 +39,11 @@ def auth(kind: str) -> dict:
 
 
 def healthy(inference: str) -> bool:
-    try:
-        return requests.get(f"{inference}/ping", headers=auth("inference"), timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
+    return server.healthy(inference, auth("inference"), timeout=2)
 
 
 def ready_workers(management: str, model: str) -> int:
-    try:
-        info = requests.get(f"{management}/models/{model}", headers=auth("management"), timeout=2).json()
-        return sum(w.get("status") == "READY" for w in info[0].get("workers", []))
-    except (requests.RequestException, ValueError, LookupError, AttributeError):
-        return 0
+    return len(server.ready_workers(management, model, auth("management"), timeout=2))
 
 
 PORT_KEYS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address",

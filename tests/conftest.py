@@ -11,7 +11,7 @@ from PIL import Image
 from multidet.compare import compare
 from multidet.config import MODEL_NAMES, Settings
 from multidet.pipeline import Detector
-from multidet.server import BIN, TorchServe, free_ports, start_torchserve  # noqa: F401
+from multidet.server import BIN, free_ports, start_torchserve  # noqa: F401  (tests import them from here)
 from multidet.tsconfig import read_properties  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
