@@ -1,0 +1,293 @@
+"""Labelled detection data, made offline and deterministically (no downloads on these machines).
+
+Each class of a model is one visually distinct object kind: a shape (circle, square, triangle,
+star, plus, ring, hexagon, crescent) in a colour (red, green, blue, yellow); 8 x 4 = 32 kinds.
+Objects vary in size (16 px to most of the image), aspect, rotation, shading, overlap and count,
+on varied backgrounds (noise, gradients, stripes, crops of the public-domain photos in
+``load_tests/images``), in images of varied size and aspect ratio (so the letterbox is exercised).
+
+Class ids are the model's own 1-based ids, so a dataset's ``annotations.json`` (COCO format) can be
+scored against that model's detections directly. The COCO model uses the 24 COCO category ids in
+``COCO_SUBSET`` (real COCO leaves 10 of its 90 ids unused too); the aquarium (7) and vehicles (20)
+models use all their classes. Class k of every model (in that model's class order) is kind k, so
+the three models share what they learn and fine-tuning one from another converges quickly.
+
+Same (model, split, count, seed) -> byte-identical files: every random draw comes from one
+``numpy.random.Generator`` seeded from (seed, split, image index), and JPEGs are written with
+fixed encoder settings.
+"""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .config import MODEL_SPECS
+
+SHAPES = ("circle", "square", "triangle", "star", "plus", "ring", "hexagon", "crescent")
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (35, 70, 225), "yellow": (240, 210, 25)}
+
+# 24 of COCO's 90 category ids (the first 25 used ids, less 'person' whose photos are too varied
+# to stand for one kind): what the COCO model is trained and evaluated on.
+COCO_SUBSET = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 28)
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Kind:
+    shape: str
+    colour: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+def _kinds() -> tuple[Kind, ...]:
+    """32 kinds ordered so that any prefix is as distinct as possible: the first 8 are 8 shapes in
+    alternating colours, the next 8 the same shapes in the next colour, and so on."""
+    colours = list(COLOURS)
+    out = []
+    for j in range(len(colours)):
+        for s, shape in enumerate(SHAPES):
+            out.append(Kind(shape, colours[(s + j) % len(colours)]))
+    return tuple(out)
+
+
+KINDS = _kinds()
+
+
+def class_ids(model: str) -> tuple[int, ...]:
+    """The 1-based class ids a model's dataset uses (class k of this tuple is ``KINDS[k]``)."""
+    spec = MODEL_SPECS[model]
+    ids = COCO_SUBSET if spec.num_classes == 90 else tuple(range(1, spec.num_classes + 1))
+    if len(ids) > len(KINDS):
+        raise ValueError(f"{model} has {len(ids)} classes; the generator has {len(KINDS)} object kinds")
+    return ids
+
+
+def kind_table(model: str) -> dict[int, Kind]:
+    return dict(zip(class_ids(model), KINDS))
+
+
+# -- drawing ---------------------------------------------------------------------------------------
+def _polygon(shape: str, n: int = 48) -> list[np.ndarray]:
+    """Outline(s) of a unit shape centred on 0 (radius ~1); later rings are holes."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    circle = np.stack([np.cos(t), np.sin(t)], 1)
+    if shape == "circle":
+        return [circle]
+    if shape == "square":
+        return [np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float) * 0.85]
+    if shape == "triangle":
+        a = np.deg2rad([-90, 30, 150])
+        return [np.stack([np.cos(a), np.sin(a)], 1)]
+    if shape == "star":
+        a = np.deg2rad(np.arange(10) * 36 - 90)
+        r = np.where(np.arange(10) % 2 == 0, 1.0, 0.42)
+        return [np.stack([r * np.cos(a), r * np.sin(a)], 1)]
+    if shape == "plus":
+        w = 0.33
+        return [np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w],
+                          [-1, w], [-1, -w], [-w, -w]], float)]
+    if shape == "ring":
+        return [circle, circle * 0.55]
+    if shape == "hexagon":
+        a = np.deg2rad(np.arange(6) * 60)
+        return [np.stack([np.cos(a), np.sin(a)], 1)]
+    if shape == "crescent":
+        return [circle, circle * 0.85 + np.array([0.45, -0.1])]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _draw_mask(shape: str, size: tuple[int, int], centre: tuple[float, float], radius: tuple[float, float],
+               angle: float, supersample: int = 2) -> np.ndarray:
+    """Anti-aliased float mask (0..1) of one object on an image of ``size`` (w, h); drawn only in
+    the object's window, zero elsewhere."""
+    w, h = size
+    mask = np.zeros((h, w), np.float32)
+    reach = max(radius) * 1.5 + 2
+    x0, y0 = max(int(centre[0] - reach), 0), max(int(centre[1] - reach), 0)
+    x1, y1 = min(int(centre[0] + reach) + 1, w), min(int(centre[1] + reach) + 1, h)
+    if x1 <= x0 or y1 <= y0:
+        return mask
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    img = Image.new("L", ((x1 - x0) * supersample, (y1 - y0) * supersample), 0)
+    draw = ImageDraw.Draw(img)
+    for k, ring in enumerate(_polygon(shape)):
+        pts = (ring * np.array(radius)) @ rot.T + np.array(centre) - np.array([x0, y0])
+        draw.polygon([tuple(p) for p in (pts * supersample).tolist()], fill=255 if k == 0 else 0)
+    if supersample > 1:
+        img = img.resize((x1 - x0, y1 - y0), Image.BOX)
+    mask[y0:y1, x0:x1] = np.asarray(img, np.float32) / 255.0
+    return mask
+
+
+def _background(rng: np.random.Generator, w: int, h: int, photos: Sequence[np.ndarray]) -> np.ndarray:
+    kind = rng.choice(["noise", "gradient", "stripes", "photo"] if photos else ["noise", "gradient", "stripes"])
+    if kind == "noise":
+        base = rng.uniform(40, 215, 3)
+        coarse = rng.normal(0, rng.uniform(10, 45), (max(2, h // 16), max(2, w // 16), 3))
+        coarse = np.asarray(Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize((w, h),
+                            Image.BILINEAR), np.float32) - 128
+        out = base + coarse + rng.normal(0, rng.uniform(3, 25), (h, w, 3))
+    elif kind == "gradient":
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        theta = rng.uniform(0, 2 * np.pi)
+        t = (x * math.cos(theta) + y * math.sin(theta))
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
+        out = a + (b - a) * t[..., None] + rng.normal(0, 4, (h, w, 3))
+    elif kind == "stripes":
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        a, b = rng.uniform(30, 225, 3), rng.uniform(30, 225, 3)
+        theta, period = rng.uniform(0, np.pi), rng.uniform(6, 60)
+        t = 0.5 + 0.5 * np.sin((x * math.cos(theta) + y * math.sin(theta)) * 2 * np.pi / period)
+        out = a + (b - a) * t[..., None] + rng.normal(0, 4, (h, w, 3))
+    else:
+        photo = photos[int(rng.integers(len(photos)))]
+        ph, pw = photo.shape[:2]
+        cw, ch = int(rng.integers(min(pw, 64), pw + 1)), int(rng.integers(min(ph, 64), ph + 1))
+        x0, y0 = int(rng.integers(0, pw - cw + 1)), int(rng.integers(0, ph - ch + 1))
+        crop = Image.fromarray(photo[y0:y0 + ch, x0:x0 + cw])
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        out = np.asarray(crop.resize((w, h), Image.BILINEAR), np.float32)
+    return out
+
+
+def render_image(rng: np.random.Generator, kinds: dict[int, Kind], photos: Sequence[np.ndarray] = (),
+                 max_objects: int = 8) -> tuple[Image.Image, list[dict]]:
+    """One image and its objects: ``[{"category_id", "bbox": [x, y, w, h]}]`` (COCO, pixels)."""
+    area = rng.uniform(256 * 256, 800 * 640)
+    aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))  # w / h
+    w = int(np.clip(round(math.sqrt(area * aspect)), 160, 1024))
+    h = int(np.clip(round(math.sqrt(area / aspect)), 160, 1024))
+    canvas = _background(rng, w, h, photos)
+    ids = list(kinds)
+    count = int(rng.integers(1, max_objects + 1))
+    placed: list[tuple[np.ndarray, float]] = []  # (mask, full area) of objects drawn so far
+    objects = []
+    for _ in range(count):
+        for _attempt in range(10):
+            cid = ids[int(rng.integers(len(ids)))]
+            kind = kinds[cid]
+            size = math.exp(rng.uniform(math.log(16), math.log(0.8 * min(w, h))))  # bbox-ish extent, px
+            stretch = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
+            radius = (size / 2 * math.sqrt(stretch), size / 2 / math.sqrt(stretch))
+            centre = (rng.uniform(0, w), rng.uniform(0, h))
+            angle = rng.uniform(0, 2 * np.pi)
+            mask = _draw_mask(kind.shape, (w, h), centre, radius, angle)
+            full = float(mask.sum())
+            ys, xs = np.nonzero(mask > 0.5)
+            if full < 60 or len(xs) == 0:
+                continue  # mostly outside the image
+            # every earlier object keeps >= 70 % of its area visible; this one is drawn on top
+            if any(float((m * mask).sum()) > 0.3 * a for m, a in placed):
+                continue
+            break
+        else:
+            continue
+        for k, (m, a) in enumerate(placed):
+            placed[k] = (m * (1 - mask), a)
+        placed.append((mask, full))
+        colour = np.array(COLOURS[kind.colour], np.float32) + rng.normal(0, 12, 3)
+        x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+        wy0, wy1 = max(y0 - 1, 0), min(y1 + 1, h)  # the object's window (the mask is 0 outside)
+        wx0, wx1 = max(x0 - 1, 0), min(x1 + 1, w)
+        y, x = np.mgrid[wy0:wy1, wx0:wx1].astype(np.float32)
+        shade_dir = rng.uniform(0, 2 * np.pi)
+        shade = 1 + rng.uniform(0, 0.35) * ((x - centre[0]) * math.cos(shade_dir) + (y - centre[1]) *
+                                            math.sin(shade_dir)) / max(size, 1.0)
+        fill = colour * np.clip(shade, 0.6, 1.3)[..., None]
+        m = mask[wy0:wy1, wx0:wx1, None]
+        canvas[wy0:wy1, wx0:wx1] = canvas[wy0:wy1, wx0:wx1] * (1 - m) + fill * m
+        objects.append({"category_id": int(cid), "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]})
+    canvas += rng.normal(0, rng.uniform(0, 6), canvas.shape)  # sensor noise over everything
+    return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB"), objects
+
+
+def load_photos(folder: Path | None) -> list[np.ndarray]:
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.jpg"))]
+
+
+def make_dataset(model: str, split: str, count: int, seed: int, out: Path,
+                 photos_dir: Path | None = Path("load_tests/images"),
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write ``out/images/*.jpg`` and ``out/annotations.json``; returns the annotation dict."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if model not in MODEL_SPECS:
+        raise ValueError(f"unknown model {model!r}; choose from {sorted(MODEL_SPECS)}")
+    spec, kinds = MODEL_SPECS[model], kind_table(model)
+    photos = load_photos(photos_dir)
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    split_key = zlib.crc32(f"{model}/{split}".encode())
+    for i in range(count):
+        rng = np.random.default_rng([seed, split_key, i])
+        img, objects = render_image(rng, kinds, photos)
+        file_name = f"{split}_{i:05d}.jpg"
+        img.save(out / "images" / file_name, format="JPEG", quality=90, optimize=False, subsampling=0)
+        images.append({"id": i + 1, "file_name": file_name, "width": img.width, "height": img.height})
+        for obj in objects:
+            x, y, bw, bh = obj["bbox"]
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": obj["category_id"],
+                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+        if progress:
+            progress(i + 1, count)
+    coco = {
+        "info": {"description": f"multidet synthetic {model} {split}", "model": model, "split": split,
+                 "count": count, "seed": seed, "generator": "multidet.synthetic"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": cid, "name": spec.class_names[cid - 1], "supercategory": kind.name}
+                       for cid, kind in kinds.items()],
+    }
+    (out / "annotations.json").write_text(json.dumps(coco, indent=1) + "\n")
+    return coco
+
+
+def check_set(count: int = 6, seed: int = 1234, models: Sequence[str] = tuple(MODEL_SPECS)
+              ) -> tuple[list[bytes], dict[str, dict]]:
+    """A small labelled set made in memory (no files, no photos), for checks at load time (``auto``).
+
+    The images hold kinds of the COCO model's class set (all 24 kinds the generator gives it); every
+    model's ground truth is the objects of its own kinds, with its own class ids (class k = kind k).
+    Returns the JPEG bytes and, per model, COCO ground truth for ``evaluation.coco_map``."""
+    import io
+
+    coco_model = next(m for m in MODEL_SPECS if MODEL_SPECS[m].num_classes == 90)
+    kinds = kind_table(coco_model)
+    kind_index = {cid: k for k, cid in enumerate(kinds)}
+    bodies, objects_per_image = [], []
+    for i in range(count):
+        img, objects = render_image(np.random.default_rng([seed, i]), kinds)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90, subsampling=0)
+        bodies.append(buf.getvalue())
+        objects_per_image.append((img.width, img.height, objects))
+    truth = {}
+    for model in models:
+        ids = class_ids(model)
+        images, annotations = [], []
+        for i, (w, h, objects) in enumerate(objects_per_image):
+            images.append({"id": i + 1, "file_name": f"check_{i}.jpg", "width": w, "height": h})
+            for obj in objects:
+                k = kind_index[obj["category_id"]]
+                if k < len(ids):
+                    x, y, bw, bh = obj["bbox"]
+                    annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": ids[k],
+                                        "bbox": obj["bbox"], "area": bw * bh, "iscrowd": 0})
+        truth[model] = {"images": images, "annotations": annotations,
+                        "categories": [{"id": c, "name": MODEL_SPECS[model].class_names[c - 1]} for c in ids]}
+    return bodies, truth

@@ -1,0 +1,93 @@
+"""The labelled data generator: deterministic, COCO-valid, varied (multidet.synthetic, make_dataset.py)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+from helpers import ROOT
+from multidet.config import MODEL_SPECS
+from multidet.synthetic import COCO_SUBSET, KINDS, check_set, class_ids, kind_table
+
+SCRIPT = [sys.executable, str(ROOT / "scripts" / "make_dataset.py")]
+
+
+def digest(folder) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def make(tmp_path, name, model="efficientdet_d0_aquarium", split="val", count=6, seed=0):
+    out = tmp_path / name
+    run = subprocess.run(SCRIPT + ["--model", model, "--split", split, "--count", str(count), "--seed", str(seed),
+                                   "--out", str(out)], capture_output=True, text=True, check=True)
+    return out, run
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path):
+    a, run = make(tmp_path, "a")
+    b, _ = make(tmp_path, "b")
+    assert "6 images" in run.stdout and digest(a) == digest(b) and len(digest(a)) == 7
+    c, _ = make(tmp_path, "c", seed=1)
+    assert digest(c)["annotations.json"] != digest(a)["annotations.json"]
+    d, _ = make(tmp_path, "d", split="train")
+    assert digest(d)["annotations.json"] != digest(a)["annotations.json"]
+
+
+def test_annotations_are_coco_with_the_models_class_ids(tmp_path):
+    from pycocotools.coco import COCO
+    from PIL import Image
+
+    out, _ = make(tmp_path, "coco", model="efficientdet_d0_coco", count=10)
+    data = json.loads((out / "annotations.json").read_text())
+    coco = COCO(str(out / "annotations.json"))  # pycocotools accepts it
+    assert len(coco.getImgIds()) == 10 and coco.getCatIds() == list(COCO_SUBSET)
+    names = MODEL_SPECS["efficientdet_d0_coco"].class_names
+    assert all(c["name"] == names[c["id"] - 1] != "N/A" for c in data["categories"])
+    sizes = set()
+    for img in data["images"]:
+        with Image.open(out / "images" / img["file_name"]) as im:
+            assert im.size == (img["width"], img["height"]) and im.mode == "RGB"
+        sizes.add((img["width"], img["height"]))
+    assert len(sizes) == 10  # varied sizes and aspect ratios: the letterbox is exercised
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        img = data["images"][a["image_id"] - 1]
+        assert a["category_id"] in COCO_SUBSET and w > 0 and h > 0
+        assert 0 <= x and 0 <= y and x + w <= img["width"] and y + h <= img["height"]
+
+
+def test_objects_vary_in_size_count_and_kind():
+    import numpy as np
+
+    from multidet.synthetic import render_image
+
+    kinds = kind_table("efficientdet_d0_vehicles")
+    sides, counts, seen = [], [], set()
+    for i in range(40):
+        img, objects = render_image(np.random.default_rng([3, i]), kinds)
+        counts.append(len(objects))
+        for o in objects:
+            sides.append(max(o["bbox"][2], o["bbox"][3]) / max(img.size))
+            seen.add(o["category_id"])
+    assert min(counts) <= 2 and max(counts) >= 6
+    assert min(sides) < 0.05 and max(sides) > 0.5  # from ~16 px to more than half the image
+    assert len(seen) >= 15
+
+
+def test_kinds_are_distinct_and_class_sets_fit():
+    assert len(set(KINDS)) == len(KINDS) == 32
+    for model, spec in MODEL_SPECS.items():
+        ids = class_ids(model)
+        assert len(ids) == len(set(ids)) and all(1 <= i <= spec.num_classes for i in ids)
+    assert len(class_ids("efficientdet_d0_aquarium")) == 7 and len(class_ids("efficientdet_d0_vehicles")) == 20
+
+
+def test_check_set_annotates_every_models_objects():
+    bodies, truth = check_set(count=3, seed=5)
+    again, truth2 = check_set(count=3, seed=5)
+    assert bodies == again and truth == truth2
+    coco = truth["efficientdet_d0_coco"]["annotations"]
+    aquarium = truth["efficientdet_d0_aquarium"]["annotations"]
+    assert len(coco) >= len(aquarium) and all(1 <= a["category_id"] <= 7 for a in aquarium)
