@@ -1,11 +1,14 @@
-"""Checkpoints in effdet's own state_dict format, each with a JSON metadata file beside it.
+"""Checkpoints: effdet's own state_dict, each with a JSON metadata file beside it.
 
-    checkpoints/efficientdet_d0_coco.pth    torch.save(EfficientDet.state_dict())
-    checkpoints/efficientdet_d0_coco.json   {name, architecture, image_size, num_classes,
-                                             class_names, seed, source, sha256}
+    weights/efficientdet_d0_coco.safetensors  trained, shipped in git (safetensors: tensors only)
+    checkpoints/efficientdet_d0_coco.pth      seeded random, generated (torch.save(state_dict))
+    <dir>/efficientdet_d0_coco.json           {name, architecture, image_size, num_classes, class_names,
+                                               seed, source, sha256, format, training}
 
-Loading always uses ``torch.load(weights_only=True)``, verifies the sha256 first and checks the
-architecture (every key and shape) before the weights reach a model.
+``format`` names the weights file (``pth`` or ``safetensors``); ``training`` records how a trained
+checkpoint was made (dataset, seed, steps, val mAP). Loading verifies the sha256 first, reads .pth
+files only with ``torch.load(weights_only=True)``, and checks the architecture (every key and shape)
+before the weights reach a model.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from effdet.efficientdet import EfficientDet
 
 from .config import ARCHITECTURE, IMAGE_SIZE, ModelSpec
 
+FORMATS = ("pth", "safetensors")
 NUM_ANCHORS = 9  # num_scales (3) x aspect ratios (3) for efficientdet_d0
 CLASS_HEAD = "class_net.predict.conv_pw"  # the only layer whose shape depends on num_classes
 
@@ -42,16 +46,26 @@ class CheckpointMeta:
     seed: int | None
     source: str
     sha256: str
+    format: str = "pth"                 # the weights file: <name>.pth or <name>.safetensors
+    training: dict | None = None        # how a trained checkpoint was made (dataset, steps, val mAP)
+
+    @property
+    def weights_file(self) -> str:
+        return f"{self.name}.{self.format}"
 
     @classmethod
     def read(cls, path: Path) -> "CheckpointMeta":
+        optional = {"format", "training"}
         try:
             raw = json.loads(path.read_text())
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+            meta = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k not in optional or k in raw})
         except FileNotFoundError as exc:
             raise CheckpointError(f"{path} not found: run `make checkpoints` first") from exc
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path} is not valid checkpoint metadata: {exc}") from exc
+        if meta.format not in FORMATS:
+            raise CheckpointError(f"{path}: format {meta.format!r} is not one of {FORMATS}")
+        return meta
 
 
 def sha256_file(path: Path) -> str:
@@ -62,15 +76,19 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_config(num_classes: int):
+def model_config(num_classes: int, image_size: int = IMAGE_SIZE):
     config = get_efficientdet_config(ARCHITECTURE)
     config.num_classes = num_classes
+    config.image_size = (image_size, image_size)
     return config
 
 
-def build_network(num_classes: int) -> EfficientDet:
-    """An EfficientDet-D0 with randomly initialised weights; never touches the network."""
-    return EfficientDet(model_config(num_classes), pretrained_backbone=False)
+def build_network(num_classes: int, image_size: int = IMAGE_SIZE) -> EfficientDet:
+    """An EfficientDet-D0 with randomly initialised weights; never touches the network.
+
+    The BiFPN's resampling is built for ``image_size``; the weights do not depend on it, so weights
+    trained at one size load into a network built for another (training runs smaller, serving at 512)."""
+    return EfficientDet(model_config(num_classes, image_size), pretrained_backbone=False)
 
 
 def generate_state_dict(num_classes: int, seed: int, calibration: torch.Tensor | None = None,
@@ -161,6 +179,16 @@ def safe_torch_load(path: Path):
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
 
 
+def load_safetensors(path: Path) -> "OrderedDict[str, torch.Tensor]":
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return OrderedDict(load_file(str(path), device="cpu"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
 def check_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int) -> EfficientDet:
     """Build the network and load ``state_dict`` strictly; every key and shape must match."""
     net = build_network(num_classes)
@@ -178,19 +206,31 @@ def check_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int)
 
 
 def save_checkpoint(out_dir: Path, spec: ModelSpec, state_dict: Mapping[str, torch.Tensor], *,
-                    seed: int | None, source: str) -> CheckpointMeta:
+                    seed: int | None, source: str, fmt: str = "pth", training: dict | None = None,
+                    ) -> CheckpointMeta:
     num_classes = num_classes_of(state_dict)
     if num_classes != spec.num_classes:
         raise CheckpointError(f"{spec.name} needs {spec.num_classes} classes, the weights have {num_classes}")
+    if fmt not in FORMATS:
+        raise CheckpointError(f"format must be one of {FORMATS}, got {fmt!r}")
     check_architecture(state_dict, num_classes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pth, tmp = out_dir / f"{spec.name}.pth", out_dir / f".{spec.name}.pth.tmp"
-    torch.save(OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state_dict.items()), tmp)
+    path, tmp = out_dir / f"{spec.name}.{fmt}", out_dir / f".{spec.name}.{fmt}.tmp"
+    tensors = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state_dict.items())
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp), metadata={"name": spec.name, "architecture": ARCHITECTURE})
+    else:
+        torch.save(tensors, tmp)
     meta = CheckpointMeta(name=spec.name, architecture=ARCHITECTURE, image_size=IMAGE_SIZE,
                           num_classes=num_classes, class_names=list(spec.class_names), seed=seed,
-                          source=source, sha256=sha256_file(tmp))
-    os.replace(tmp, pth)
+                          source=source, sha256=sha256_file(tmp), format=fmt, training=training)
+    for other in FORMATS:  # one weights file per model: a stale one in the other format would confuse
+        if other != fmt and (out_dir / f"{spec.name}.{other}").exists():
+            (out_dir / f"{spec.name}.{other}").unlink()
+    os.replace(tmp, path)
     (out_dir / f"{spec.name}.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
     return meta
 
@@ -199,7 +239,7 @@ def load_checkpoint(ckpt_dir: Path, name: str) -> tuple[CheckpointMeta, Efficien
     """Verify and load one checkpoint; returns its metadata and the eval-mode network on CPU."""
     ckpt_dir = Path(ckpt_dir)
     meta = CheckpointMeta.read(ckpt_dir / f"{name}.json")
-    pth = ckpt_dir / f"{name}.pth"
+    pth = ckpt_dir / meta.weights_file
     if meta.name != name:
         raise CheckpointError(f"{ckpt_dir / (name + '.json')} describes {meta.name!r}, not {name!r}")
     if meta.architecture != ARCHITECTURE or meta.image_size != IMAGE_SIZE:
@@ -211,7 +251,7 @@ def load_checkpoint(ckpt_dir: Path, name: str) -> tuple[CheckpointMeta, Efficien
     if actual != meta.sha256:
         raise CheckpointError(f"{pth} failed its integrity check: sha256 {actual[:16]}... does not match "
                               f"the metadata's {meta.sha256[:16]}...; the file was changed or corrupted")
-    state_dict = safe_torch_load(pth)
+    state_dict = load_safetensors(pth) if meta.format == "safetensors" else safe_torch_load(pth)
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{pth} holds no state_dict")
     if len(meta.class_names) != meta.num_classes:

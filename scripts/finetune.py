@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Fine-tune one of the service's detectors on a COCO-format dataset (effdet's DetBenchTrain).
+
+    # from scratch on the synthetic COCO-subset data, then at the service's 512 px
+    python scripts/finetune.py --model efficientdet_d0_coco --train data/efficientdet_d0_coco/train \\
+        --val data/efficientdet_d0_coco/val --steps 2000 --image-size 256 --out outputs/train/coco
+    # a new label set from an existing checkpoint: its class layer is re-initialised
+    python scripts/finetune.py --model efficientdet_d0_aquarium --init weights --init-model efficientdet_d0_coco \\
+        --train my_roboflow_export/train --val my_roboflow_export/valid --steps 500 --out outputs/train/aquarium
+
+A dataset folder holds images/ and annotations.json (COCO; category ids are the model's 1-based class
+ids). Interrupted? Run the same command again: it resumes from OUT/<model>.train.pt. The result,
+OUT/<model>.safetensors + .json, is a checkpoint the service loads (copy both into weights/).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from multidet.config import MODEL_NAMES
+from multidet.training import TrainConfig, train
+
+
+def main(argv=None) -> int:
+    d = TrainConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=MODEL_NAMES)
+    p.add_argument("--train", type=Path, required=True, help="training dataset folder (images/, annotations.json)")
+    p.add_argument("--val", type=Path, help="validation dataset folder, evaluated with pycocotools")
+    p.add_argument("--out", type=Path, default=d["out_dir"].default)
+    p.add_argument("--init", type=Path, help="checkpoint folder to start from (default: from scratch)")
+    p.add_argument("--init-model", help="which model's checkpoint in --init (default: --model)")
+    for name in ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "ema_decay", "workers",
+                 "eval_every", "eval_images", "save_every"):
+        default = d[name].default
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"default {default}")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                   help="bf16 autocast: auto = where the CPU has it natively (AMX/AVX-512 BF16) or on CUDA")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    cfg = TrainConfig(model=args.model, train_dir=args.train, val_dir=args.val, out_dir=args.out, init=args.init,
+                      init_model=args.init_model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, image_size=args.image_size, seed=args.seed,
+                      ema_decay=args.ema_decay, amp=args.amp, device=args.device, workers=args.workers,
+                      eval_every=args.eval_every, eval_images=args.eval_images, save_every=args.save_every)
+    bars: list[tqdm] = []  # made at the first step, so a resumed run's rate and ETA count from there
+
+    def progress(row: dict) -> None:
+        if "final" in row:
+            tqdm.write(f"final val ({row['final']['images']} images): mAP@0.5 {row['final']['map50']:.3f}  "
+                       f"mAP@[.5:.95] {row['final']['map']:.3f}")
+            return
+        if not bars:
+            bars.append(tqdm(total=cfg.steps, initial=row["step"] - 1, desc=f"train {cfg.model}", unit="step",
+                             dynamic_ncols=True))
+        bar = bars[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", cls=f"{row['class_loss']:.3f}", box=f"{row['box_loss']:.4f}")
+        if "val" in row and row["val"]:
+            tqdm.write(f"step {row['step']}: val mAP@0.5 {row['val']['map50']:.3f}  mAP@[.5:.95] "
+                       f"{row['val']['map']:.3f} ({row['val']['images']} images)")
+
+    try:
+        result = train(cfg, progress)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for bar in bars:
+            bar.close()
+    meta = result.meta
+    print(f"wrote {result.checkpoint_dir / meta.weights_file} (sha256 {meta.sha256[:16]}...) after "
+          f"{meta.training['steps']} steps, {meta.training['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
