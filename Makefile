@@ -8,11 +8,11 @@ STAMP := $(VENV)/.installed
 OPT ?= auto
 BATCH ?= 1
 DELAY ?= 50
-IMG ?= load_tests/images/coffee.jpg
+IMG ?= docs/example.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks gpu-wheels docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
+.PHONY: help install java-check checkpoints dataset train eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks gpu-wheels docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
 
 help:
 	@echo "make serve [OPT=auto] [BATCH=1]      install, generate checkpoints, build the MAR, start TorchServe"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench | ablation | overhead | sweep   measurements -> outputs/{benchmark,ablation,overhead,sweep}/"
 	@echo "make benchmarks                     all four (docs/benchmarks.md explains them); ARGS=... passes flags"
 	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint | kserve-store"
+	@echo "make dataset | train | eval [OPT=baseline] | annotate   labelled data, the trained weights/, their mAP"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
 
 install: java-check $(STAMP)
@@ -41,8 +42,53 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 checkpoints: install
 	$(PY) scripts/generate_checkpoints.py
 
-mar: checkpoints
-	$(PY) scripts/create_mar.py --optimization $(OPT) --batch-size $(BATCH) --max-batch-delay $(DELAY)
+# Labelled synthetic data (multidet/synthetic.py), the trained checkpoints in weights/, their mAP.
+DATA := data
+SEED ?= 0
+TRAIN_COUNT_efficientdet_d0_coco := 2000
+TRAIN_COUNT_efficientdet_d0_aquarium := 1000
+TRAIN_COUNT_efficientdet_d0_vehicles := 1500
+VAL_COUNT := 200
+MODELS := efficientdet_d0_coco efficientdet_d0_aquarium efficientdet_d0_vehicles
+DATASETS := $(foreach m,$(MODELS),$(DATA)/$(m)/train/annotations.json $(DATA)/$(m)/val/annotations.json)
+
+dataset: install $(DATASETS)
+
+$(DATA)/%/train/annotations.json: multidet/synthetic.py
+	$(PY) scripts/make_dataset.py --model $* --split train --count $(TRAIN_COUNT_$*) --seed $(SEED) --out $(DATA)/$*/train
+$(DATA)/%/val/annotations.json: multidet/synthetic.py
+	$(PY) scripts/make_dataset.py --model $* --split val --count $(VAL_COUNT) --seed $(SEED) --out $(DATA)/$*/val
+
+# The COCO-subset model from scratch at 256 px, then the other two from it (class layer re-initialised).
+# Resumable: an interrupted `make train` continues where it stopped. Wall time: docs/training.md.
+COCO_STEPS ?= 2400
+HEAD_STEPS ?= 300
+train: dataset
+	$(PY) scripts/finetune.py --model efficientdet_d0_coco --train $(DATA)/efficientdet_d0_coco/train \
+		--val $(DATA)/efficientdet_d0_coco/val --steps $(COCO_STEPS) --image-size 256 --eval-every 400 \
+		--out outputs/train/coco
+	for m in aquarium vehicles; do \
+		$(PY) scripts/finetune.py --model efficientdet_d0_$$m --train $(DATA)/efficientdet_d0_$$m/train \
+			--val $(DATA)/efficientdet_d0_$$m/val --init outputs/train/coco --init-model efficientdet_d0_coco \
+			--steps $(HEAD_STEPS) --image-size 256 --eval-every 150 --out outputs/train/$$m || exit 1; \
+	done
+	mkdir -p weights
+	for m in coco aquarium vehicles; do cp outputs/train/$$m/efficientdet_d0_$$m.{safetensors,json} weights/; done
+	@echo "trained checkpoints in weights/ (commit them to ship them)"
+
+eval: dataset
+	for m in $(MODELS); do \
+		$(PY) scripts/evaluate.py --data $(DATA)/$$m/val --model $$m --optimization $(if $(filter auto,$(OPT)),baseline,$(OPT)) \
+			--json outputs/eval/$$m.$(if $(filter auto,$(OPT)),baseline,$(OPT)).json || exit 1; \
+	done
+
+annotate: install
+	$(PY) scripts/annotate.py $(IMG) --out docs/example_detections.png
+
+# the trained models in weights/ (shipped); REDUCED=1 lets auto serve bf16/fp16 where its mAP holds
+mar: install
+	$(PY) scripts/create_mar.py --optimization $(OPT) --batch-size $(BATCH) --max-batch-delay $(DELAY) \
+		$(if $(filter 1,$(REDUCED)),--allow-reduced)
 
 serve: mar
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start $(if $(BIND),--bind $(BIND))
@@ -56,7 +102,7 @@ stop: install
 status: install
 	$(PY) scripts/serve.py status
 
-predict: checkpoints
+predict: install
 	$(PY) scripts/predict.py $(IMG) --optimization $(OPT)
 
 soak: serve
@@ -72,16 +118,16 @@ load: serve
 
 # Measurements (docs/benchmarks.md). ARGS passes flags through, e.g. make bench ARGS="--requests 8".
 ARGS ?=
-bench: checkpoints
+bench: install
 	$(PY) scripts/run_full_benchmark.py --mock $(ARGS)
 
-ablation: checkpoints
+ablation: dataset
 	$(PY) scripts/run_ablation.py $(ARGS)
 
-overhead: checkpoints
+overhead: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_serving_overhead.py $(ARGS)
 
-sweep: checkpoints
+sweep: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_load_sweep.py $(ARGS)
 
 benchmarks: bench ablation overhead sweep
