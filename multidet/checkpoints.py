@@ -230,6 +230,7 @@ def save_checkpoint(out_dir: Path, spec: ModelSpec, state_dict: Mapping[str, tor
     for other in FORMATS:  # one weights file per model: a stale one in the other format would confuse
         if other != fmt and (out_dir / f"{spec.name}.{other}").exists():
             (out_dir / f"{spec.name}.{other}").unlink()
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; checkpoints are read by other users (containers)
     os.replace(tmp, path)
     (out_dir / f"{spec.name}.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
     return meta

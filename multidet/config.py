@@ -48,6 +48,7 @@ class Settings:
     artifact_dir: str = "artifacts"           # build-time files of a path (ONNX), relative too
     models: tuple[str, ...] = field(default=MODEL_NAMES)
     warmup: bool = True
+    allow_reduced: bool = False               # auto may serve a reduced-precision path (bf16/fp16/INT8)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:

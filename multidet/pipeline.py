@@ -72,7 +72,7 @@ class Detector:
         self.model_names = tuple(m.name for m in self.models)
         self.preprocessor = Preprocessor()
         self.runner = create_runner(settings.optimization, self.models, self.device, settings.max_detections,
-                                    artifact_dir)
+                                    artifact_dir, allow_reduced=settings.allow_reduced)
 
     @classmethod
     def from_checkpoints(cls, checkpoint_dir: Path | str, settings: Settings, device: torch.device,

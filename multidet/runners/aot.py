@@ -93,6 +93,7 @@ def compile_packages(models: Sequence[LoadedModel], artifact_dir: Path, device: 
 @register
 class AotInductorRunner(BaselineRunner):
     name = "aot_inductor"
+    auto_candidate = False  # its packages are compiled at MAR build (minutes)
 
     @classmethod
     def supports(cls, device: torch.device) -> bool:

@@ -61,8 +61,17 @@ class LoadedModel:
 
 class Runner(ABC):
     name: ClassVar[str]
-    exact: ClassVar[bool] = True   # same arithmetic as the baseline up to float reassociation
+    # the precision tier (multidet.quality.RULES): "exact" = fp32, the baseline's arithmetic up to float
+    # reassociation; "reduced" = bf16/fp16/INT8, judged by its mAP drop and served by auto only if allowed
+    tier: ClassVar[str] = "exact"
+    # random weights: raw outputs within this fraction of the baseline's largest output (None: not compared)
+    raw_tolerance: ClassVar[float | None] = 1e-3
     benchmark_only: ClassVar[bool] = False  # a measuring aid (the mock lower bound), never served
+    # whether ``auto`` may time it at load (no compilation from scratch at start-up), and devices where it
+    # has no fast kernels (auto leaves it out there: e.g. fp16 on CPU takes seconds per image)
+    auto_candidate: ClassVar[bool] = False
+    slow_on: ClassVar[tuple[str, ...]] = ()
+    chooses: ClassVar[bool] = False  # picks among other paths at load (auto); gets the reduced-precision switch
     separable: ClassVar[bool] = False  # forward(x, [k]) runs model k alone (per-model timings make sense)
 
     def __init__(self, models: Sequence[LoadedModel], device: torch.device, max_detections: int = 100,
@@ -122,7 +131,7 @@ def register(cls: type[Runner]) -> type[Runner]:
 
 
 def create_runner(name: str, models: Sequence[LoadedModel], device: torch.device | str,
-                  max_detections: int = 100, artifact_dir: Path | None = None) -> Runner:
+                  max_detections: int = 100, artifact_dir: Path | None = None, allow_reduced: bool = False) -> Runner:
     device = torch.device(device)
     try:
         cls = RUNNERS[name]
@@ -130,4 +139,17 @@ def create_runner(name: str, models: Sequence[LoadedModel], device: torch.device
         raise ValueError(f"unknown optimization {name!r}; available: {sorted(RUNNERS)}") from None
     if not cls.supports(device):
         raise ValueError(f"optimization {name!r} does not run on {device}")
+    if cls.chooses:
+        return cls(models, device, max_detections, artifact_dir, allow_reduced=allow_reduced)
     return cls(models, device, max_detections, artifact_dir)
+
+
+def list_runners(device: torch.device | str | None = None, tier: str | None = None, servable: bool | None = None,
+                 auto_candidate: bool | None = None) -> list[str]:
+    """Registered path names with the given properties (None: any), in registration order."""
+    dev = torch.device(device) if device is not None else None
+    return [name for name, cls in RUNNERS.items()
+            if (dev is None or cls.supports(dev))
+            and (tier is None or cls.tier == tier)
+            and (servable is None or servable == (not cls.benchmark_only))
+            and (auto_candidate is None or cls.auto_candidate == auto_candidate)]

@@ -11,6 +11,7 @@ from .base import RawOutput, Runner, register
 @register
 class BaselineRunner(Runner):
     name = "baseline"
+    auto_candidate = True
     separable = True
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):

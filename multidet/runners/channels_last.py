@@ -14,6 +14,7 @@ from .baseline import BaselineRunner
 @register
 class ChannelsLastRunner(BaselineRunner):
     name = "channels_last"
+    auto_candidate = True
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)

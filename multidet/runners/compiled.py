@@ -32,6 +32,7 @@ RECOMPILE_LIMIT = 64
 
 class CompiledRunner(BaselineRunner):
     mode: str | None = None
+    auto_candidate = False  # compiles for minutes unless its MAR-built cache is there
 
     @classmethod
     def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:

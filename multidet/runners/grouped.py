@@ -167,6 +167,7 @@ def conv_calls(module: nn.Module, x: torch.Tensor) -> int:
 @register
 class GroupedRunner(Runner):
     name = "grouped"
+    auto_candidate = True
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)

@@ -1,8 +1,8 @@
 """``fp16`` / ``bf16``: the baseline's networks under autocast in half precision.
 
 Convolutions and matmuls run in the half type; autocast keeps numerically sensitive ops (and the
-BatchNorm statistics) in fp32, and the outputs go back to fp32 for top-k/NMS (Runner.detect). Not
-an exact path: quality against the baseline is measured (tests, ablation), not assumed.
+BatchNorm statistics) in fp32, and the outputs go back to fp32 for top-k/NMS (Runner.detect). Reduced
+tier: judged by its mAP drop against the baseline (multidet.quality), not by detection equality.
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from .baseline import BaselineRunner
 
 class AutocastRunner(BaselineRunner):
     dtype: ClassVar[torch.dtype]
-    exact = False
+    tier = "reduced"
+    auto_candidate = True  # only when the user allows reduced precision
+    raw_tolerance = None  # judged by mAP on trained weights, not by raw outputs
 
     @classmethod
     def supports(cls, device: torch.device) -> bool:
@@ -35,6 +37,7 @@ class AutocastRunner(BaselineRunner):
 @register
 class Fp16Runner(AutocastRunner):
     name = "fp16"
+    slow_on = ("cpu",)  # no fast fp16 kernels on common CPUs: seconds per image
     dtype = torch.float16
 
 

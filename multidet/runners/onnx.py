@@ -48,6 +48,7 @@ def export_onnx(models: Sequence[LoadedModel], path: Path) -> Path:
 @register
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
+    auto_candidate = True
 
     @classmethod
     def supports(cls, device: torch.device) -> bool:

@@ -71,6 +71,7 @@ class StackedNetwork(torch.nn.Module):
 @register
 class VmapBackboneRunner(Runner):
     name = "vmap_backbone"
+    auto_candidate = True
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
