@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Build model_store/all.mar: the handler, the multidet package, the three checkpoints and a
-model-config.yaml for one optimisation variant.
+"""Build model_store/all.mar: the handler, the multidet package, the three checkpoints (by default
+the trained ones in weights/) and a model-config.yaml for one optimisation variant.
 
     python scripts/create_mar.py --optimization baseline
     python scripts/create_mar.py --optimization baseline --batch-size 4 --max-batch-delay 20
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def model_config(args) -> dict:
     settings = Settings(optimization=args.optimization, device=args.device, threshold=args.threshold,
                         max_detections=args.max_detections, max_image_pixels=args.max_image_pixels,
-                        models=tuple(args.models.split(",")))
+                        models=tuple(args.models.split(",")), allow_reduced=args.allow_reduced)
     return {
         "minWorkers": args.workers,
         "maxWorkers": args.workers,
@@ -45,12 +45,15 @@ def main(argv=None) -> int:
     p.add_argument("--optimization", default="baseline", choices=SERVABLE)
     p.add_argument("--model-name", default="all", help="endpoint name: /predictions/NAME (default all)")
     p.add_argument("--export-path", type=Path, default=ROOT / "model_store")
-    p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints")
+    p.add_argument("--checkpoints", type=Path, default=ROOT / "weights",
+                   help="default: weights (the trained models); checkpoints = the seeded random ones")
     p.add_argument("--device", default="auto")
     p.add_argument("--threshold", type=float, default=Settings.threshold)
     p.add_argument("--max-detections", type=int, default=Settings.max_detections)
     p.add_argument("--max-image-pixels", type=int, default=Settings.max_image_pixels)
     p.add_argument("--models", default=",".join(MODEL_NAMES))
+    p.add_argument("--allow-reduced", action="store_true",
+                   help="auto may serve bf16/fp16 when its mAP is within 0.5 points of the baseline's")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch")
@@ -61,10 +64,11 @@ def main(argv=None) -> int:
 
     try:
         config = model_config(args)
-        models = []
+        models, files = [], []
         for name in config["handler"]["models"]:
             meta, net = load_checkpoint(args.checkpoints, name)  # sha256 + architecture, before packing
             models.append(LoadedModel(name, tuple(meta.class_names), net))
+            files += [args.checkpoints / meta.weights_file, args.checkpoints / f"{name}.json"]
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -74,9 +78,8 @@ def main(argv=None) -> int:
         extra = Path(tmp) / "extra"
         shutil.copytree(ROOT / "multidet", extra / "multidet", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (extra / "checkpoints").mkdir()
-        for name in config["handler"]["models"]:
-            for suffix in (".pth", ".json"):
-                shutil.copy2(args.checkpoints / f"{name}{suffix}", extra / "checkpoints")
+        for path in files:
+            shutil.copy2(path, extra / "checkpoints")
         built = RUNNERS[args.optimization].build(models, extra / config["handler"]["artifact_dir"])
         for path in built:
             print(f"built {path.name} for {args.optimization} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)

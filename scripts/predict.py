@@ -23,11 +23,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threshold", help="score threshold 0..1 (default: the model config's)")
     p.add_argument("--models", help="comma-separated subset of the model names")
-    p.add_argument("--model-dir", type=Path, default=REPO_ROOT, help="folder holding checkpoints/")
+    p.add_argument("--model-dir", type=Path, default=REPO_ROOT, help="folder holding the checkpoint folder")
+    p.add_argument("--checkpoints", default="weights",
+                   help="checkpoint folder inside --model-dir (default: weights, the trained models; "
+                        "checkpoints = the seeded random ones)")
     args = p.parse_args(argv)
 
     try:
-        settings = Settings(optimization=args.optimization, device=args.device, warmup=False)
+        settings = Settings(optimization=args.optimization, device=args.device, warmup=False,
+                            checkpoint_dir=args.checkpoints)
     except ConfigError as exc:
         p.error(str(exc))
     logging.getLogger("ts.torch_handler.base_handler").setLevel(logging.ERROR)  # optional-backend notices

@@ -8,10 +8,11 @@ the quality of its answer against the baseline's, all in one run so the ratios a
 
 Latency: end to end per image in the core package (decode to response) at the serving threshold,
 paths interleaved request by request after a warm-up, the device synchronised around each clock
-read. Quality: at threshold 0 (top 100 per model, the strictest comparison) on every photo,
-detections matched one to one with the baseline's (same model and label, IoU >= 0.5): label
-accuracy (matched / max(count)), mean IoU of matched boxes, box MSE (px^2), score MSE, max
-differences. Each path's build step (what `make mar` runs: the ONNX export, the AOT compile, the Inductor cache)
+read. Quality: each path's mAP@0.5 and mAP@[.5:.95] per model on the labelled val images
+(`make dataset`; --val-images per model), through the whole data path, and its verdict under its
+tier's rule (multidet.quality): exact paths must give the baseline's detections at the serving
+threshold (boxes within 0.5 px, scores within 1e-3) and its mAP within 0.1 points; reduced-precision
+paths must stay within 0.5 points of the baseline's mAP. Each path's build step (what `make mar` runs: the ONNX export, the AOT compile, the Inductor cache)
 is timed separately from its load. Writes outputs/ablation/ablation_results.json,
 ablation_report.txt, ablation.png (build artifacts in outputs/ablation/artifacts/).
 """
@@ -24,28 +25,40 @@ import time
 from pathlib import Path
 
 from multidet.bench import environment, photos, summarize, timed_predict, write_outputs
-from multidet.compare import compare
-from multidet.config import Settings
+from multidet.config import MODEL_NAMES, Settings
 from multidet.device import select_device
-from multidet.pipeline import Detector, RequestOptions
+from multidet.evaluation import EvalResult, evaluate
+from multidet.pipeline import Detector
+from multidet.quality import RULES, SERVING_THRESHOLD, check_detections, map_ok
 from multidet.runners import RUNNERS, SERVABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def quality(reference: dict, detector: Detector, images: dict[str, bytes]) -> dict:
-    """The path's answer vs the baseline's, worst image for each figure."""
-    ags = [compare(reference[img], detector.predict_one(body, RequestOptions(threshold=0.0))["detections"])
-           for img, body in images.items()]
+def map_quality(reference: dict[str, EvalResult], results: dict[str, EvalResult], tier: str) -> dict:
+    """The path's mAP on each model's labelled val images, and its verdict under its tier's rule
+    (multidet.quality): exact = the baseline's detections at the serving threshold on every image and
+    mAP within 0.1 points; reduced = mAP at most 0.5 points below the baseline's."""
+    rule = RULES[tier]
+    checks = [check_detections(reference[m].detections[i], results[m].detections[i], SERVING_THRESHOLD, rule)
+              for m in reference for i in reference[m].detections]
+    maps_ok = all(map_ok(reference[m].map50, results[m].map50, rule) and map_ok(reference[m].map, results[m].map, rule)
+                  for m in reference)
+    dets_ok = all(c.ok(rule) for c in checks)
     return {
-        "label_accuracy": round(min(a.label_agreement for a in ags), 4),
-        "mean_iou": round(min(a.mean_iou for a in ags), 4),
-        "box_mse_px2": float(f"{max(a.box_mse for a in ags):.3g}"),
-        "score_mse": float(f"{max(a.score_mse for a in ags):.3g}"),
-        "max_box_diff_px": round(max(a.max_box_diff for a in ags), 5),
-        "max_score_diff": float(f"{max(a.max_score_diff for a in ags):.3g}"),
-        "equivalent": all(a.equivalent() for a in ags),
-        "detections": sum(a.candidate for a in ags), "matched": sum(a.matched for a in ags),
+        "map50": {m: round(r.map50, 4) for m, r in results.items()},
+        "map": {m: round(r.map, 4) for m, r in results.items()},
+        "map50_mean": round(statistics.mean(r.map50 for r in results.values()), 4),
+        "map_mean": round(statistics.mean(r.map for r in results.values()), 4),
+        "delta_map50_points": round(100 * max((results[m].map50 - reference[m].map50 for m in reference), key=abs), 3),
+        "delta_map_points": round(100 * max((results[m].map - reference[m].map for m in reference), key=abs), 3),
+        "detections": sum(c.candidate for c in checks), "matched": sum(c.matched for c in checks),
+        "missing": sum(c.missing for c in checks), "extra": sum(c.extra for c in checks),
+        "swaps": sum(c.swaps for c in checks),
+        "max_box_diff_px": round(max((c.max_box_diff for c in checks), default=0.0), 5),
+        "max_score_diff": float(f"{max((c.max_score_diff for c in checks), default=0.0):.3g}"),
+        "images": sum(r.images for r in results.values()),
+        "same_answer": dets_ok and maps_ok,
     }
 
 
@@ -56,7 +69,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
 
     names = [r["path"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    colors = ["#4c72b0" if r["exact"] else "#dd8452" for r in rows]
+    colors = ["#4c72b0" if r["tier"] == "exact" else "#dd8452" for r in rows]
     ax1.bar(names, [r["speedup_p50"] for r in rows], color=colors)
     ax1.axhline(1.0, color="black", lw=0.8)
     for i, r in enumerate(rows):
@@ -67,13 +80,15 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     ax1.set_title(f"{meta['device']} ({meta['device_name']}): blue exact, orange reduced precision", fontsize=9)
     width = 0.4
     xs = range(len(rows))
-    ax2.bar([x - width / 2 for x in xs], [r["quality"]["label_accuracy"] for r in rows], width, label="label accuracy")
-    ax2.bar([x + width / 2 for x in xs], [r["quality"]["mean_iou"] for r in rows], width, label="mean IoU")
+    ax2.bar([x - width / 2 for x in xs], [r["quality"]["map50_mean"] for r in rows], width, label="mAP@0.5")
+    ax2.bar([x + width / 2 for x in xs], [r["quality"]["map_mean"] for r in rows], width, label="mAP@[.5:.95]")
     ax2.set_xticks(list(xs), names)
-    low = min(min(r["quality"]["label_accuracy"], r["quality"]["mean_iou"]) for r in rows)
-    ax2.set_ylim(min(0.8, low - 0.05), 1.005)
-    ax2.axhline(0.95, color="grey", ls="--", lw=0.8)
-    ax2.set_title("agreement with the baseline (threshold 0, worst photo)", fontsize=9)
+    ax2.set_ylim(0, 1.0)
+    for x, r in zip(xs, rows):
+        ax2.text(x, r["quality"]["map50_mean"] + 0.01, "=" if r["quality"]["same_answer"] else "x",
+                 ha="center", fontsize=8)
+    ax2.set_title("mAP on the labelled val images, mean of 3 models (=: the baseline's answer by the tier's rule)",
+                  fontsize=9)
     ax2.legend(fontsize=8, loc="lower left")
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", labelsize=8)
@@ -90,9 +105,10 @@ def report(rows: list[dict], meta: dict) -> str:
     lines = [f"Ablation {env['date']}  {meta['device']} ({meta['device_name']}), {env['cpu_cores']} cores, "
              f"torch {env['versions']['torch']}",
              f"{meta['requests']} timed requests per path after {meta['warmup']} warm-up, interleaved; "
-             f"threshold {meta['threshold']} for latency, 0 for quality; photos {', '.join(meta['images'])}", ""]
-    head = (f"{'path':<24} {'exact':>5} {'p50 ms':>8} {'p99 ms':>8} {'mean':>8} {'std':>6} {'speed-up':>8} {'build s':>7} {'load s':>7} "
-            f"{'label acc':>9} {'mean IoU':>8} {'box MSE':>9} {'score MSE':>9}")
+             f"threshold {meta['threshold']}; photos {', '.join(meta['images'])}; "
+             f"quality: {meta['val_images']} labelled val images per model ({meta['val']})", ""]
+    head = (f"{'path':<24} {'tier':>7} {'p50 ms':>8} {'p99 ms':>8} {'mean':>8} {'std':>6} {'speed-up':>8} {'build s':>7} "
+            f"{'load s':>7} {'mAP@.5':>7} {'mAP':>6} {'dmAP pt':>7} {'max box':>8} {'same':>5}")
     lines += [head, "-" * len(head)]
     for r in rows:
         q, lat = r["quality"], r["latency_ms"]
@@ -100,9 +116,11 @@ def report(rows: list[dict], meta: dict) -> str:
                      f"{lat['mean']:>8.1f} {lat['std']:>6.1f} {r['speedup_p50']:>7.2f}x {r['build_s']:>7.1f} {r['load_s']:>7.1f} "
                      f"{q['label_accuracy']:>9.3f} {q['mean_iou']:>8.3f} {q['box_mse_px2']:>9.2g} {q['score_mse']:>9.2g}")
     best = max((r for r in rows if r["path"] != "auto"),  # auto is one of the others, chosen at load
-               key=lambda r: r["speedup_p50"] if r["quality"]["equivalent"] else 0)
-    lines += ["", f"fastest path with the baseline's answer: {best['path']} ({best['speedup_p50']:.2f}x, "
-                  f"{best['latency_ms']['p50']:.1f} ms p50)"]
+               key=lambda r: r["speedup_p50"] if r["quality"]["same_answer"] and r["tier"] == "exact" else 0)
+    lines += ["", "mAP@.5 / mAP: mean over the three models' val images (per model in the JSON); dmAP pt: the "
+                  "largest change in mAP@.5 against the baseline, in points; same: the tier's rule (multidet.quality)",
+              f"fastest exact path with the baseline's answer: {best['path']} ({best['speedup_p50']:.2f}x, "
+              f"{best['latency_ms']['p50']:.1f} ms p50)"]
     return "\n".join(lines) + "\n"
 
 
@@ -113,6 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=24, help="timed requests per path")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "ablation")
+    p.add_argument("--val", type=Path, default=ROOT / "data",
+                   help="folder with MODEL/val datasets (`make dataset`) for each path's mAP")
+    p.add_argument("--val-images", type=int, default=50, help="val images per model for mAP (default 50; 200 = all)")
     args = p.parse_args(argv)
 
     device = select_device(args.device)
@@ -132,15 +153,20 @@ def main(argv=None) -> int:
             RUNNERS[name].build(detectors["baseline"].models, artifacts)
         build_s[name] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        det = Detector.from_checkpoints(ROOT / "checkpoints", Settings(optimization=name), device, artifacts)
+        det = Detector.from_checkpoints(ROOT / "weights", Settings(optimization=name), device, artifacts)
         for i in range(args.warmup):
             det.predict_one(bodies[i % len(bodies)])
         detectors[name], load_s[name] = det, time.perf_counter() - t0
         print(f"{name}: built in {build_s[name]:.1f} s, loaded as {det.runner.description} in {load_s[name]:.1f} s "
               f"(incl. {args.warmup} warm-up requests)", flush=True)
 
-    reference = {img: detectors["baseline"].predict_one(b, RequestOptions(threshold=0.0))["detections"]
-                 for img, b in images.items()}
+    evals = {}
+    for name, det in detectors.items():
+        t0 = time.perf_counter()
+        evals[name] = {m: evaluate(det, args.val / m / "val", m, limit=args.val_images) for m in MODEL_NAMES}
+        print(f"mAP {name}: " + "  ".join(f"{m.removeprefix('efficientdet_d0_')} {r.map50:.3f}/{r.map:.3f}"
+                                          for m, r in evals[name].items())
+              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     times: dict[str, list[float]] = {n: [] for n in names}
     t_start = time.perf_counter()
     for i in range(args.requests):
@@ -154,15 +180,17 @@ def main(argv=None) -> int:
     rows = []
     for name, det in detectors.items():
         lat = summarize(times[name])
-        rows.append({"path": name, "runs_as": det.runner.description, "exact": RUNNERS[name].exact,
+        rows.append({"path": name, "runs_as": det.runner.description, "tier": RUNNERS[name].tier,
                      "latency_ms": lat, "speedup_p50": round(base["p50"] / lat["p50"], 3),
                      "speedup_mean": round(base["mean"] / lat["mean"], 3), "build_s": round(build_s[name], 1),
                      "load_s": round(load_s[name], 1),
-                     "quality": quality(reference, det, images)})
+                     "quality": map_quality(evals["baseline"], evals[name], RUNNERS[name].tier)})
         print(f"quality {name}: {rows[-1]['quality']}", flush=True)
     env = environment([device])
     meta = {"environment": env, "device": str(device), "device_name": env["devices"][str(device)],
-            "requests": args.requests, "warmup": args.warmup, "threshold": Settings().threshold, "images": list(images)}
+            "requests": args.requests, "warmup": args.warmup, "threshold": Settings().threshold, "images": list(images),
+            "val": str(args.val.relative_to(ROOT) if args.val.is_relative_to(ROOT) else args.val),
+            "val_images": args.val_images}
     write_outputs(args.out, "ablation", {"meta": meta, "paths": rows}, report(rows, meta))
     plot(rows, meta, args.out / "ablation.png")
     print(f"written: {args.out}/ablation.png")

@@ -36,7 +36,7 @@ def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], 
     configs = {}
     for name in paths:
         t0 = time.perf_counter()
-        det = Detector.from_checkpoints(ROOT / "checkpoints", Settings(optimization=name), device)
+        det = Detector.from_checkpoints(ROOT / "weights", Settings(optimization=name), device)
         for i in range(args.warmup):
             det.predict_one(bodies[i % len(bodies)])
         configs[name] = det

@@ -37,8 +37,8 @@ MODES = ("core", "embedded", "http")
 
 def measure_path(name: str, device, images: list[bytes], args) -> dict:
     t0 = time.perf_counter()
-    core = Detector.from_checkpoints(ROOT / "checkpoints", Settings(optimization=name), device)
-    embedded = EmbeddedService(Settings(optimization=name))
+    core = Detector.from_checkpoints(ROOT / "weights", Settings(optimization=name), device)
+    embedded = EmbeddedService(Settings(optimization=name, checkpoint_dir="weights"))
     print(f"[{name}] core + embedded loaded in {time.perf_counter() - t0:.0f} s; starting TorchServe ...", flush=True)
     with tempfile.TemporaryDirectory(prefix=f"overhead-{name}-") as tmp, \
             start_torchserve(Path(tmp), ["--optimization", name], timeout=args.server_timeout) as server, \

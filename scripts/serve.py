@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             token = auth("inference")
             extra = f" -H '{next(iter(token))}: {next(iter(token.values()))}'" if token else ""
             print(f"\nready in {time.monotonic() - t0:.0f} s. Try:\n"
-                  f"  curl -T load_tests/images/coffee.jpg{extra} {inference}/predictions/{args.model}\n"
+                  f"  curl -T docs/example.jpg{extra} {inference}/predictions/{args.model}\n"
                   f"  curl -T load_tests/images/coffee.jpg{extra} -H 'X-Threshold: 0.3' {inference}/predictions/{args.model}")
             if token:
                 print("token authorisation is on: keys in key_file.json (inference for 8080, management for 8081)")
