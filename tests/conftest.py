@@ -1,4 +1,5 @@
-"""Shared fixtures: real photos, the real checkpoints, the core Detector, and a real TorchServe."""
+"""Shared fixtures: real photos, the seeded and the trained checkpoints, a labelled check set, the core
+Detector, and a real TorchServe (serving the trained weights, as `make serve` does)."""
 from __future__ import annotations
 
 import io
@@ -8,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from multidet.compare import compare
+from helpers import WEIGHTS, answers
 from multidet.config import MODEL_NAMES, Settings
 from multidet.pipeline import Detector
 from multidet.server import BIN, free_ports, start_torchserve  # noqa: F401  (tests import them from here)
@@ -28,9 +29,31 @@ def photos() -> dict[str, bytes]:
 
 @pytest.fixture(scope="session")
 def detector() -> Detector:
+    """The seeded random checkpoints: for tests of arithmetic (raw outputs, effdet equality), not answers."""
     if not (CHECKPOINTS / f"{MODEL_NAMES[0]}.json").exists():
         pytest.fail("checkpoints missing: run `make checkpoints` (make test does it)")
     return Detector.from_checkpoints(CHECKPOINTS, Settings(), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def trained() -> Detector:
+    """The shipped trained checkpoints (weights/): their detections are confident, so answers compare."""
+    return Detector.from_checkpoints(WEIGHTS, Settings(), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def labelled():
+    """Eight labelled images made in memory (multidet.synthetic.check_set): (JPEG bytes, ground truth
+    per model), every model's objects annotated with its own class ids."""
+    from multidet.synthetic import check_set
+
+    return check_set(count=8, seed=7)
+
+
+@pytest.fixture(scope="session")
+def labelled_reference(trained, labelled):
+    """The baseline's answer (threshold 0) on the labelled images, per image."""
+    return answers(trained, labelled[0])
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -62,15 +85,6 @@ def assert_schema(result: dict, models=MODEL_NAMES) -> None:
         assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, d
     assert set(result["timing_ms"]) == {"decode", "preprocess", "inference", "postprocess", "total"}
     assert all(v >= 0 for v in result["timing_ms"].values())
-
-
-def assert_equivalent(reference: list[dict], candidate: list[dict]) -> None:
-    """Same answer up to float noise (another batch size or process): >= 99 % of the detections
-    matched one to one (same model and label), matched boxes within 0.1 px, scores within 1e-4."""
-    agreement = compare(reference, candidate)
-    assert abs(agreement.reference - agreement.candidate) <= max(1, agreement.reference // 100), agreement
-    assert agreement.label_agreement >= 0.99, agreement
-    assert agreement.max_box_diff <= 0.1 and agreement.max_score_diff <= 1e-4, agreement
 
 
 # -- a real TorchServe: multidet.server.start_torchserve (imported above) ------------------------

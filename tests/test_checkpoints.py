@@ -123,3 +123,34 @@ def test_safe_load_plain_pickle_refused(tmp_path):
         pickle.dump(Exploit(), f)
     with pytest.raises(CheckpointError):
         safe_torch_load(path)
+
+
+def test_shipped_trained_weights_are_verified_safetensors_with_their_record():
+    """weights/ holds the trained models a fresh clone serves: safetensors, sha256-checked, with how
+    they were made (dataset, seed, steps) and the val mAP they reached."""
+    from helpers import WEIGHTS
+
+    for name in MODEL_NAMES:
+        meta, net = load_checkpoint(WEIGHTS, name)
+        assert meta.format == "safetensors" and meta.source == "trained" and (WEIGHTS / meta.weights_file).exists()
+        assert meta.class_names == list(MODEL_SPECS[name].class_names) and not net.training
+        t = meta.training
+        assert t["steps"] > 0 and t["seed"] is not None and t["dataset_sha256"] and t["wall_s"] > 0
+        assert t["val"]["model"] == name and t["val"]["images"] >= 200 and 0 < t["val"]["map"] <= t["val"]["map50"]
+
+
+def test_safetensors_round_trip_and_tamper_check(tmp_path):
+    from multidet.checkpoints import save_checkpoint
+
+    state = torch.load(CHECKPOINTS / "efficientdet_d0_aquarium.pth", weights_only=True)
+    meta = save_checkpoint(tmp_path, MODEL_SPECS["efficientdet_d0_aquarium"], state, seed=3, source="trained",
+                           fmt="safetensors", training={"steps": 1})
+    assert meta.weights_file == "efficientdet_d0_aquarium.safetensors" and not (tmp_path / "efficientdet_d0_aquarium.pth").exists()
+    loaded, net = load_checkpoint(tmp_path, "efficientdet_d0_aquarium")
+    assert loaded == meta and all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    path = tmp_path / meta.weights_file
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="integrity check"):
+        load_checkpoint(tmp_path, "efficientdet_d0_aquarium")

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from conftest import assert_schema, start_torchserve
+from helpers import TRAINED
 from multidet.compare import compare
 from multidet.config import Settings
 from multidet.embedded import EmbeddedService
@@ -71,7 +72,7 @@ def test_worker_crash_is_recovered(small_queue_server, photos):
     assert requests.get(f"{ts.inference}/ping", timeout=10).json() == {"status": "Healthy"}
     result = requests.put(url, data=photos["rocket"], headers={"X-Threshold": "0"}, timeout=60).json()
     assert_schema(result)
-    want = EmbeddedService(Settings()).predict_one(photos["rocket"], {"threshold": "0"}).body
+    want = EmbeddedService(TRAINED).predict_one(photos["rocket"], {"threshold": "0"}).body
     assert compare(want["detections"], result["detections"]).exact()
 
 
