@@ -112,9 +112,10 @@ def report(rows: list[dict], meta: dict) -> str:
     lines += [head, "-" * len(head)]
     for r in rows:
         q, lat = r["quality"], r["latency_ms"]
-        lines.append(f"{r['path']:<24} {'yes' if r['exact'] else 'no':>5} {lat['p50']:>8.1f} {lat['p99']:>8.1f} "
+        lines.append(f"{r['path']:<24} {r['tier']:>7} {lat['p50']:>8.1f} {lat['p99']:>8.1f} "
                      f"{lat['mean']:>8.1f} {lat['std']:>6.1f} {r['speedup_p50']:>7.2f}x {r['build_s']:>7.1f} {r['load_s']:>7.1f} "
-                     f"{q['label_accuracy']:>9.3f} {q['mean_iou']:>8.3f} {q['box_mse_px2']:>9.2g} {q['score_mse']:>9.2g}")
+                     f"{q['map50_mean']:>7.3f} {q['map_mean']:>6.3f} {q['delta_map50_points']:>7.2f} "
+                     f"{q['max_box_diff_px']:>8.3f} {'yes' if q['same_answer'] else 'NO':>5}")
     best = max((r for r in rows if r["path"] != "auto"),  # auto is one of the others, chosen at load
                key=lambda r: r["speedup_p50"] if r["quality"]["same_answer"] and r["tier"] == "exact" else 0)
     lines += ["", "mAP@.5 / mAP: mean over the three models' val images (per model in the JSON); dmAP pt: the "
