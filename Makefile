@@ -137,7 +137,7 @@ GPU_WHEEL_PLATFORMS := $(foreach n,2_28 2_27 2_17,--platform manylinux_$(n)_x86_
 gpu-wheels: install
 	rm -rf .whl && mkdir -p .whl
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		$(GPU_WHEEL_PLATFORMS) -d .whl effdet==0.4.1 omegaconf==2.3.0 pycocotools==2.0.11
+		$(GPU_WHEEL_PLATFORMS) -d .whl effdet==0.4.1 omegaconf==2.3.0 pycocotools==2.0.11 safetensors==0.8.0 tqdm==4.70.1
 	$(PY) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
 	@ls .whl
 

@@ -28,11 +28,16 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_de
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 [ -f checkpoints/efficientdet_d0_vehicles.json ] || "$PY" scripts/generate_checkpoints.py || exit 1
+VAL=${VAL_IMAGES:-50}  # labelled val images per model for the ablation's mAP (data/ is not carried)
+for m in efficientdet_d0_coco efficientdet_d0_aquarium efficientdet_d0_vehicles; do
+  [ -f "data/$m/val/annotations.json" ] || "$PY" scripts/make_dataset.py --model "$m" --split val --count "$VAL" \
+    --out "data/$m/val" >/dev/null || exit 1
+done
 
 status=0
 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" || status=1
 "$PY" scripts/run_full_benchmark.py --mock --devices cuda,cpu --requests "$REQ" --out "$OUT" || status=1
-"$PY" scripts/run_ablation.py --device cuda --requests "$REQ" --out "$OUT" \
+"$PY" scripts/run_ablation.py --device cuda --requests "$REQ" --out "$OUT" --val-images "$VAL" \
   --paths baseline,channels_last,grouped,vmap_backbone,cuda_graphs,fp16,bf16,onnxruntime,compile_reduce_overhead,auto || status=1
 
 echo
