@@ -24,6 +24,16 @@ def select_device(preference: str = "auto", gpu_id: int | str | None = None) -> 
     return device
 
 
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units or instructions (AMX / AVX-512 BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16"))
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels so a wall-clock reading covers them."""
     if device.type == "cuda":

@@ -37,6 +37,7 @@ from effdet.data.transforms import transforms_coco_train
 
 from .checkpoints import CLASS_HEAD, CheckpointMeta, build_network, load_checkpoint, save_checkpoint
 from .config import MODEL_SPECS, ModelSpec, Settings
+from .device import native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,6 @@ class TrainResult:
     checkpoint_dir: Path
     meta: CheckpointMeta
     history: list[dict] = field(default_factory=list)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has bf16 matrix units or instructions (AMX / AVX-512 BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -166,8 +166,10 @@ def test_auto_considers_reduced_precision_only_when_allowed(trained, tmp_path, c
         det = Detector.from_checkpoints(WEIGHTS, Settings(optimization="auto", allow_reduced=True), CPU, tmp_path)
     table = {row["path"]: row for row in det.runner.table}
     reduced = [n for n in list_runners(device=CPU, tier="reduced", auto_candidate=True) if "cpu" not in RUNNERS[n].slow_on]
-    assert reduced and set(reduced) <= set(table)
-    assert "reduced precision allowed" in caplog.text
+    assert set(reduced) <= set(table) and "reduced precision allowed" in caplog.text
+    if not reduced:  # e.g. an AVX2-only CPU: bf16 is emulated there (slow_on), fp16 everywhere on CPU
+        assert all(RUNNERS[n].tier == "exact" for n in table)
+        pytest.skip("no reduced-precision path runs fast on this CPU (no AMX / AVX-512 BF16)")
     base = table["baseline"]["map50"]
     for name in reduced:  # judged by the reduced rule: its mAP is measured, logged, and decides
         row = table[name]
