@@ -71,7 +71,7 @@ class AutoRunner(Runner):
             try:
                 runner = cls(self.models, self.device, max_detections, artifact_dir)
                 with torch.inference_mode():
-                    raw = runner.forward(x, active)  # first call also does any lazy init
+                    raw = runner.forward(x[:1], active)  # raw outputs of one image; also any lazy init
                     out = runner.detect(x, scale, size)
                     times = []
                     for _ in range(repeats):
