@@ -22,12 +22,6 @@ class Agreement:
     def label_agreement(self) -> float:
         return self.matched / max(self.reference, self.candidate, 1)
 
-    def equivalent(self, min_matched: float = 0.99, box_tol: float = 0.1, score_tol: float = 1e-4) -> bool:
-        """The same answer up to float reassociation (another kernel, layout or batch size), which
-        on near-tied scores may flip a tie in NMS: most detections matched, the matched ones close."""
-        return (self.label_agreement >= min_matched and self.max_box_diff <= box_tol
-                and self.max_score_diff <= score_tol)
-
     def exact(self, box_tol: float = 1e-3, score_tol: float = 1e-4) -> bool:
         return (self.reference == self.candidate == self.matched
                 and self.max_box_diff <= box_tol and self.max_score_diff <= score_tol)

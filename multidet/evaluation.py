@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from .pipeline import Detector, RequestOptions
 from .quality import coco_map
@@ -66,11 +66,3 @@ def evaluate(detector: Detector, data_dir: Path, model: str, batch_size: int = 4
     map50, map_ = coco_map(coco_gt, results)
     return EvalResult(model=model, optimization=detector.runner.description, map50=map50, map=map_,
                       images=len(images), detections=per_image)
-
-
-def evaluate_all(detector: Detector, data_dirs: dict[str, Path], **kwargs) -> list[EvalResult]:
-    return [evaluate(detector, data_dirs[m], m, **kwargs) for m in detector.model_names if m in data_dirs]
-
-
-def above(detections: Sequence[dict], threshold: float) -> list[dict]:
-    return [d for d in detections if d["score"] >= threshold]

@@ -16,7 +16,6 @@ is fully convolutional; anchors follow the size): fast, then a short pass at 512
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -35,7 +34,7 @@ from effdet.data.parsers.parser_coco import CocoParser
 from effdet.data.parsers.parser_config import CocoParserCfg
 from effdet.data.transforms import transforms_coco_train
 
-from .checkpoints import CLASS_HEAD, CheckpointMeta, build_network, load_checkpoint, save_checkpoint
+from .checkpoints import CLASS_HEAD, CheckpointMeta, build_network, load_checkpoint, save_checkpoint, sha256_file
 from .config import MODEL_SPECS, ModelSpec, Settings
 from .device import native_bf16
 
@@ -90,10 +89,6 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and native_bf16()
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def initial_network(cfg: TrainConfig, spec: ModelSpec):
@@ -273,7 +268,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     if progress and final:
         progress({"step": step, "final": final})
     training = {
-        "dataset": str(cfg.train_dir), "dataset_sha256": file_sha256(Path(cfg.train_dir) / "annotations.json"),
+        "dataset": str(cfg.train_dir), "dataset_sha256": sha256_file(Path(cfg.train_dir) / "annotations.json"),
         "images": len(batches), "val_dataset": str(cfg.val_dir) if cfg.val_dir else None, "start": start,
         "seed": cfg.seed, "steps": step, "batch_size": cfg.batch_size, "image_size": cfg.image_size,
         "lr": cfg.lr, "ema_decay": cfg.ema_decay, "bf16": bf16, "device": str(device),
