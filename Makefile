@@ -12,7 +12,7 @@ IMG ?= docs/example.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints dataset train eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks gpu-wheels docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast clean
+.PHONY: help install java-check checkpoints dataset train eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks gpu-wheels docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast lint clean
 
 help:
 	@echo "make serve [OPT=auto] [BATCH=1]      install, generate checkpoints, build the MAR, start TorchServe"
@@ -25,6 +25,7 @@ help:
 	@echo "make benchmarks                     all four (docs/benchmarks.md explains them); ARGS=... passes flags"
 	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint | kserve-store"
 	@echo "make dataset | train | eval [OPT=baseline] | annotate   labelled data, the trained weights/, their mAP"
+	@echo "make lint                           ruff check + ruff format --check (make test runs it)"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
 
 install: java-check $(STAMP)
@@ -160,8 +161,12 @@ kserve-store: mar
 	cp model_store/all.mar outputs/kserve/model-store/
 	@echo "upload outputs/kserve/ to the storageUri of deploy/k8s/kserve-inferenceservice.yaml"
 
-test: checkpoints
+test: checkpoints lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-fast: checkpoints
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

@@ -3,6 +3,7 @@
 Thin by design: it turns TorchServe's requests and context into multidet calls and back. All
 image and model logic lives in the ``multidet`` package (packed into the MAR beside this file).
 """
+
 import logging
 import time
 from http import HTTPStatus
@@ -28,13 +29,19 @@ class EfficientDetHandler(BaseHandler):
         settings = Settings.from_mapping((context.model_yaml_config or {}).get("handler"))
         device = select_device(settings.device, props.get("gpu_id"))
         model_dir = Path(props["model_dir"])
-        self.detector = Detector.from_checkpoints(model_dir / settings.checkpoint_dir, settings, device,
-                                                  model_dir / settings.artifact_dir)
+        self.detector = Detector.from_checkpoints(
+            model_dir / settings.checkpoint_dir, settings, device, model_dir / settings.artifact_dir
+        )
         warm = self.detector.warmup() if settings.warmup else None
         self.initialized = True
-        logger.info("loaded %s on %s with optimization=%s in %.1f s (warm request %s ms)",
-                    ",".join(self.detector.model_names), device, self.detector.runner.description,
-                    time.perf_counter() - t0, f"{warm:.0f}" if warm is not None else "skipped")
+        logger.info(
+            "loaded %s on %s with optimization=%s in %.1f s (warm request %s ms)",
+            ",".join(self.detector.model_names),
+            device,
+            self.detector.runner.description,
+            time.perf_counter() - t0,
+            f"{warm:.0f}" if warm is not None else "skipped",
+        )
 
     def preprocess(self, data):
         # How full TorchServe's batches are (a [METRICS] line in logs/ts_log.log)

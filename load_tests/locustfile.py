@@ -1,4 +1,5 @@
 """A user that sends real JPEGs to /predictions/all and checks every response."""
+
 from __future__ import annotations
 
 import random
@@ -17,8 +18,7 @@ class DetectionUser(HttpUser):
     @task
     def detect(self) -> None:
         name, body = random.choice(PHOTOS)
-        with self.client.put("/predictions/all", data=body, name="/predictions/all",
-                             catch_response=True) as response:
+        with self.client.put("/predictions/all", data=body, name="/predictions/all", catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(f"{name}: HTTP {response.status_code}: {response.text[:200]}")
                 return

@@ -5,6 +5,7 @@ The data path, one module per step:
 and ``pipeline.Detector`` ties them together. Optimisation paths are runner classes registered
 by name in ``multidet.runners``.
 """
+
 import warnings
 
 # effdet decorates helpers with torch.jit.script at import time; torch 2.14 warns about that on

@@ -4,6 +4,7 @@ Rules every script follows: warm-up excluded; the device synchronised before eac
 same photos for every configuration; configurations interleaved request by request so a noisy
 machine does not favour one; the environment (date, torch, device, cores) recorded in every JSON.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -14,9 +15,9 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -28,8 +29,13 @@ from .postprocess import letterbox_tensors, select_detections
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTO_DIR = REPO_ROOT / "load_tests" / "images"
 # Figures of the seed project's report, compared in docs/benchmarks.md where ours correspond.
-SEED = {"cpu_baseline_ms": 1020.0, "cpu_hardware": "Apple M4 Pro", "mps_baseline_ms": 88.0,
-        "mps_vmap_ms": 37.0, "torchserve_overhead_ms": 3.7}
+SEED = {
+    "cpu_baseline_ms": 1020.0,
+    "cpu_hardware": "Apple M4 Pro",
+    "mps_baseline_ms": 88.0,
+    "mps_vmap_ms": 37.0,
+    "torchserve_overhead_ms": 3.7,
+}
 
 
 def photos(directory: Path = PHOTO_DIR) -> dict[str, bytes]:
@@ -61,8 +67,12 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     """p50/p90/p95/p99, mean, std, min, max (same unit as ``values``) and the sample count."""
     values = list(values)
     out = {f"p{q}": percentile(values, q) for q in (50, 90, 95, 99)}
-    out.update(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
-               min=min(values), max=max(values))
+    out.update(
+        mean=statistics.fmean(values),
+        std=statistics.stdev(values) if len(values) > 1 else 0.0,
+        min=min(values),
+        max=max(values),
+    )
     return {k: round(v, 3) for k, v in out.items()} | {"n": len(values)}
 
 
@@ -110,8 +120,9 @@ def environment(devices: Iterable[torch.device] = ()) -> dict:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "versions": {p: _version(p) for p in ("torch", "torchvision", "effdet", "timm", "torchserve",
-                                               "onnxruntime", "locust")},
+        "versions": {
+            p: _version(p) for p in ("torch", "torchvision", "effdet", "timm", "torchserve", "onnxruntime", "locust")
+        },
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "devices": {str(d): device_name(d) for d in devices},
     }
@@ -162,9 +173,17 @@ def model_breakdown(detector: Detector, body: bytes, threshold: float | None = N
         cls_out, box_out = runner.forward(batch, [k])[k]
         synchronize(device)
         t4 = time.perf_counter()
-        select_detections([c.float() for c in cls_out], [b.float() for b in box_out], runner.anchor_boxes,
-                          model.num_classes, scale, size, runner.max_detections, runner.max_detection_points,
-                          thresholds).cpu()
+        select_detections(
+            [c.float() for c in cls_out],
+            [b.float() for b in box_out],
+            runner.anchor_boxes,
+            model.num_classes,
+            scale,
+            size,
+            runner.max_detections,
+            runner.max_detection_points,
+            thresholds,
+        ).cpu()
         t5 = time.perf_counter()
         out[f"{model.name}.network"] = (t4 - t3) * 1e3
         out[f"{model.name}.nms"] = (t5 - t4) * 1e3

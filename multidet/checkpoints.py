@@ -10,6 +10,7 @@ checkpoint was made (dataset, seed, steps, val mAP). Loading verifies the sha256
 files only with ``torch.load(weights_only=True)``, and checks the architecture (every key and shape)
 before the weights reach a model.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +18,9 @@ import json
 import os
 import pickle
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from effdet import get_efficientdet_config
@@ -46,15 +47,15 @@ class CheckpointMeta:
     seed: int | None
     source: str
     sha256: str
-    format: str = "pth"                 # the weights file: <name>.pth or <name>.safetensors
-    training: dict | None = None        # how a trained checkpoint was made (dataset, steps, val mAP)
+    format: str = "pth"  # the weights file: <name>.pth or <name>.safetensors
+    training: dict | None = None  # how a trained checkpoint was made (dataset, steps, val mAP)
 
     @property
     def weights_file(self) -> str:
         return f"{self.name}.{self.format}"
 
     @classmethod
-    def read(cls, path: Path) -> "CheckpointMeta":
+    def read(cls, path: Path) -> CheckpointMeta:
         optional = {"format", "training"}
         try:
             raw = json.loads(path.read_text())
@@ -91,8 +92,11 @@ def build_network(num_classes: int, image_size: int = IMAGE_SIZE) -> EfficientDe
     return EfficientDet(model_config(num_classes, image_size), pretrained_backbone=False)
 
 
-def generate_state_dict(num_classes: int, seed: int, calibration: torch.Tensor | None = None,
-                        ) -> "OrderedDict[str, torch.Tensor]":
+def generate_state_dict(
+    num_classes: int,
+    seed: int,
+    calibration: torch.Tensor | None = None,
+) -> OrderedDict[str, torch.Tensor]:
     """Seeded, deterministic weights: the same seed and calibration batch give byte-identical tensors.
 
     effdet's random init with BatchNorm's identity statistics leaves the heads' inputs ~1e-5 in
@@ -122,7 +126,7 @@ def calibrate_batchnorm(net: torch.nn.Module, images: torch.Tensor) -> None:
             m.momentum = 0.01  # effdet's norm_kwargs
 
 
-def pretrained_state_dict(num_classes: int, seed: int) -> "OrderedDict[str, torch.Tensor]":
+def pretrained_state_dict(num_classes: int, seed: int) -> OrderedDict[str, torch.Tensor]:
     """effdet's pretrained COCO weights; for other class counts the class head is re-initialised."""
     from effdet import create_model
 
@@ -132,14 +136,15 @@ def pretrained_state_dict(num_classes: int, seed: int) -> "OrderedDict[str, torc
         raise CheckpointError(
             f"could not download effdet's pretrained {ARCHITECTURE} weights ({type(exc).__name__}: {exc}); "
             "this machine may be offline. Run without --pretrained to generate seeded checkpoints, "
-            "or pass --from PATH with a checkpoint you have.") from exc
+            "or pass --from PATH with a checkpoint you have."
+        ) from exc
     if num_classes != 90:
         torch.manual_seed(seed)
         net.reset_head(num_classes=num_classes)
     return net.state_dict()
 
 
-def import_state_dict(path: Path) -> "OrderedDict[str, torch.Tensor]":
+def import_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
     """A user's effdet checkpoint: bare state_dict, or effdet train.py's dict with
     ``state_dict_ema`` (preferred) / ``state_dict``. ``module.``/``model.`` prefixes are removed."""
     obj = safe_torch_load(Path(path))
@@ -153,7 +158,7 @@ def import_state_dict(path: Path) -> "OrderedDict[str, torch.Tensor]":
     for key, value in obj.items():
         for prefix in ("module.", "model."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -174,12 +179,13 @@ def safe_torch_load(path: Path):
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} was refused by torch.load(weights_only=True): it contains code or objects "
-            f"other than tensors ({str(exc).splitlines()[0]})") from exc
+            f"other than tensors ({str(exc).splitlines()[0]})"
+        ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
 
 
-def load_safetensors(path: Path) -> "OrderedDict[str, torch.Tensor]":
+def load_safetensors(path: Path) -> OrderedDict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -200,14 +206,22 @@ def check_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int)
         raise CheckpointError(
             f"weights do not match {ARCHITECTURE} with {num_classes} classes: "
             f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:2]}), {len(wrong)} with other shapes (e.g. {wrong[:2]})")
+            f"(e.g. {unexpected[:2]}), {len(wrong)} with other shapes (e.g. {wrong[:2]})"
+        )
     net.load_state_dict(state_dict, strict=True)
     return net.eval()
 
 
-def save_checkpoint(out_dir: Path, spec: ModelSpec, state_dict: Mapping[str, torch.Tensor], *,
-                    seed: int | None, source: str, fmt: str = "pth", training: dict | None = None,
-                    ) -> CheckpointMeta:
+def save_checkpoint(
+    out_dir: Path,
+    spec: ModelSpec,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    seed: int | None,
+    source: str,
+    fmt: str = "pth",
+    training: dict | None = None,
+) -> CheckpointMeta:
     num_classes = num_classes_of(state_dict)
     if num_classes != spec.num_classes:
         raise CheckpointError(f"{spec.name} needs {spec.num_classes} classes, the weights have {num_classes}")
@@ -224,9 +238,18 @@ def save_checkpoint(out_dir: Path, spec: ModelSpec, state_dict: Mapping[str, tor
         save_file(tensors, str(tmp), metadata={"name": spec.name, "architecture": ARCHITECTURE})
     else:
         torch.save(tensors, tmp)
-    meta = CheckpointMeta(name=spec.name, architecture=ARCHITECTURE, image_size=IMAGE_SIZE,
-                          num_classes=num_classes, class_names=list(spec.class_names), seed=seed,
-                          source=source, sha256=sha256_file(tmp), format=fmt, training=training)
+    meta = CheckpointMeta(
+        name=spec.name,
+        architecture=ARCHITECTURE,
+        image_size=IMAGE_SIZE,
+        num_classes=num_classes,
+        class_names=list(spec.class_names),
+        seed=seed,
+        source=source,
+        sha256=sha256_file(tmp),
+        format=fmt,
+        training=training,
+    )
     for other in FORMATS:  # one weights file per model: a stale one in the other format would confuse
         if other != fmt and (out_dir / f"{spec.name}.{other}").exists():
             (out_dir / f"{spec.name}.{other}").unlink()
@@ -244,14 +267,17 @@ def load_checkpoint(ckpt_dir: Path, name: str) -> tuple[CheckpointMeta, Efficien
     if meta.name != name:
         raise CheckpointError(f"{ckpt_dir / (name + '.json')} describes {meta.name!r}, not {name!r}")
     if meta.architecture != ARCHITECTURE or meta.image_size != IMAGE_SIZE:
-        raise CheckpointError(f"{name} is {meta.architecture} at {meta.image_size}px; "
-                              f"this service runs {ARCHITECTURE} at {IMAGE_SIZE}px")
+        raise CheckpointError(
+            f"{name} is {meta.architecture} at {meta.image_size}px; this service runs {ARCHITECTURE} at {IMAGE_SIZE}px"
+        )
     if not pth.exists():
         raise CheckpointError(f"{pth} not found: run `make checkpoints` first")
     actual = sha256_file(pth)
     if actual != meta.sha256:
-        raise CheckpointError(f"{pth} failed its integrity check: sha256 {actual[:16]}... does not match "
-                              f"the metadata's {meta.sha256[:16]}...; the file was changed or corrupted")
+        raise CheckpointError(
+            f"{pth} failed its integrity check: sha256 {actual[:16]}... does not match "
+            f"the metadata's {meta.sha256[:16]}...; the file was changed or corrupted"
+        )
     state_dict = load_safetensors(pth) if meta.format == "safetensors" else safe_torch_load(pth)
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{pth} holds no state_dict")

@@ -2,6 +2,7 @@
 
 Detections are matched one to one: same model and label, greedily by IoU in score order.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,12 +10,12 @@ from dataclasses import dataclass
 
 @dataclass
 class Agreement:
-    reference: int            # detections in the reference
-    candidate: int            # detections in the candidate
-    matched: int              # pairs with the same model + label and IoU >= min_iou
-    max_box_diff: float       # px, over matched pairs
+    reference: int  # detections in the reference
+    candidate: int  # detections in the candidate
+    matched: int  # pairs with the same model + label and IoU >= min_iou
+    max_box_diff: float  # px, over matched pairs
     max_score_diff: float
-    mean_iou: float           # over matched pairs
+    mean_iou: float  # over matched pairs
     box_mse: float
     score_mse: float
 
@@ -23,8 +24,11 @@ class Agreement:
         return self.matched / max(self.reference, self.candidate, 1)
 
     def exact(self, box_tol: float = 1e-3, score_tol: float = 1e-4) -> bool:
-        return (self.reference == self.candidate == self.matched
-                and self.max_box_diff <= box_tol and self.max_score_diff <= score_tol)
+        return (
+            self.reference == self.candidate == self.matched
+            and self.max_box_diff <= box_tol
+            and self.max_score_diff <= score_tol
+        )
 
 
 def iou(a, b) -> float:
@@ -57,8 +61,13 @@ def compare(reference: list[dict], candidate: list[dict], min_iou: float = 0.5) 
         score_sq.append(score_diffs[-1] ** 2)
         ious.append(best_iou)
     n = len(ious)
-    return Agreement(reference=len(reference), candidate=len(candidate), matched=n,
-                     max_box_diff=max(box_diffs, default=0.0), max_score_diff=max(score_diffs, default=0.0),
-                     mean_iou=sum(ious) / n if n else (1.0 if not reference and not candidate else 0.0),
-                     box_mse=sum(box_sq) / len(box_sq) if box_sq else 0.0,
-                     score_mse=sum(score_sq) / n if n else 0.0)
+    return Agreement(
+        reference=len(reference),
+        candidate=len(candidate),
+        matched=n,
+        max_box_diff=max(box_diffs, default=0.0),
+        max_score_diff=max(score_diffs, default=0.0),
+        mean_iou=sum(ious) / n if n else (1.0 if not reference and not candidate else 0.0),
+        box_mse=sum(box_sq) / len(box_sq) if box_sq else 0.0,
+        score_mse=sum(score_sq) / n if n else 0.0,
+    )

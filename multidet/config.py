@@ -1,8 +1,10 @@
 """Configuration as data: the three model specs and one Settings object read once and passed down."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 from .labels import AQUARIUM_CLASSES, COCO_CLASSES, VEHICLE_CLASSES
 
@@ -40,15 +42,15 @@ class Settings:
     """Everything the data path needs to know; built from model-config.yaml or CLI flags."""
 
     optimization: str = "baseline"
-    device: str = "auto"                      # auto | cpu | cuda | cuda:N | mps
-    threshold: float = 0.5                    # default score threshold, per request overridable
-    max_detections: int = 100                 # per model and image, after NMS
-    max_image_pixels: int = 40_000_000        # larger images are refused from their header
-    checkpoint_dir: str = "checkpoints"       # relative to the model directory
-    artifact_dir: str = "artifacts"           # build-time files of a path (ONNX), relative too
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threshold: float = 0.5  # default score threshold, per request overridable
+    max_detections: int = 100  # per model and image, after NMS
+    max_image_pixels: int = 40_000_000  # larger images are refused from their header
+    checkpoint_dir: str = "checkpoints"  # relative to the model directory
+    artifact_dir: str = "artifacts"  # build-time files of a path (ONNX), relative too
     models: tuple[str, ...] = field(default=MODEL_NAMES)
     warmup: bool = True
-    allow_reduced: bool = False               # auto may serve a reduced-precision path (bf16/fp16/INT8)
+    allow_reduced: bool = False  # auto may serve a reduced-precision path (bf16/fp16/INT8)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -62,7 +64,7 @@ class Settings:
             raise ConfigError(f"models must be a non-empty subset of {list(MODEL_NAMES)}, got {list(self.models)}")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "Settings":
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> Settings:
         """Build from a dict (e.g. the ``handler:`` section of model-config.yaml); unknown keys are errors."""
         values = dict(values or {})
         known = {f.name: f for f in fields(cls)}
@@ -88,5 +90,5 @@ class Settings:
         out["models"] = list(self.models)
         return out
 
-    def with_(self, **changes: Any) -> "Settings":
+    def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

@@ -1,4 +1,5 @@
 """Step 1: request bytes -> RGB PIL image (EXIF orientation applied), or a clear InputError."""
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,15 @@ ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 
 # File signatures of the accepted formats: bytes that start like one but do not parse are a corrupt
 # image (422), bytes that start like none of them are not an image at all (415).
-SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-              (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 
 
 def sniff(data: bytes) -> str | None:
@@ -43,19 +51,20 @@ def decode_image(data: bytes | bytearray | memoryview, max_pixels: int) -> Image
         if claimed:
             raise CorruptImage(f"body starts like a {claimed} file but its header is corrupt") from exc
         raise UnsupportedImage(
-            f"body is not a recognised image; accepted formats: {', '.join(ACCEPTED_FORMATS)}") from exc
+            f"body is not a recognised image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+        ) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise CorruptImage(f"cannot read image header: {exc}") from exc
 
     if img.format not in ACCEPTED_FORMATS:
         raise UnsupportedImage(
-            f"image format {img.format} is not accepted; accepted formats: {', '.join(ACCEPTED_FORMATS)}")
+            f"image format {img.format} is not accepted; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+        )
     width, height = img.size
     if width < 1 or height < 1:
         raise CorruptImage(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageTooLarge(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     try:
         img.seek(0)
         img.load()

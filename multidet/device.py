@@ -1,4 +1,5 @@
 """Device choice and clock-safe synchronisation."""
+
 from __future__ import annotations
 
 import torch

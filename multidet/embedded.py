@@ -4,15 +4,16 @@ It builds TorchServe's own ``ts.context.Context`` (with the metrics cache the wo
 ``handlers/efficientdet_handler.py`` and feeds it request dicts shaped exactly as the worker does,
 so ``scripts/predict.py``, the benchmarks and the tests see what a client of the server sees.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 import ts
@@ -28,9 +29,9 @@ DEFAULT_HANDLER = REPO_ROOT / "handlers" / "efficientdet_handler.py"
 @dataclass
 class EmbeddedRequest:
     body: bytes
-    params: Mapping[str, str] = field(default_factory=dict)   # query parameters / form fields
+    params: Mapping[str, str] = field(default_factory=dict)  # query parameters / form fields
     headers: Mapping[str, str] = field(default_factory=dict)  # e.g. {"X-Threshold": "0"}
-    field_name: str = "body"                                  # "body" for a raw PUT, else multipart field
+    field_name: str = "body"  # "body" for a raw PUT, else multipart field
 
 
 @dataclass
@@ -50,15 +51,30 @@ def load_handler_class(path: Path = DEFAULT_HANDLER):
 
 
 class EmbeddedService:
-    def __init__(self, settings: Settings, model_dir: Path | str = REPO_ROOT, batch_size: int = 1,
-                 handler_path: Path = DEFAULT_HANDLER, model_name: str = "all"):
-        metrics = MetricsCacheYamlImpl(config_file_path=os.path.join(os.path.dirname(ts.__file__),
-                                                                     "configs", "metrics.yaml"))
+    def __init__(
+        self,
+        settings: Settings,
+        model_dir: Path | str = REPO_ROOT,
+        batch_size: int = 1,
+        handler_path: Path = DEFAULT_HANDLER,
+        model_name: str = "all",
+    ):
+        metrics = MetricsCacheYamlImpl(
+            config_file_path=os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml")
+        )
         metrics.initialize_cache()
         metrics.set_request_ids(str(uuid.uuid4()))
-        self.context = Context(model_name, str(model_dir), {"model": {"modelName": model_name}}, batch_size,
-                               0 if torch.cuda.is_available() else None, ts.__version__, True, metrics,
-                               {"handler": settings.to_mapping()})
+        self.context = Context(
+            model_name,
+            str(model_dir),
+            {"model": {"modelName": model_name}},
+            batch_size,
+            0 if torch.cuda.is_available() else None,
+            ts.__version__,
+            True,
+            metrics,
+            {"handler": settings.to_mapping()},
+        )
         self.handler = load_handler_class(handler_path)()
         self.handler.initialize(self.context)
 
@@ -78,9 +94,12 @@ class EmbeddedService:
         self.context.metrics.request_ids = ids
         out = self.handler.handle(rows, self.context)
         # TorchServe's worker json.dumps what the handler returns; so do we, and parse it back
-        return [EmbeddedResponse(self.context.get_response_status(i)[0], json.loads(json.dumps(body)))
-                for i, body in enumerate(out)]
+        return [
+            EmbeddedResponse(self.context.get_response_status(i)[0], json.loads(json.dumps(body)))
+            for i, body in enumerate(out)
+        ]
 
-    def predict_one(self, body: bytes, params: Mapping[str, str] | None = None,
-                    headers: Mapping[str, str] | None = None) -> EmbeddedResponse:
+    def predict_one(
+        self, body: bytes, params: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None
+    ) -> EmbeddedResponse:
         return self.predict([EmbeddedRequest(body, dict(params or {}), dict(headers or {}))])[0]

@@ -9,6 +9,7 @@ One rule for the whole service:
 - 500 (``ProcessingFailed``): an image we accepted but failed on; a bug of ours, reported for that
   request alone (the others in its batch are served) and logged with its traceback.
 """
+
 from __future__ import annotations
 
 

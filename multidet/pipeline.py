@@ -4,13 +4,14 @@
 either the response dict (schema in README) or the ``InputError`` that request caused. One bad
 request never affects the others in its batch.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -31,14 +32,15 @@ QUERY_PARAMETERS = ("threshold", "models")
 
 @dataclass(frozen=True)
 class RequestOptions:
-    threshold: float | None = None          # None: the configured default
-    models: tuple[str, ...] | None = None   # None: every loaded model
+    threshold: float | None = None  # None: the configured default
+    models: tuple[str, ...] | None = None  # None: every loaded model
 
 
 def parse_options(params: Mapping[str, object], loaded: Sequence[str]) -> RequestOptions:
     """Validate query parameters; anything wrong is a 400 naming the parameter."""
-    values = {k: v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v)
-              for k, v in params.items()}
+    values = {
+        k: v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v) for k, v in params.items()
+    }
     unknown = sorted(set(values) - set(QUERY_PARAMETERS))
     if unknown:
         raise BadRequest(f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(QUERY_PARAMETERS)}")
@@ -55,8 +57,9 @@ def parse_options(params: Mapping[str, object], loaded: Sequence[str]) -> Reques
         names = tuple(n.strip() for n in values["models"].split(",") if n.strip())
         bad = [n for n in names if n not in loaded]
         if not names or bad:
-            raise BadRequest(f"parameter 'models' must be a comma-separated subset of {', '.join(loaded)}; "
-                             f"got {values['models']!r}")
+            raise BadRequest(
+                f"parameter 'models' must be a comma-separated subset of {', '.join(loaded)}; got {values['models']!r}"
+            )
         models = tuple(dict.fromkeys(names))
     return RequestOptions(threshold=threshold, models=models)
 
@@ -64,31 +67,50 @@ def parse_options(params: Mapping[str, object], loaded: Sequence[str]) -> Reques
 class Detector:
     """Three (or a configured subset of) EfficientDet-D0 models behind one runner."""
 
-    def __init__(self, models: Sequence[LoadedModel], settings: Settings, device: torch.device,
-                 artifact_dir: Path | None = None):
+    def __init__(
+        self, models: Sequence[LoadedModel], settings: Settings, device: torch.device, artifact_dir: Path | None = None
+    ):
         self.settings = settings
         self.device = torch.device(device)
         self.models = list(models)
         self.model_names = tuple(m.name for m in self.models)
         self.preprocessor = Preprocessor()
-        self.runner = create_runner(settings.optimization, self.models, self.device, settings.max_detections,
-                                    artifact_dir, allow_reduced=settings.allow_reduced)
+        self.runner = create_runner(
+            settings.optimization,
+            self.models,
+            self.device,
+            settings.max_detections,
+            artifact_dir,
+            allow_reduced=settings.allow_reduced,
+        )
 
     @classmethod
-    def from_checkpoints(cls, checkpoint_dir: Path | str, settings: Settings, device: torch.device,
-                         artifact_dir: Path | str | None = None) -> "Detector":
+    def from_checkpoints(
+        cls,
+        checkpoint_dir: Path | str,
+        settings: Settings,
+        device: torch.device,
+        artifact_dir: Path | str | None = None,
+    ) -> Detector:
         models = []
         for name in settings.models:
             meta, net = load_checkpoint(Path(checkpoint_dir), name)
             if meta.num_classes != MODEL_SPECS[name].num_classes:
-                log.warning("%s: checkpoint has %d classes, the built-in spec %d; using the checkpoint's names",
-                            name, meta.num_classes, MODEL_SPECS[name].num_classes)
+                log.warning(
+                    "%s: checkpoint has %d classes, the built-in spec %d; using the checkpoint's names",
+                    name,
+                    meta.num_classes,
+                    MODEL_SPECS[name].num_classes,
+                )
             models.append(LoadedModel(name=name, class_names=tuple(meta.class_names), net=net))
         return cls(models, settings, device, Path(artifact_dir) if artifact_dir is not None else None)
 
     # -- the data path ---------------------------------------------------------------------------
-    def predict(self, bodies: Sequence[bytes], options: Sequence[RequestOptions] | None = None,
-                ) -> list[dict | InputError]:
+    def predict(
+        self,
+        bodies: Sequence[bytes],
+        options: Sequence[RequestOptions] | None = None,
+    ) -> list[dict | InputError]:
         options = list(options) if options is not None else [RequestOptions()] * len(bodies)
         results: list[dict | InputError] = [None] * len(bodies)  # type: ignore[list-item]
         timings = [dict() for _ in bodies]
@@ -132,8 +154,9 @@ class Detector:
             for k in active:
                 model = self.models[k]
                 if opts.models is None or model.name in opts.models:
-                    per_model[model.name] = detections_for(detections[k][pos], letterbox, model.name,
-                                                           model.class_names, threshold)
+                    per_model[model.name] = detections_for(
+                        detections[k][pos], letterbox, model.name, model.class_names, threshold
+                    )
             dets, summary = merge(per_model, {m.name: m.num_classes for m in self.models})
             t = timings[idx]
             t["preprocess"] += share

@@ -12,9 +12,10 @@ returned, and in NMS a lower-scored box never suppresses a higher-scored one, so
 meets exactly the same competitors. When more than ``max_detection_points`` candidates pass, the
 top-k runs as before. With t = 0 the path is effdet's, unchanged.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from effdet.anchors import generate_detections
@@ -30,25 +31,55 @@ def letterbox_tensors(letterboxes: Sequence[Letterbox], device) -> tuple[torch.T
     return scale, size
 
 
-def select_detections(class_out: Sequence[torch.Tensor], box_out: Sequence[torch.Tensor],
-                      anchor_boxes: torch.Tensor, num_classes: int, img_scale: torch.Tensor,
-                      img_size: torch.Tensor, max_det: int, max_detection_points: int = 5000,
-                      thresholds: torch.Tensor | None = None) -> torch.Tensor:
+def select_detections(
+    class_out: Sequence[torch.Tensor],
+    box_out: Sequence[torch.Tensor],
+    anchor_boxes: torch.Tensor,
+    num_classes: int,
+    img_scale: torch.Tensor,
+    img_size: torch.Tensor,
+    max_det: int,
+    max_detection_points: int = 5000,
+    thresholds: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[B, max_det, 6] rows (x1, y1, x2, y2, score, class_id) in NETWORK pixels, clipped to the
     image area; rows past the last detection are zero (class_id 0). ``thresholds`` [B]: each
     image's score threshold, for the pre-filter (None or 0: effdet's path)."""
     if thresholds is not None and bool((thresholds > 0).any()):
-        return _select_prefiltered(class_out, box_out, anchor_boxes, num_classes, img_scale, img_size,
-                                   max_det, max_detection_points, thresholds)
+        return _select_prefiltered(
+            class_out,
+            box_out,
+            anchor_boxes,
+            num_classes,
+            img_scale,
+            img_size,
+            max_det,
+            max_detection_points,
+            thresholds,
+        )
     cls_top, box_top, indices, classes = _post_process(
-        list(class_out), list(box_out), num_levels=len(class_out), num_classes=num_classes,
-        max_detection_points=max_detection_points)
+        list(class_out),
+        list(box_out),
+        num_levels=len(class_out),
+        num_classes=num_classes,
+        max_detection_points=max_detection_points,
+    )
     # img_scale=1 with img_size = size / scale: effdet clips to the image area in network pixels and
     # leaves the scale-back to ``to_original`` (the same float32 ops as passing img_info directly).
     content = img_size / img_scale[:, None]
     ones = torch.ones_like(img_scale)
-    return _batch_detection(box_top.shape[0], cls_top, box_top, anchor_boxes, indices, classes,
-                            ones, content, max_det_per_image=max_det, soft_nms=False)
+    return _batch_detection(
+        box_top.shape[0],
+        cls_top,
+        box_top,
+        anchor_boxes,
+        indices,
+        classes,
+        ones,
+        content,
+        max_det_per_image=max_det,
+        soft_nms=False,
+    )
 
 
 def _flatten_levels(class_out, box_out, num_classes):
@@ -58,8 +89,9 @@ def _flatten_levels(class_out, box_out, num_classes):
     return cls_all, box_all
 
 
-def _select_prefiltered(class_out, box_out, anchor_boxes, num_classes, img_scale, img_size, max_det,
-                        max_detection_points, thresholds) -> torch.Tensor:
+def _select_prefiltered(
+    class_out, box_out, anchor_boxes, num_classes, img_scale, img_size, max_det, max_detection_points, thresholds
+) -> torch.Tensor:
     cls_all, box_all = _flatten_levels(class_out, box_out, num_classes)
     content = img_size / img_scale[:, None]
     one = torch.ones((), dtype=img_scale.dtype, device=img_scale.device)
@@ -73,15 +105,26 @@ def _select_prefiltered(class_out, box_out, anchor_boxes, num_classes, img_scale
         flat = cls_all[i].reshape(-1)
         keep = (flat >= cuts[i]).nonzero().squeeze(1) if thresholds[i] > 0 else None
         if keep is None or keep.numel() > max_detection_points:
-            _, top = torch.topk(flat, k=max_detection_points)                 # effdet's own top-k
+            _, top = torch.topk(flat, k=max_detection_points)  # effdet's own top-k
         elif keep.numel() == 0:
             out.append(torch.zeros((max_det, 6), dtype=flat.dtype, device=flat.device))
             continue
         else:
             top = keep[torch.sort(flat[keep], descending=True, stable=True).indices]
         indices, classes = top // num_classes, top % num_classes
-        out.append(generate_detections(flat[top].unsqueeze(1), box_all[i][indices], anchor_boxes, indices,
-                                       classes, one, content[i], max_det_per_image=max_det, soft_nms=False))
+        out.append(
+            generate_detections(
+                flat[top].unsqueeze(1),
+                box_all[i][indices],
+                anchor_boxes,
+                indices,
+                classes,
+                one,
+                content[i],
+                max_det_per_image=max_det,
+                soft_nms=False,
+            )
+        )
     return torch.stack(out)
 
 
@@ -94,8 +137,9 @@ def to_original(boxes: torch.Tensor, letterbox: Letterbox) -> torch.Tensor:
     return out
 
 
-def detections_for(rows: torch.Tensor, letterbox: Letterbox, model_name: str,
-                   class_names: Sequence[str], threshold: float) -> list[dict]:
+def detections_for(
+    rows: torch.Tensor, letterbox: Letterbox, model_name: str, class_names: Sequence[str], threshold: float
+) -> list[dict]:
     """One model's rows for one image -> detection dicts (score >= threshold, non-empty boxes)."""
     rows = rows.detach().float().cpu()
     keep = (rows[:, 5] >= 1) & (rows[:, 4] >= threshold)
@@ -103,11 +147,17 @@ def detections_for(rows: torch.Tensor, letterbox: Letterbox, model_name: str,
     boxes = to_original(rows[:, :4], letterbox)
     nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     out = []
-    for box, score, cls in zip(boxes[nonempty].tolist(), rows[nonempty, 4].tolist(),
-                               rows[nonempty, 5].tolist()):
+    for box, score, cls in zip(boxes[nonempty].tolist(), rows[nonempty, 4].tolist(), rows[nonempty, 5].tolist()):
         class_id = int(cls)
-        out.append({"model": model_name, "class_id": class_id, "label": class_names[class_id - 1],
-                    "score": float(score), "box": box})
+        out.append(
+            {
+                "model": model_name,
+                "class_id": class_id,
+                "label": class_names[class_id - 1],
+                "score": float(score),
+                "box": box,
+            }
+        )
     return out
 
 
@@ -115,6 +165,5 @@ def merge(per_model: dict[str, list[dict]], num_classes: dict[str, int]) -> tupl
     """All models' detections in one list, score-descending, plus the per-model summary."""
     detections = [d for dets in per_model.values() for d in dets]
     detections.sort(key=lambda d: d["score"], reverse=True)
-    models = [{"name": name, "num_classes": num_classes[name], "count": len(dets)}
-              for name, dets in per_model.items()]
+    models = [{"name": name, "num_classes": num_classes[name], "count": len(dets)} for name, dets in per_model.items()]
     return detections, models

@@ -5,11 +5,12 @@ its aspect ratio, paste at the top-left corner on a mean-coloured canvas) and th
 device in its PrefetchLoader: ``x.float().sub_(mean * 255).div_(std * 255)``. We call the same
 transform with the same resolved input config, and normalise the same way on the model's device.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,9 +26,9 @@ from .config import ARCHITECTURE
 class Letterbox:
     """Where an original image sits in the network input."""
 
-    width: int          # original image size, pixels
+    width: int  # original image size, pixels
     height: int
-    scale: float        # original pixels per network pixel (effdet's ``img_scale``)
+    scale: float  # original pixels per network pixel (effdet's ``img_scale``)
 
     @property
     def content_size(self) -> tuple[float, float]:
@@ -40,8 +41,13 @@ class Preprocessor:
         cfg = resolve_input_config({}, get_efficientdet_config(architecture))
         self.input_size: tuple[int, int] = tuple(cfg["input_size"][-2:])
         self._transform = transforms_coco_eval(
-            self.input_size, interpolation=cfg["interpolation"], use_prefetcher=True,
-            fill_color=cfg["fill_color"], mean=cfg["mean"], std=cfg["std"])
+            self.input_size,
+            interpolation=cfg["interpolation"],
+            use_prefetcher=True,
+            fill_color=cfg["fill_color"],
+            mean=cfg["mean"],
+            std=cfg["std"],
+        )
         self._fill = tuple(round(255 * x) for x in cfg["mean"])
         self._mean = torch.tensor([x * 255 for x in cfg["mean"]]).view(1, 3, 1, 1)
         self._std = torch.tensor([x * 255 for x in cfg["std"]]).view(1, 3, 1, 1)
@@ -75,7 +81,7 @@ def _fit_short_side(img: Image.Image, input_size: tuple[int, int], fill: tuple[i
 
 def synthetic_photo(size: int = 640) -> Image.Image:
     """A deterministic, photo-like test image (smooth gradients and shapes; no file needed)."""
-    y, x = np.mgrid[0:size * 3 // 4, 0:size].astype(np.float32)
+    y, x = np.mgrid[0 : size * 3 // 4, 0:size].astype(np.float32)
     r = 127 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)
     g = 127 + 100 * np.cos((x + y) / 51.0)
     b = 127 + 100 * np.sin(np.hypot(x - size / 2, y - size / 3) / 29.0)

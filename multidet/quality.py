@@ -18,12 +18,13 @@ Near-ties, which no fp32 path can promise to break the same way, are not errors 
   ``max(1, 1 %)`` of the matched detections may be such swaps. From the answer alone one such pair
   cannot be told from one slightly moved box; a systematic box error (more than that) fails.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -36,9 +37,9 @@ TIE = 1e-5  # two scores this close are a tie to fp32 paths that reassociate sum
 @dataclass(frozen=True)
 class Rule:
     tier: str
-    box_tol: float | None         # px; None: detections are not compared one to one (reduced tier)
+    box_tol: float | None  # px; None: detections are not compared one to one (reduced tier)
     score_tol: float
-    map_tol: float                # exact: |delta mAP| <= map_tol; reduced: baseline - candidate <= map_tol
+    map_tol: float  # exact: |delta mAP| <= map_tol; reduced: baseline - candidate <= map_tol
 
 
 RULES = {
@@ -50,24 +51,33 @@ TIERS = tuple(RULES)
 
 @dataclass
 class DetectionCheck:
-    reference: int                # baseline detections at the threshold (borderline ones included)
+    reference: int  # baseline detections at the threshold (borderline ones included)
     candidate: int
     matched: int
-    missing: int                  # baseline detections without a partner (borderline ones excused)
-    extra: int                    # candidate detections without a partner (borderline ones excused)
-    max_box_diff: float           # px, over matched pairs that are not NMS swaps
+    missing: int  # baseline detections without a partner (borderline ones excused)
+    extra: int  # candidate detections without a partner (borderline ones excused)
+    max_box_diff: float  # px, over matched pairs that are not NMS swaps
     max_score_diff: float
-    swaps: int                    # matched pairs that are NMS near-tie swaps
+    swaps: int  # matched pairs that are NMS near-tie swaps
 
     def ok(self, rule: Rule) -> bool:
         if rule.box_tol is None:
             return True
-        return (self.missing == 0 and self.extra == 0 and self.max_box_diff <= rule.box_tol
-                and self.max_score_diff <= rule.score_tol and self.swaps <= max(1, self.matched // 100))
+        return (
+            self.missing == 0
+            and self.extra == 0
+            and self.max_box_diff <= rule.box_tol
+            and self.max_score_diff <= rule.score_tol
+            and self.swaps <= max(1, self.matched // 100)
+        )
 
 
-def check_detections(reference: Sequence[dict], candidate: Sequence[dict], threshold: float = SERVING_THRESHOLD,
-                     rule: Rule = RULES["exact"]) -> DetectionCheck:
+def check_detections(
+    reference: Sequence[dict],
+    candidate: Sequence[dict],
+    threshold: float = SERVING_THRESHOLD,
+    rule: Rule = RULES["exact"],
+) -> DetectionCheck:
     """Compare two answers (response "detections" lists) at ``threshold`` under ``rule``."""
     box_tol = rule.box_tol if rule.box_tol is not None else float("inf")
     ref = sorted((d for d in reference if d["score"] >= threshold - rule.score_tol), key=lambda d: -d["score"])
@@ -98,8 +108,16 @@ def check_detections(reference: Sequence[dict], candidate: Sequence[dict], thres
         else:
             box_diff = max(box_diff, db)
     extra = sum(1 for j, c in enumerate(cand) if j not in used and not border(c))
-    return DetectionCheck(reference=len(ref), candidate=len(cand), matched=matched, missing=missing, extra=extra,
-                          max_box_diff=box_diff, max_score_diff=score_diff, swaps=swaps)
+    return DetectionCheck(
+        reference=len(ref),
+        candidate=len(cand),
+        matched=matched,
+        missing=missing,
+        extra=extra,
+        max_box_diff=box_diff,
+        max_score_diff=score_diff,
+        swaps=swaps,
+    )
 
 
 def map_ok(baseline_map: float, candidate_map: float, rule: Rule) -> bool:

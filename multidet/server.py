@@ -6,6 +6,7 @@ and temp dirs, so it never collides with a `make serve` server or another instan
 until /ping is healthy AND the model has a READY worker (TorchServe's /ping alone turns healthy
 while the worker is still loading).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,8 @@ class TorchServe:
     env: dict
     proc: subprocess.Popen
     token: bool = False
-    build_s: float = 0.0     # create_mar.py (incl. a path's build step: ONNX export, AOT compile)
-    startup_s: float = 0.0   # torchserve --start until /ping healthy and the worker READY
+    build_s: float = 0.0  # create_mar.py (incl. a path's build step: ONNX export, AOT compile)
+    startup_s: float = 0.0  # torchserve --start until /ping healthy and the worker READY
 
     def logs(self, name: str = "model_log.log", tail: int = 60) -> str:
         path = self.workdir / "logs" / name
@@ -90,55 +91,84 @@ class TorchServe:
         raise TimeoutError(f"TorchServe not ready after {timeout} s:\n{self.logs()}")
 
     def stop(self) -> None:
-        subprocess.run([str(BIN / "torchserve"), "--stop"], env=self.env, cwd=self.workdir,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [str(BIN / "torchserve"), "--stop"], env=self.env, cwd=self.workdir, capture_output=True, timeout=60
+        )
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
 
-    def __enter__(self) -> "TorchServe":
+    def __enter__(self) -> TorchServe:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def start_torchserve(workdir: Path, mar_args: list[str], extra_properties: dict | None = None,
-                     token: bool = False, timeout: float = 300) -> TorchServe:
+def start_torchserve(
+    workdir: Path, mar_args: list[str], extra_properties: dict | None = None, token: bool = False, timeout: float = 300
+) -> TorchServe:
     """Build a MAR into ``workdir`` and start TorchServe from the repo's config.properties on free ports."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "model_store"
     t0 = time.monotonic()
-    build = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "create_mar.py"), "--export-path", str(store),
-                            *mar_args], capture_output=True, text=True)
+    build = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "create_mar.py"), "--export-path", str(store), *mar_args],
+        capture_output=True,
+        text=True,
+    )
     if build.returncode != 0:
         raise RuntimeError(f"create_mar.py {' '.join(mar_args)} failed:\n{build.stdout[-2000:]}{build.stderr[-4000:]}")
     build_s = time.monotonic() - t0
     ports = free_ports(5)
     props = read_properties(REPO_ROOT / "config.properties")
-    props.update({"inference_address": f"http://127.0.0.1:{ports[0]}",
-                  "management_address": f"http://127.0.0.1:{ports[1]}",
-                  "metrics_address": f"http://127.0.0.1:{ports[2]}",
-                  "grpc_inference_port": str(ports[3]), "grpc_management_port": str(ports[4]),
-                  "model_store": str(store)})
+    props.update(
+        {
+            "inference_address": f"http://127.0.0.1:{ports[0]}",
+            "management_address": f"http://127.0.0.1:{ports[1]}",
+            "metrics_address": f"http://127.0.0.1:{ports[2]}",
+            "grpc_inference_port": str(ports[3]),
+            "grpc_management_port": str(ports[4]),
+            "model_store": str(store),
+        }
+    )
     props.update(extra_properties or {})
     config = workdir / "config.properties"
     config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
     (workdir / "tmp").mkdir(exist_ok=True)
     # own pid file (TMPDIR) and worker sockets + model extraction (TEMP -> java.io.tmpdir)
-    env = dict(os.environ, TMPDIR=str(workdir / "tmp"), TEMP=str(workdir / "tmp"),
-               LOG_LOCATION=str(workdir / "logs"), METRICS_LOCATION=str(workdir / "logs"),
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        TMPDIR=str(workdir / "tmp"),
+        TEMP=str(workdir / "tmp"),
+        LOG_LOCATION=str(workdir / "logs"),
+        METRICS_LOCATION=str(workdir / "logs"),
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     out = open(workdir / "torchserve.out", "wb")
     t0 = time.monotonic()
-    proc = subprocess.Popen([str(BIN / "torchserve"), "--start", "--foreground", "--ncs",
-                             "--ts-config", str(config)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = TorchServe(props["inference_address"], props["management_address"], props["metrics_address"],
-                        workdir, env, proc, token, build_s=build_s)
+    proc = subprocess.Popen(
+        [str(BIN / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config", str(config)],
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = TorchServe(
+        props["inference_address"],
+        props["management_address"],
+        props["metrics_address"],
+        workdir,
+        env,
+        proc,
+        token,
+        build_s=build_s,
+    )
     try:
         server.wait_ready(timeout)
     except BaseException:

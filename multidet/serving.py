@@ -12,27 +12,32 @@ TorchServe 0.12's frontend forwards URL query parameters to the handler only on 
 (and the legacy ``/{model}/predict``); on ``/predictions/{model}`` it drops them before the worker
 sees the request, so there the headers or form fields are the way.
 """
+
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .errors import BadRequest, UnsupportedImage
 from .pipeline import RequestOptions, parse_options
 
 IMAGE_KEYS = ("body", "data", "file", "image")
-ROUTING_KEYS = ("model_name", "model_version")     # /invocations routing parameters, not options
+ROUTING_KEYS = ("model_name", "model_version")  # /invocations routing parameters, not options
 HEADER_OPTIONS = {"x-threshold": "threshold", "x-models": "models"}
 
 
-def split_request(row: Mapping[str, Any], loaded_models: Sequence[str],
-                  headers: Mapping[str, str] | None = None) -> tuple[bytes, RequestOptions]:
+def split_request(
+    row: Mapping[str, Any], loaded_models: Sequence[str], headers: Mapping[str, str] | None = None
+) -> tuple[bytes, RequestOptions]:
     """One TorchServe request dict (+ its headers) -> (image bytes, options). Raises InputError (4xx)."""
     key = next((k for k in IMAGE_KEYS if k in row), None)
     if key is None:
-        raise BadRequest(f"no image in the request: send it as the body (curl -T img.jpg URL) "
-                         f"or as a multipart field named one of {', '.join(IMAGE_KEYS[1:])}")
+        raise BadRequest(
+            f"no image in the request: send it as the body (curl -T img.jpg URL) "
+            f"or as a multipart field named one of {', '.join(IMAGE_KEYS[1:])}"
+        )
     body = row[key]
     if isinstance(body, str):
         # KServe's v1 protocol sends {"instances": [{"data": "<base64>"}]}; TorchServe also hands
@@ -40,8 +45,9 @@ def split_request(row: Mapping[str, Any], loaded_models: Sequence[str],
         try:
             body = base64.b64decode(body, validate=True)
         except (binascii.Error, ValueError):
-            raise UnsupportedImage("body is text, not an image; send the image bytes "
-                                   "(or base64 in a KServe instance's \"data\")") from None
+            raise UnsupportedImage(
+                'body is text, not an image; send the image bytes (or base64 in a KServe instance\'s "data")'
+            ) from None
     if isinstance(body, (dict, list)):  # ... and application/json bodies to objects
         raise UnsupportedImage("body is JSON, not an image; send the image bytes")
     params = {k: v for k, v in row.items() if k not in IMAGE_KEYS and k not in ROUTING_KEYS}
@@ -50,6 +56,3 @@ def split_request(row: Mapping[str, Any], loaded_models: Sequence[str],
         if option and option not in params:
             params[option] = value
     return bytes(body or b""), parse_options(params, loaded_models)
-
-
-

@@ -16,14 +16,15 @@ Same (model, split, count, seed) -> byte-identical files: every random draw come
 ``numpy.random.Generator`` seeded from (seed, split, image index), and JPEGs are written with
 fixed encoder settings.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -94,8 +95,25 @@ def _polygon(shape: str, n: int = 48) -> list[np.ndarray]:
         return [np.stack([r * np.cos(a), r * np.sin(a)], 1)]
     if shape == "plus":
         w = 0.33
-        return [np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w],
-                          [-1, w], [-1, -w], [-w, -w]], float)]
+        return [
+            np.array(
+                [
+                    [-w, -1],
+                    [w, -1],
+                    [w, -w],
+                    [1, -w],
+                    [1, w],
+                    [w, w],
+                    [w, 1],
+                    [-w, 1],
+                    [-w, w],
+                    [-1, w],
+                    [-1, -w],
+                    [-w, -w],
+                ],
+                float,
+            )
+        ]
     if shape == "ring":
         return [circle, circle * 0.55]
     if shape == "hexagon":
@@ -106,8 +124,14 @@ def _polygon(shape: str, n: int = 48) -> list[np.ndarray]:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _draw_mask(shape: str, size: tuple[int, int], centre: tuple[float, float], radius: tuple[float, float],
-               angle: float, supersample: int = 2) -> np.ndarray:
+def _draw_mask(
+    shape: str,
+    size: tuple[int, int],
+    centre: tuple[float, float],
+    radius: tuple[float, float],
+    angle: float,
+    supersample: int = 2,
+) -> np.ndarray:
     """Anti-aliased float mask (0..1) of one object on an image of ``size`` (w, h); drawn only in
     the object's window, zero elsewhere."""
     w, h = size
@@ -134,14 +158,19 @@ def _background(rng: np.random.Generator, w: int, h: int, photos: Sequence[np.nd
     if kind == "noise":
         base = rng.uniform(40, 215, 3)
         coarse = rng.normal(0, rng.uniform(10, 45), (max(2, h // 16), max(2, w // 16), 3))
-        coarse = np.asarray(Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize((w, h),
-                            Image.BILINEAR), np.float32) - 128
+        coarse = (
+            np.asarray(
+                Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
+                np.float32,
+            )
+            - 128
+        )
         out = base + coarse + rng.normal(0, rng.uniform(3, 25), (h, w, 3))
     elif kind == "gradient":
         y, x = np.mgrid[0:h, 0:w].astype(np.float32)
         a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
         theta = rng.uniform(0, 2 * np.pi)
-        t = (x * math.cos(theta) + y * math.sin(theta))
+        t = x * math.cos(theta) + y * math.sin(theta)
         t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
         out = a + (b - a) * t[..., None] + rng.normal(0, 4, (h, w, 3))
     elif kind == "stripes":
@@ -155,15 +184,16 @@ def _background(rng: np.random.Generator, w: int, h: int, photos: Sequence[np.nd
         ph, pw = photo.shape[:2]
         cw, ch = int(rng.integers(min(pw, 64), pw + 1)), int(rng.integers(min(ph, 64), ph + 1))
         x0, y0 = int(rng.integers(0, pw - cw + 1)), int(rng.integers(0, ph - ch + 1))
-        crop = Image.fromarray(photo[y0:y0 + ch, x0:x0 + cw])
+        crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw])
         if rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         out = np.asarray(crop.resize((w, h), Image.BILINEAR), np.float32)
     return out
 
 
-def render_image(rng: np.random.Generator, kinds: dict[int, Kind], photos: Sequence[np.ndarray] = (),
-                 max_objects: int = 8) -> tuple[Image.Image, list[dict]]:
+def render_image(
+    rng: np.random.Generator, kinds: dict[int, Kind], photos: Sequence[np.ndarray] = (), max_objects: int = 8
+) -> tuple[Image.Image, list[dict]]:
     """One image and its objects: ``[{"category_id", "bbox": [x, y, w, h]}]`` (COCO, pixels)."""
     area = rng.uniform(256 * 256, 800 * 640)
     aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))  # w / h
@@ -203,8 +233,9 @@ def render_image(rng: np.random.Generator, kinds: dict[int, Kind], photos: Seque
         wx0, wx1 = max(x0 - 1, 0), min(x1 + 1, w)
         y, x = np.mgrid[wy0:wy1, wx0:wx1].astype(np.float32)
         shade_dir = rng.uniform(0, 2 * np.pi)
-        shade = 1 + rng.uniform(0, 0.35) * ((x - centre[0]) * math.cos(shade_dir) + (y - centre[1]) *
-                                            math.sin(shade_dir)) / max(size, 1.0)
+        shade = 1 + rng.uniform(0, 0.35) * (
+            (x - centre[0]) * math.cos(shade_dir) + (y - centre[1]) * math.sin(shade_dir)
+        ) / max(size, 1.0)
         fill = colour * np.clip(shade, 0.6, 1.3)[..., None]
         m = mask[wy0:wy1, wx0:wx1, None]
         canvas[wy0:wy1, wx0:wx1] = canvas[wy0:wy1, wx0:wx1] * (1 - m) + fill * m
@@ -219,9 +250,15 @@ def load_photos(folder: Path | None) -> list[np.ndarray]:
     return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.jpg"))]
 
 
-def make_dataset(model: str, split: str, count: int, seed: int, out: Path,
-                 photos_dir: Path | None = Path("load_tests/images"),
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+def make_dataset(
+    model: str,
+    split: str,
+    count: int,
+    seed: int,
+    out: Path,
+    photos_dir: Path | None = Path("load_tests/images"),
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Write ``out/images/*.jpg`` and ``out/annotations.json``; returns the annotation dict."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -241,24 +278,40 @@ def make_dataset(model: str, split: str, count: int, seed: int, out: Path,
         images.append({"id": i + 1, "file_name": file_name, "width": img.width, "height": img.height})
         for obj in objects:
             x, y, bw, bh = obj["bbox"]
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": obj["category_id"],
-                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": obj["category_id"],
+                    "bbox": [x, y, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
         if progress:
             progress(i + 1, count)
     coco = {
-        "info": {"description": f"multidet synthetic {model} {split}", "model": model, "split": split,
-                 "count": count, "seed": seed, "generator": "multidet.synthetic"},
+        "info": {
+            "description": f"multidet synthetic {model} {split}",
+            "model": model,
+            "split": split,
+            "count": count,
+            "seed": seed,
+            "generator": "multidet.synthetic",
+        },
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": cid, "name": spec.class_names[cid - 1], "supercategory": kind.name}
-                       for cid, kind in kinds.items()],
+        "categories": [
+            {"id": cid, "name": spec.class_names[cid - 1], "supercategory": kind.name} for cid, kind in kinds.items()
+        ],
     }
     (out / "annotations.json").write_text(json.dumps(coco, indent=1) + "\n")
     return coco
 
 
-def check_set(count: int = 6, seed: int = 1234, models: Sequence[str] = tuple(MODEL_SPECS)
-              ) -> tuple[list[bytes], dict[str, dict]]:
+def check_set(
+    count: int = 6, seed: int = 1234, models: Sequence[str] = tuple(MODEL_SPECS)
+) -> tuple[list[bytes], dict[str, dict]]:
     """A small labelled set made in memory (no files, no photos), for checks at load time (``auto``).
 
     The images hold kinds of the COCO model's class set (all 24 kinds the generator gives it); every
@@ -286,8 +339,19 @@ def check_set(count: int = 6, seed: int = 1234, models: Sequence[str] = tuple(MO
                 k = kind_index[obj["category_id"]]
                 if k < len(ids):
                     x, y, bw, bh = obj["bbox"]
-                    annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": ids[k],
-                                        "bbox": obj["bbox"], "area": bw * bh, "iscrowd": 0})
-        truth[model] = {"images": images, "annotations": annotations,
-                        "categories": [{"id": c, "name": MODEL_SPECS[model].class_names[c - 1]} for c in ids]}
+                    annotations.append(
+                        {
+                            "id": len(annotations) + 1,
+                            "image_id": i + 1,
+                            "category_id": ids[k],
+                            "bbox": obj["bbox"],
+                            "area": bw * bh,
+                            "iscrowd": 0,
+                        }
+                    )
+        truth[model] = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": c, "name": MODEL_SPECS[model].class_names[c - 1]} for c in ids],
+        }
     return bodies, truth

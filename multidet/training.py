@@ -13,6 +13,7 @@ Start from scratch, or from a project checkpoint: with another class count its l
 detector to a new label set. Training may run at a smaller input size than the service (the network
 is fully convolutional; anchors follow the size): fast, then a short pass at 512 px adapts it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,9 +22,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from effdet import DetBenchTrain
@@ -43,12 +44,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    model: str                              # which of the service's models (its class names, head size)
-    train_dir: Path                         # COCO-format dataset: images/ + annotations.json
-    val_dir: Path | None = None             # evaluated every eval_every steps and at the end
-    out_dir: Path = Path("outputs/train")   # the trained checkpoint + the resumable state
-    init: Path | None = None                # a project checkpoint folder to start from (None: scratch)
-    init_model: str | None = None           # which checkpoint in ``init`` (default: ``model``)
+    model: str  # which of the service's models (its class names, head size)
+    train_dir: Path  # COCO-format dataset: images/ + annotations.json
+    val_dir: Path | None = None  # evaluated every eval_every steps and at the end
+    out_dir: Path = Path("outputs/train")  # the trained checkpoint + the resumable state
+    init: Path | None = None  # a project checkpoint folder to start from (None: scratch)
+    init_model: str | None = None  # which checkpoint in ``init`` (default: ``model``)
     steps: int = 1000
     batch_size: int = 8
     lr: float = 2e-3
@@ -56,12 +57,12 @@ class TrainConfig:
     warmup_pct: float = 0.1
     image_size: int = 256
     seed: int = 0
-    ema_decay: float = 0.999                # 0: no EMA
-    amp: str = "auto"                       # auto (bf16 where native) | bf16 | off
-    device: str = "auto"                    # auto | cpu | cuda
+    ema_decay: float = 0.999  # 0: no EMA
+    amp: str = "auto"  # auto (bf16 where native) | bf16 | off
+    device: str = "auto"  # auto | cpu | cuda
     workers: int = 1
     eval_every: int = 250
-    eval_images: int = 64                   # images of val_dir per periodic evaluation (final: all)
+    eval_images: int = 64  # images of val_dir per periodic evaluation (final: all)
     save_every: int = 50
 
     def to_json(self) -> dict:
@@ -126,8 +127,13 @@ class _Batches:
             raise ValueError(f"{ann}: category ids {unknown} are outside this model's 1..{num_classes}")
         self.dataset = DetectionDatset(Path(cfg.train_dir) / "images", parser=parser)
         self.dataset.transform = transforms_coco_train(
-            (cfg.image_size, cfg.image_size), interpolation="random", use_prefetcher=True,
-            fill_color=input_cfg["fill_color"], mean=input_cfg["mean"], std=input_cfg["std"])
+            (cfg.image_size, cfg.image_size),
+            interpolation="random",
+            use_prefetcher=True,
+            fill_color=input_cfg["fill_color"],
+            mean=input_cfg["mean"],
+            std=input_cfg["std"],
+        )
         labeler = AnchorLabeler(Anchors.from_config(net.config), num_classes, match_threshold=0.5)
         self.cfg = cfg
         self.collate = DetectionFastCollate(anchor_labeler=labeler)
@@ -140,9 +146,16 @@ class _Batches:
         while True:
             g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_size=self.cfg.batch_size, shuffle=True, drop_last=True, generator=g,
-                num_workers=self.cfg.workers, collate_fn=self.collate,
-                worker_init_fn=_seed_worker, persistent_workers=False)
+                self.dataset,
+                batch_size=self.cfg.batch_size,
+                shuffle=True,
+                drop_last=True,
+                generator=g,
+                num_workers=self.cfg.workers,
+                collate_fn=self.collate,
+                worker_init_fn=_seed_worker,
+                persistent_workers=False,
+            )
             yield from loader
             epoch += 1
 
@@ -160,8 +173,14 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def evaluate_weights(state: dict, spec: ModelSpec, val_dir: Path, device: torch.device, limit: int | None,
-                     progress: Callable[[int, int], None] | None = None) -> dict:
+def evaluate_weights(
+    state: dict,
+    spec: ModelSpec,
+    val_dir: Path,
+    device: torch.device,
+    limit: int | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """COCO mAP of ``state`` through the whole serving path (512 px letterbox, NMS, original pixels)."""
     from .evaluation import evaluate
     from .pipeline import Detector
@@ -169,8 +188,11 @@ def evaluate_weights(state: dict, spec: ModelSpec, val_dir: Path, device: torch.
 
     net = build_network(spec.num_classes)
     net.load_state_dict(state)
-    detector = Detector([LoadedModel(spec.name, spec.class_names, net.eval())],
-                        Settings(optimization="baseline", models=(spec.name,)), device)
+    detector = Detector(
+        [LoadedModel(spec.name, spec.class_names, net.eval())],
+        Settings(optimization="baseline", models=(spec.name,)),
+        device,
+    )
     return evaluate(detector, val_dir, spec.name, limit=limit, progress=progress).summary()
 
 
@@ -187,8 +209,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     batches = _Batches(cfg, net, spec.num_classes)
     bench = DetBenchTrain(net, create_labeler=False).to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.steps,
-                                                    pct_start=cfg.warmup_pct)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.warmup_pct
+    )
     ema = None
     if cfg.ema_decay > 0:
         from timm.utils import ModelEmaV3
@@ -198,12 +221,17 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     step, history, wall = 0, [], 0.0
     if state_path.exists():
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
-        mismatch = {k: (saved["config"].get(k), v) for k, v in cfg.to_json().items()
-                    if k in ("model", "steps", "batch_size", "lr", "image_size", "seed", "train_dir")
-                    and saved["config"].get(k) != v}
+        mismatch = {
+            k: (saved["config"].get(k), v)
+            for k, v in cfg.to_json().items()
+            if k in ("model", "steps", "batch_size", "lr", "image_size", "seed", "train_dir")
+            and saved["config"].get(k) != v
+        }
         if mismatch:
-            raise ValueError(f"{state_path} was written by another run (differs in {mismatch}); "
-                             "delete it or use another --out to start afresh")
+            raise ValueError(
+                f"{state_path} was written by another run (differs in {mismatch}); "
+                "delete it or use another --out to start afresh"
+            )
         net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -215,9 +243,20 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"config": cfg.to_json(), "step": step, "history": history, "wall_s": wall, "start": start,
-                    "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "ema": ema.module.state_dict() if ema else None}, tmp)
+        torch.save(
+            {
+                "config": cfg.to_json(),
+                "step": step,
+                "history": history,
+                "wall_s": wall,
+                "start": start,
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "ema": ema.module.state_dict() if ema else None,
+            },
+            tmp,
+        )
         tmp.replace(state_path)
 
     def weights() -> dict:
@@ -233,8 +272,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     while step < cfg.steps:
         images, target = next(data)
         x = batches.normalise(images, device)
-        target = {k: v.to(device) if isinstance(v, torch.Tensor) else [t.to(device) for t in v]
-                  for k, v in target.items()}
+        target = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else [t.to(device) for t in v] for k, v in target.items()
+        }
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = bench(x, target)
         loss = out["loss"].float()
@@ -251,8 +291,13 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
         now = time.perf_counter()
         wall += now - t_last
         t_last = now
-        row = {"step": step, "loss": round(loss.item(), 4), "class_loss": round(out["class_loss"].item(), 4),
-               "box_loss": round(out["box_loss"].item(), 5), "lr": scheduler.get_last_lr()[0]}
+        row = {
+            "step": step,
+            "loss": round(loss.item(), 4),
+            "class_loss": round(out["class_loss"].item(), 4),
+            "box_loss": round(out["box_loss"].item(), 5),
+            "lr": scheduler.get_last_lr()[0],
+        }
         if cfg.val_dir is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             net.eval()
             row["val"] = run_eval(cfg.eval_images)
@@ -268,15 +313,26 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     if progress and final:
         progress({"step": step, "final": final})
     training = {
-        "dataset": str(cfg.train_dir), "dataset_sha256": sha256_file(Path(cfg.train_dir) / "annotations.json"),
-        "images": len(batches), "val_dataset": str(cfg.val_dir) if cfg.val_dir else None, "start": start,
-        "seed": cfg.seed, "steps": step, "batch_size": cfg.batch_size, "image_size": cfg.image_size,
-        "lr": cfg.lr, "ema_decay": cfg.ema_decay, "bf16": bf16, "device": str(device),
-        "wall_s": round(wall, 1), "val": final,
+        "dataset": str(cfg.train_dir),
+        "dataset_sha256": sha256_file(Path(cfg.train_dir) / "annotations.json"),
+        "images": len(batches),
+        "val_dataset": str(cfg.val_dir) if cfg.val_dir else None,
+        "start": start,
+        "seed": cfg.seed,
+        "steps": step,
+        "batch_size": cfg.batch_size,
+        "image_size": cfg.image_size,
+        "lr": cfg.lr,
+        "ema_decay": cfg.ema_decay,
+        "bf16": bf16,
+        "device": str(device),
+        "wall_s": round(wall, 1),
+        "val": final,
         "loss_first": history[0]["loss"] if history else None,
         "loss_last": sum(r["loss"] for r in history[-20:]) / max(len(history[-20:]), 1) if history else None,
     }
-    meta = save_checkpoint(out_dir, spec, weights(), seed=cfg.seed, source="trained", fmt="safetensors",
-                           training=training)
+    meta = save_checkpoint(
+        out_dir, spec, weights(), seed=cfg.seed, source="trained", fmt="safetensors", training=training
+    )
     (out_dir / f"{cfg.model}.history.json").write_text(json.dumps(history) + "\n")
     return TrainResult(out_dir, meta, history)

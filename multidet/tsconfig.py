@@ -1,4 +1,5 @@
 """TorchServe's config.properties format. Deliberately light (no torch import): health checks use it."""
+
 from __future__ import annotations
 
 from pathlib import Path

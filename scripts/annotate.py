@@ -5,6 +5,7 @@
 
 Runs the same data path as the server (multidet.pipeline.Detector) on the trained weights/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,11 @@ from multidet.config import Settings
 from multidet.pipeline import Detector, RequestOptions
 
 ROOT = Path(__file__).resolve().parents[1]
-COLOURS = {"efficientdet_d0_coco": (255, 255, 255), "efficientdet_d0_aquarium": (0, 230, 255),
-           "efficientdet_d0_vehicles": (255, 60, 200)}
+COLOURS = {
+    "efficientdet_d0_coco": (255, 255, 255),
+    "efficientdet_d0_aquarium": (0, 230, 255),
+    "efficientdet_d0_vehicles": (255, 60, 200),
+}
 
 
 def annotate(image_bytes: bytes, response: dict) -> Image.Image:
@@ -40,8 +44,12 @@ def annotate(image_bytes: bytes, response: dict) -> Image.Image:
         draw.text((x1 + 2, ty), text, fill=colour, font=font)
     legend = "  ".join(f"{m['name'].removeprefix('efficientdet_d0_')}: {m['count']}" for m in response["models"])
     draw.rectangle([0, img.height - font.size - 6, img.width, img.height], fill=(0, 0, 0))
-    draw.text((4, img.height - font.size - 4), f"threshold {response.get('threshold', '')} {legend}".strip(),
-              fill=(255, 255, 255), font=font)
+    draw.text(
+        (4, img.height - font.size - 4),
+        f"threshold {response.get('threshold', '')} {legend}".strip(),
+        fill=(255, 255, 255),
+        font=font,
+    )
     return img
 
 
@@ -59,8 +67,13 @@ def main(argv=None) -> int:
     annotate(body, {**response, "threshold": args.threshold}).save(args.out)
     if args.json:
         args.json.write_text(json.dumps(response, indent=2) + "\n")
-    print(f"wrote {args.out}: " + ", ".join(f"{d['label']} ({d['model'].removeprefix('efficientdet_d0_')}) "
-                                            f"{d['score']:.2f}" for d in response["detections"]))
+    print(
+        f"wrote {args.out}: "
+        + ", ".join(
+            f"{d['label']} ({d['model'].removeprefix('efficientdet_d0_')}) {d['score']:.2f}"
+            for d in response["detections"]
+        )
+    )
     return 0
 
 

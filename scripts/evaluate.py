@@ -8,6 +8,7 @@ Prints (and with --json writes) {"model", "optimization", "map50", "map", "image
 IoU 0.5, map the COCO AP over IoU 0.5:0.95, both in 0..1. Every path the registry serves can be
 evaluated; paths with a build step (ONNX export, AOT compile) build into --artifacts first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,11 +52,14 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with tqdm(desc=f"eval {args.model} {args.optimization}", unit="img") as bar:
+
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
-        result = evaluate(detector, args.data, args.model, batch_size=args.batch_size, limit=args.limit,
-                          progress=progress)
+
+        result = evaluate(
+            detector, args.data, args.model, batch_size=args.batch_size, limit=args.limit, progress=progress
+        )
     summary = result.summary()
     print(json.dumps(summary))
     if args.json:

@@ -12,6 +12,7 @@ A dataset folder holds images/ and annotations.json (COCO; category ids are the 
 ids). Interrupted? Run the same command again: it resumes from OUT/<model>.train.pt. The result,
 OUT/<model>.safetensors + .json, is a checkpoint the service loads (copy both into weights/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,37 +35,75 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=d["out_dir"].default)
     p.add_argument("--init", type=Path, help="checkpoint folder to start from (default: from scratch)")
     p.add_argument("--init-model", help="which model's checkpoint in --init (default: --model)")
-    for name in ("steps", "batch_size", "lr", "weight_decay", "image_size", "seed", "ema_decay", "workers",
-                 "eval_every", "eval_images", "save_every"):
+    for name in (
+        "steps",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "image_size",
+        "seed",
+        "ema_decay",
+        "workers",
+        "eval_every",
+        "eval_images",
+        "save_every",
+    ):
         default = d[name].default
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"default {default}")
-    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
-                   help="bf16 autocast: auto = where the CPU has it natively (AMX/AVX-512 BF16) or on CUDA")
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "off"),
+        default="auto",
+        help="bf16 autocast: auto = where the CPU has it natively (AMX/AVX-512 BF16) or on CUDA",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    cfg = TrainConfig(model=args.model, train_dir=args.train, val_dir=args.val, out_dir=args.out, init=args.init,
-                      init_model=args.init_model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, image_size=args.image_size, seed=args.seed,
-                      ema_decay=args.ema_decay, amp=args.amp, device=args.device, workers=args.workers,
-                      eval_every=args.eval_every, eval_images=args.eval_images, save_every=args.save_every)
+    cfg = TrainConfig(
+        model=args.model,
+        train_dir=args.train,
+        val_dir=args.val,
+        out_dir=args.out,
+        init=args.init,
+        init_model=args.init_model,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        image_size=args.image_size,
+        seed=args.seed,
+        ema_decay=args.ema_decay,
+        amp=args.amp,
+        device=args.device,
+        workers=args.workers,
+        eval_every=args.eval_every,
+        eval_images=args.eval_images,
+        save_every=args.save_every,
+    )
     bars: list[tqdm] = []  # made at the first step, so a resumed run's rate and ETA count from there
 
     def progress(row: dict) -> None:
         if "final" in row:
-            tqdm.write(f"final val ({row['final']['images']} images): mAP@0.5 {row['final']['map50']:.3f}  "
-                       f"mAP@[.5:.95] {row['final']['map']:.3f}")
+            tqdm.write(
+                f"final val ({row['final']['images']} images): mAP@0.5 {row['final']['map50']:.3f}  "
+                f"mAP@[.5:.95] {row['final']['map']:.3f}"
+            )
             return
         if not bars:
-            bars.append(tqdm(total=cfg.steps, initial=row["step"] - 1, desc=f"train {cfg.model}", unit="step",
-                             dynamic_ncols=True))
+            bars.append(
+                tqdm(
+                    total=cfg.steps, initial=row["step"] - 1, desc=f"train {cfg.model}", unit="step", dynamic_ncols=True
+                )
+            )
         bar = bars[0]
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", cls=f"{row['class_loss']:.3f}", box=f"{row['box_loss']:.4f}")
         if "val" in row and row["val"]:
-            tqdm.write(f"step {row['step']}: val mAP@0.5 {row['val']['map50']:.3f}  mAP@[.5:.95] "
-                       f"{row['val']['map']:.3f} ({row['val']['images']} images)")
+            tqdm.write(
+                f"step {row['step']}: val mAP@0.5 {row['val']['map50']:.3f}  mAP@[.5:.95] "
+                f"{row['val']['map']:.3f} ({row['val']['images']} images)"
+            )
 
     try:
         result = train(cfg, progress)
@@ -75,8 +114,10 @@ def main(argv=None) -> int:
         for bar in bars:
             bar.close()
     meta = result.meta
-    print(f"wrote {result.checkpoint_dir / meta.weights_file} (sha256 {meta.sha256[:16]}...) after "
-          f"{meta.training['steps']} steps, {meta.training['wall_s']:.0f} s")
+    print(
+        f"wrote {result.checkpoint_dir / meta.weights_file} (sha256 {meta.sha256[:16]}...) after "
+        f"{meta.training['steps']} steps, {meta.training['wall_s']:.0f} s"
+    )
     return 0
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Print the server's JSON for one image, computed in-process (embedded mode, same handler path).
 
-    python scripts/predict.py load_tests/images/coffee.jpg --threshold 0 --models efficientdet_d0_coco
+python scripts/predict.py load_tests/images/coffee.jpg --threshold 0 --models efficientdet_d0_coco
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,14 +25,18 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", help="score threshold 0..1 (default: the model config's)")
     p.add_argument("--models", help="comma-separated subset of the model names")
     p.add_argument("--model-dir", type=Path, default=REPO_ROOT, help="folder holding the checkpoint folder")
-    p.add_argument("--checkpoints", default="weights",
-                   help="checkpoint folder inside --model-dir (default: weights, the trained models; "
-                        "checkpoints = the seeded random ones)")
+    p.add_argument(
+        "--checkpoints",
+        default="weights",
+        help="checkpoint folder inside --model-dir (default: weights, the trained models; "
+        "checkpoints = the seeded random ones)",
+    )
     args = p.parse_args(argv)
 
     try:
-        settings = Settings(optimization=args.optimization, device=args.device, warmup=False,
-                            checkpoint_dir=args.checkpoints)
+        settings = Settings(
+            optimization=args.optimization, device=args.device, warmup=False, checkpoint_dir=args.checkpoints
+        )
     except ConfigError as exc:
         p.error(str(exc))
     logging.getLogger("ts.torch_handler.base_handler").setLevel(logging.ERROR)  # optional-backend notices

@@ -12,10 +12,12 @@ read. Quality: each path's mAP@0.5 and mAP@[.5:.95] per model on the labelled va
 (`make dataset`; --val-images per model), through the whole data path, and its verdict under its
 tier's rule (multidet.quality): exact paths must give the baseline's detections at the serving
 threshold (boxes within 0.5 px, scores within 1e-3) and its mAP within 0.1 points; reduced-precision
-paths must stay within 0.5 points of the baseline's mAP. Each path's build step (what `make mar` runs: the ONNX export, the AOT compile, the Inductor cache)
+paths must stay within 0.5 points of the baseline's mAP. Each path's build step
+(what `make mar` runs: the ONNX export, the AOT compile, the Inductor cache)
 is timed separately from its load. Writes outputs/ablation/ablation_results.json,
 ablation_report.txt, ablation.png (build artifacts in outputs/ablation/artifacts/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +42,15 @@ def map_quality(reference: dict[str, EvalResult], results: dict[str, EvalResult]
     (multidet.quality): exact = the baseline's detections at the serving threshold on every image and
     mAP within 0.1 points; reduced = mAP at most 0.5 points below the baseline's."""
     rule = RULES[tier]
-    checks = [check_detections(reference[m].detections[i], results[m].detections[i], SERVING_THRESHOLD, rule)
-              for m in reference for i in reference[m].detections]
-    maps_ok = all(map_ok(reference[m].map50, results[m].map50, rule) and map_ok(reference[m].map, results[m].map, rule)
-                  for m in reference)
+    checks = [
+        check_detections(reference[m].detections[i], results[m].detections[i], SERVING_THRESHOLD, rule)
+        for m in reference
+        for i in reference[m].detections
+    ]
+    maps_ok = all(
+        map_ok(reference[m].map50, results[m].map50, rule) and map_ok(reference[m].map, results[m].map, rule)
+        for m in reference
+    )
     dets_ok = all(c.ok(rule) for c in checks)
     return {
         "map50": {m: round(r.map50, 4) for m, r in results.items()},
@@ -52,8 +59,10 @@ def map_quality(reference: dict[str, EvalResult], results: dict[str, EvalResult]
         "map_mean": round(statistics.mean(r.map for r in results.values()), 4),
         "delta_map50_points": round(100 * max((results[m].map50 - reference[m].map50 for m in reference), key=abs), 3),
         "delta_map_points": round(100 * max((results[m].map - reference[m].map for m in reference), key=abs), 3),
-        "detections": sum(c.candidate for c in checks), "matched": sum(c.matched for c in checks),
-        "missing": sum(c.missing for c in checks), "extra": sum(c.extra for c in checks),
+        "detections": sum(c.candidate for c in checks),
+        "matched": sum(c.matched for c in checks),
+        "missing": sum(c.missing for c in checks),
+        "extra": sum(c.extra for c in checks),
         "swaps": sum(c.swaps for c in checks),
         "max_box_diff_px": round(max((c.max_box_diff for c in checks), default=0.0), 5),
         "max_score_diff": float(f"{max((c.max_score_diff for c in checks), default=0.0):.3g}"),
@@ -64,6 +73,7 @@ def map_quality(reference: dict[str, EvalResult], results: dict[str, EvalResult]
 
 def plot(rows: list[dict], meta: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -73,8 +83,14 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     ax1.bar(names, [r["speedup_p50"] for r in rows], color=colors)
     ax1.axhline(1.0, color="black", lw=0.8)
     for i, r in enumerate(rows):
-        ax1.text(i, r["speedup_p50"], f"{r['speedup_p50']:.2f}x\n{r['latency_ms']['p50']:.0f} ms",
-                 ha="center", va="bottom", fontsize=7)
+        ax1.text(
+            i,
+            r["speedup_p50"],
+            f"{r['speedup_p50']:.2f}x\n{r['latency_ms']['p50']:.0f} ms",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     ax1.set_ylim(0, max(r["speedup_p50"] for r in rows) * 1.2)
     ax1.set_ylabel("speed-up over baseline (p50 latency)")
     ax1.set_title(f"{meta['device']} ({meta['device_name']}): blue exact, orange reduced precision", fontsize=9)
@@ -85,16 +101,21 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
     ax2.set_xticks(list(xs), names)
     ax2.set_ylim(0, 1.0)
     for x, r in zip(xs, rows):
-        ax2.text(x, r["quality"]["map50_mean"] + 0.01, "=" if r["quality"]["same_answer"] else "x",
-                 ha="center", fontsize=8)
-    ax2.set_title("mAP on the labelled val images, mean of 3 models (=: the baseline's answer by the tier's rule)",
-                  fontsize=9)
+        ax2.text(
+            x, r["quality"]["map50_mean"] + 0.01, "=" if r["quality"]["same_answer"] else "x", ha="center", fontsize=8
+        )
+    ax2.set_title(
+        "mAP on the labelled val images, mean of 3 models (=: the baseline's answer by the tier's rule)", fontsize=9
+    )
     ax2.legend(fontsize=8, loc="lower left")
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", labelsize=8)
         plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")
-    fig.suptitle(f"Ablation, {meta['environment']['date'][:10]}, torch {meta['environment']['versions']['torch']}, "
-                 f"{meta['requests']} requests/path", fontsize=10)
+    fig.suptitle(
+        f"Ablation, {meta['environment']['date'][:10]}, torch {meta['environment']['versions']['torch']}, "
+        f"{meta['requests']} requests/path",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -102,26 +123,39 @@ def plot(rows: list[dict], meta: dict, path: Path) -> None:
 
 def report(rows: list[dict], meta: dict) -> str:
     env = meta["environment"]
-    lines = [f"Ablation {env['date']}  {meta['device']} ({meta['device_name']}), {env['cpu_cores']} cores, "
-             f"torch {env['versions']['torch']}",
-             f"{meta['requests']} timed requests per path after {meta['warmup']} warm-up, interleaved; "
-             f"threshold {meta['threshold']}; photos {', '.join(meta['images'])}; "
-             f"quality: {meta['val_images']} labelled val images per model ({meta['val']})", ""]
-    head = (f"{'path':<24} {'tier':>7} {'p50 ms':>8} {'p99 ms':>8} {'mean':>8} {'std':>6} {'speed-up':>8} {'build s':>7} "
-            f"{'load s':>7} {'mAP@.5':>7} {'mAP':>6} {'dmAP pt':>7} {'max box':>8} {'same':>5}")
+    lines = [
+        f"Ablation {env['date']}  {meta['device']} ({meta['device_name']}), {env['cpu_cores']} cores, "
+        f"torch {env['versions']['torch']}",
+        f"{meta['requests']} timed requests per path after {meta['warmup']} warm-up, interleaved; "
+        f"threshold {meta['threshold']}; photos {', '.join(meta['images'])}; "
+        f"quality: {meta['val_images']} labelled val images per model ({meta['val']})",
+        "",
+    ]
+    head = (
+        f"{'path':<24} {'tier':>7} {'p50 ms':>8} {'p99 ms':>8} {'mean':>8} {'std':>6} {'speed-up':>8} {'build s':>7} "
+        f"{'load s':>7} {'mAP@.5':>7} {'mAP':>6} {'dmAP pt':>7} {'max box':>8} {'same':>5}"
+    )
     lines += [head, "-" * len(head)]
     for r in rows:
         q, lat = r["quality"], r["latency_ms"]
-        lines.append(f"{r['path']:<24} {r['tier']:>7} {lat['p50']:>8.1f} {lat['p99']:>8.1f} "
-                     f"{lat['mean']:>8.1f} {lat['std']:>6.1f} {r['speedup_p50']:>7.2f}x {r['build_s']:>7.1f} {r['load_s']:>7.1f} "
-                     f"{q['map50_mean']:>7.3f} {q['map_mean']:>6.3f} {q['delta_map50_points']:>7.2f} "
-                     f"{q['max_box_diff_px']:>8.3f} {'yes' if q['same_answer'] else 'NO':>5}")
-    best = max((r for r in rows if r["path"] != "auto"),  # auto is one of the others, chosen at load
-               key=lambda r: r["speedup_p50"] if r["quality"]["same_answer"] and r["tier"] == "exact" else 0)
-    lines += ["", "mAP@.5 / mAP: mean over the three models' val images (per model in the JSON); dmAP pt: the "
-                  "largest change in mAP@.5 against the baseline, in points; same: the tier's rule (multidet.quality)",
-              f"fastest exact path with the baseline's answer: {best['path']} ({best['speedup_p50']:.2f}x, "
-              f"{best['latency_ms']['p50']:.1f} ms p50)"]
+        lines.append(
+            f"{r['path']:<24} {r['tier']:>7} {lat['p50']:>8.1f} {lat['p99']:>8.1f} "
+            f"{lat['mean']:>8.1f} {lat['std']:>6.1f} {r['speedup_p50']:>7.2f}x "
+            f"{r['build_s']:>7.1f} {r['load_s']:>7.1f} "
+            f"{q['map50_mean']:>7.3f} {q['map_mean']:>6.3f} {q['delta_map50_points']:>7.2f} "
+            f"{q['max_box_diff_px']:>8.3f} {'yes' if q['same_answer'] else 'NO':>5}"
+        )
+    best = max(
+        (r for r in rows if r["path"] != "auto"),  # auto is one of the others, chosen at load
+        key=lambda r: r["speedup_p50"] if r["quality"]["same_answer"] and r["tier"] == "exact" else 0,
+    )
+    lines += [
+        "",
+        "mAP@.5 / mAP: mean over the three models' val images (per model in the JSON); dmAP pt: the "
+        "largest change in mAP@.5 against the baseline, in points; same: the tier's rule (multidet.quality)",
+        f"fastest exact path with the baseline's answer: {best['path']} ({best['speedup_p50']:.2f}x, "
+        f"{best['latency_ms']['p50']:.1f} ms p50)",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -132,8 +166,12 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=24, help="timed requests per path")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "ablation")
-    p.add_argument("--val", type=Path, default=ROOT / "data",
-                   help="folder with MODEL/val datasets (`make dataset`) for each path's mAP")
+    p.add_argument(
+        "--val",
+        type=Path,
+        default=ROOT / "data",
+        help="folder with MODEL/val datasets (`make dataset`) for each path's mAP",
+    )
     p.add_argument("--val-images", type=int, default=50, help="val images per model for mAP (default 50; 200 = all)")
     args = p.parse_args(argv)
 
@@ -158,40 +196,67 @@ def main(argv=None) -> int:
         for i in range(args.warmup):
             det.predict_one(bodies[i % len(bodies)])
         detectors[name], load_s[name] = det, time.perf_counter() - t0
-        print(f"{name}: built in {build_s[name]:.1f} s, loaded as {det.runner.description} in {load_s[name]:.1f} s "
-              f"(incl. {args.warmup} warm-up requests)", flush=True)
+        print(
+            f"{name}: built in {build_s[name]:.1f} s, loaded as {det.runner.description} in {load_s[name]:.1f} s "
+            f"(incl. {args.warmup} warm-up requests)",
+            flush=True,
+        )
 
     evals = {}
     for name, det in detectors.items():
         t0 = time.perf_counter()
         evals[name] = {m: evaluate(det, args.val / m / "val", m, limit=args.val_images) for m in MODEL_NAMES}
-        print(f"mAP {name}: " + "  ".join(f"{m.removeprefix('efficientdet_d0_')} {r.map50:.3f}/{r.map:.3f}"
-                                          for m, r in evals[name].items())
-              + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"mAP {name}: "
+            + "  ".join(
+                f"{m.removeprefix('efficientdet_d0_')} {r.map50:.3f}/{r.map:.3f}" for m, r in evals[name].items()
+            )
+            + f" ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
     times: dict[str, list[float]] = {n: [] for n in names}
     t_start = time.perf_counter()
     for i in range(args.requests):
         for name, det in detectors.items():
             times[name].append(timed_predict(det, bodies[i % len(bodies)])[0])
         if (i + 1) % max(1, args.requests // 6) == 0 or i + 1 == args.requests:
-            print(f"{i + 1}/{args.requests} ({time.perf_counter() - t_start:.0f} s): "
-                  + "  ".join(f"{n} {statistics.median(v):.0f}" for n, v in times.items()) + " ms p50", flush=True)
+            print(
+                f"{i + 1}/{args.requests} ({time.perf_counter() - t_start:.0f} s): "
+                + "  ".join(f"{n} {statistics.median(v):.0f}" for n, v in times.items())
+                + " ms p50",
+                flush=True,
+            )
 
     base = summarize(times["baseline"])
     rows = []
     for name, det in detectors.items():
         lat = summarize(times[name])
-        rows.append({"path": name, "runs_as": det.runner.description, "tier": RUNNERS[name].tier,
-                     "latency_ms": lat, "speedup_p50": round(base["p50"] / lat["p50"], 3),
-                     "speedup_mean": round(base["mean"] / lat["mean"], 3), "build_s": round(build_s[name], 1),
-                     "load_s": round(load_s[name], 1),
-                     "quality": map_quality(evals["baseline"], evals[name], RUNNERS[name].tier)})
+        rows.append(
+            {
+                "path": name,
+                "runs_as": det.runner.description,
+                "tier": RUNNERS[name].tier,
+                "latency_ms": lat,
+                "speedup_p50": round(base["p50"] / lat["p50"], 3),
+                "speedup_mean": round(base["mean"] / lat["mean"], 3),
+                "build_s": round(build_s[name], 1),
+                "load_s": round(load_s[name], 1),
+                "quality": map_quality(evals["baseline"], evals[name], RUNNERS[name].tier),
+            }
+        )
         print(f"quality {name}: {rows[-1]['quality']}", flush=True)
     env = environment([device])
-    meta = {"environment": env, "device": str(device), "device_name": env["devices"][str(device)],
-            "requests": args.requests, "warmup": args.warmup, "threshold": Settings().threshold, "images": list(images),
-            "val": str(args.val.relative_to(ROOT) if args.val.is_relative_to(ROOT) else args.val),
-            "val_images": args.val_images}
+    meta = {
+        "environment": env,
+        "device": str(device),
+        "device_name": env["devices"][str(device)],
+        "requests": args.requests,
+        "warmup": args.warmup,
+        "threshold": Settings().threshold,
+        "images": list(images),
+        "val": str(args.val.relative_to(ROOT) if args.val.is_relative_to(ROOT) else args.val),
+        "val_images": args.val_images,
+    }
     write_outputs(args.out, "ablation", {"meta": meta, "paths": rows}, report(rows, meta))
     plot(rows, meta, args.out / "ablation.png")
     print(f"written: {args.out}/ablation.png")

@@ -12,6 +12,7 @@ around each clock read. ``--mock`` adds the lower bound: the same I/O path with 
 constant "nothing detected" outputs instead of running the networks. Writes
 outputs/benchmark/benchmark_results.json and benchmark_report.txt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,17 @@ from pathlib import Path
 
 import torch
 
-from multidet.bench import (SEED, available_devices, environment, model_breakdown, photos, summarize,
-                            timed_batch, timed_predict, write_outputs)
+from multidet.bench import (
+    SEED,
+    available_devices,
+    environment,
+    model_breakdown,
+    photos,
+    summarize,
+    timed_batch,
+    timed_predict,
+    write_outputs,
+)
 from multidet.config import Settings
 from multidet.pipeline import Detector
 from multidet.runners import RUNNERS
@@ -40,7 +50,9 @@ def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], 
         for i in range(args.warmup):
             det.predict_one(bodies[i % len(bodies)])
         configs[name] = det
-        print(f"[{device}] loaded {name} + {args.warmup} warm-up requests in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(
+            f"[{device}] loaded {name} + {args.warmup} warm-up requests in {time.perf_counter() - t0:.1f} s", flush=True
+        )
 
     latency = {n: [] for n in configs}
     stages = {n: {s: [] for s in STAGES} for n in configs}
@@ -53,8 +65,11 @@ def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], 
             for s in STAGES:
                 stages[name][s].append(result["timing_ms"][s])
         if (i + 1) % max(1, args.requests // 5) == 0 or i + 1 == args.requests:
-            print(f"[{device}] {i + 1}/{args.requests} requests per config ({time.perf_counter() - t_start:.0f} s): "
-                  + ", ".join(f"{n} p50 {statistics.median(v):.1f} ms" for n, v in latency.items()), flush=True)
+            print(
+                f"[{device}] {i + 1}/{args.requests} requests per config ({time.perf_counter() - t_start:.0f} s): "
+                + ", ".join(f"{n} p50 {statistics.median(v):.1f} ms" for n, v in latency.items()),
+                flush=True,
+            )
 
     batch_ms = {n: [] for n in configs}
     batch_calls = max(1, args.requests // (2 * args.batch_size))
@@ -62,8 +77,11 @@ def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], 
         chunk = [bodies[(i * args.batch_size + j) % len(bodies)] for j in range(args.batch_size)]
         for name, det in configs.items():
             batch_ms[name].append(timed_batch(det, chunk))
-    print(f"[{device}] batches of {args.batch_size}: " + ", ".join(
-        f"{n} {args.batch_size * 1e3 / statistics.median(v):.2f} img/s" for n, v in batch_ms.items()), flush=True)
+    print(
+        f"[{device}] batches of {args.batch_size}: "
+        + ", ".join(f"{n} {args.batch_size * 1e3 / statistics.median(v):.2f} img/s" for n, v in batch_ms.items()),
+        flush=True,
+    )
 
     breakdown = {}
     for name, det in configs.items():
@@ -78,9 +96,12 @@ def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], 
         out[name] = {
             "latency_ms": lat,
             "throughput_img_s": round(1e3 * len(latency[name]) / sum(latency[name]), 3),
-            "batch": {"batch_size": args.batch_size, "calls": batch_calls,
-                      "ms_per_call": summarize(batch_ms[name]),
-                      "throughput_img_s": round(args.batch_size * 1e3 * batch_calls / sum(batch_ms[name]), 3)},
+            "batch": {
+                "batch_size": args.batch_size,
+                "calls": batch_calls,
+                "ms_per_call": summarize(batch_ms[name]),
+                "throughput_img_s": round(args.batch_size * 1e3 * batch_calls / sum(batch_ms[name]), 3),
+            },
             "stages_ms_mean": {s: round(statistics.fmean(v), 3) for s, v in stages[name].items()},
             "breakdown_ms_p50": breakdown.get(name),
             "description": configs[name].runner.description,
@@ -90,20 +111,29 @@ def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], 
 
 def report(results: dict) -> str:
     env, lines = results["environment"], []
-    lines.append(f"Benchmark {env['date']}  host {env['host']}  CPU {env['cpu']} ({env['cpu_cores']} cores, "
-                 f"{env['torch_threads']} torch threads)  torch {env['versions']['torch']}")
-    lines.append(f"{results['requests']} timed requests per configuration after {results['warmup']} warm-up, "
-                 f"photos {', '.join(results['images'])}, threshold {results['threshold']}, configurations interleaved")
+    lines.append(
+        f"Benchmark {env['date']}  host {env['host']}  CPU {env['cpu']} ({env['cpu_cores']} cores, "
+        f"{env['torch_threads']} torch threads)  torch {env['versions']['torch']}"
+    )
+    lines.append(
+        f"{results['requests']} timed requests per configuration after {results['warmup']} warm-up, "
+        f"photos {', '.join(results['images'])}, threshold {results['threshold']}, configurations interleaved"
+    )
     lines.append("")
     lines.append("Latency per image, end to end in the core package (decode to response), ms")
-    head = f"{'device':<8} {'path':<16} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8} {'std':>7} {'min':>8} {'max':>8} {'img/s':>7} {'batch img/s':>12}"
+    head = (
+        f"{'device':<8} {'path':<16} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8} {'std':>7} {'min':>8} "
+        f"{'max':>8} {'img/s':>7} {'batch img/s':>12}"
+    )
     lines += [head, "-" * len(head)]
     for dev, paths in results["devices"].items():
         for name, r in paths.items():
             lat = r["latency_ms"]
-            lines.append(f"{dev:<8} {name:<16} {lat['p50']:>8.1f} {lat['p90']:>8.1f} {lat['p99']:>8.1f} {lat['mean']:>8.1f} "
-                         f"{lat['std']:>7.1f} {lat['min']:>8.1f} {lat['max']:>8.1f} {r['throughput_img_s']:>7.2f} "
-                         f"{r['batch']['throughput_img_s']:>12.2f}")
+            lines.append(
+                f"{dev:<8} {name:<16} {lat['p50']:>8.1f} {lat['p90']:>8.1f} {lat['p99']:>8.1f} {lat['mean']:>8.1f} "
+                f"{lat['std']:>7.1f} {lat['min']:>8.1f} {lat['max']:>8.1f} {r['throughput_img_s']:>7.2f} "
+                f"{r['batch']['throughput_img_s']:>12.2f}"
+            )
     lines.append("")
     lines.append("Where the time goes (median ms of one request, models run one at a time)")
     for dev, paths in results["devices"].items():
@@ -118,18 +148,24 @@ def report(results: dict) -> str:
         real = paths.get("baseline")
         if real and "mock" in paths:
             mock = paths["mock"]["latency_ms"]["p50"]
-            lines.append(f"  {dev}: mock lower bound {mock:.1f} ms vs baseline {real['latency_ms']['p50']:.1f} ms: "
-                         f"the networks + their NMS are {100 * (1 - mock / real['latency_ms']['p50']):.0f} % of a request")
+            lines.append(
+                f"  {dev}: mock lower bound {mock:.1f} ms vs baseline {real['latency_ms']['p50']:.1f} ms: "
+                f"the networks + their NMS are {100 * (1 - mock / real['latency_ms']['p50']):.0f} % of a request"
+            )
         if real and cpu and dev != "cpu":
             lines.append(f"  {dev} vs cpu (baseline): {cpu['latency_ms']['p50'] / real['latency_ms']['p50']:.2f}x")
         for name, r in paths.items():
             if real and name not in ("baseline", "mock"):
-                lines.append(f"  {dev}/{name} vs {dev}/baseline: {real['latency_ms']['p50'] / r['latency_ms']['p50']:.2f}x")
+                lines.append(
+                    f"  {dev}/{name} vs {dev}/baseline: {real['latency_ms']['p50'] / r['latency_ms']['p50']:.2f}x"
+                )
     if cpu:
         lines.append("")
-        lines.append(f"Seed report for comparison: CPU baseline {SEED['cpu_baseline_ms']:.0f} ms on {SEED['cpu_hardware']}, "
-                     f"MPS {SEED['mps_baseline_ms']:.0f} ms, MPS+vmap {SEED['mps_vmap_ms']:.0f} ms; "
-                     f"this run: CPU baseline p50 {cpu['latency_ms']['p50']:.0f} ms on {env['cpu']}")
+        lines.append(
+            f"Seed report for comparison: CPU baseline {SEED['cpu_baseline_ms']:.0f} ms on {SEED['cpu_hardware']}, "
+            f"MPS {SEED['mps_baseline_ms']:.0f} ms, MPS+vmap {SEED['mps_vmap_ms']:.0f} ms; "
+            f"this run: CPU baseline p50 {cpu['latency_ms']['p50']:.0f} ms on {env['cpu']}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +177,9 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=40, help="timed requests per configuration and device")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4, help="images per call for the batched throughput")
-    p.add_argument("--breakdown", type=int, default=None, help="requests for the per-model breakdown (default min(requests, 12))")
+    p.add_argument(
+        "--breakdown", type=int, default=None, help="requests for the per-model breakdown (default min(requests, 12))"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmark")
     args = p.parse_args(argv)
     args.breakdown = args.breakdown or min(args.requests, 12)
@@ -152,8 +190,15 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown path(s) {unknown}; available: {sorted(RUNNERS)}")
     images = photos()
-    results = {"environment": environment(devices), "requests": args.requests, "warmup": args.warmup,
-               "images": list(images), "threshold": Settings().threshold, "paths": paths, "devices": {}}
+    results = {
+        "environment": environment(devices),
+        "requests": args.requests,
+        "warmup": args.warmup,
+        "images": list(images),
+        "threshold": Settings().threshold,
+        "paths": paths,
+        "devices": {},
+    }
     for device in devices:
         valid = [n for n in paths if RUNNERS[n].supports(device)]
         results["devices"][device.type] = measure_device(device, valid, list(images.values()), args)

@@ -15,6 +15,7 @@ point is the first step after which adding users raises throughput by less than 
 configuration gets its own server (started here on free ports, stopped after) unless --url is
 given. Writes outputs/sweep/sweep.json, sweep.csv and sweep.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,18 +48,42 @@ def scrape(metrics_url: str | None) -> dict[str, float]:
 
 
 def locust_step(host: str, users: int, duration: int, prefix: Path) -> dict:
-    cmd = [str(BIN / "locust"), "-f", str(ROOT / "load_tests"), "--headless", "-u", str(users), "-r", str(users),
-           "-t", f"{duration}s", "--host", host, "--csv", str(prefix), "--only-summary", "--stop-timeout", "30"]
+    cmd = [
+        str(BIN / "locust"),
+        "-f",
+        str(ROOT / "load_tests"),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{duration}s",
+        "--host",
+        host,
+        "--csv",
+        str(prefix),
+        "--only-summary",
+        "--stop-timeout",
+        "30",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=duration + 300)
     stats_file = Path(f"{prefix}_stats.csv")
     if not stats_file.exists():
         raise RuntimeError(f"locust wrote no statistics (exit {r.returncode}):\n{r.stderr[-3000:]}")
     rows = {row["Name"]: row for row in csv.DictReader(stats_file.open())}
     row = rows.get("/predictions/all") or rows["Aggregated"]
-    return {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
-            "rps": round(float(row["Requests/s"]), 3), "p50_ms": float(row["50%"]), "p95_ms": float(row["95%"]),
-            "p99_ms": float(row["99%"]), "mean_ms": round(float(row["Average Response Time"]), 1),
-            "max_ms": float(row["Max Response Time"]), "locust_exit": r.returncode}
+    return {
+        "requests": int(row["Request Count"]),
+        "failures": int(row["Failure Count"]),
+        "rps": round(float(row["Requests/s"]), 3),
+        "p50_ms": float(row["50%"]),
+        "p95_ms": float(row["95%"]),
+        "p99_ms": float(row["99%"]),
+        "mean_ms": round(float(row["Average Response Time"]), 1),
+        "max_ms": float(row["Max Response Time"]),
+        "locust_exit": r.returncode,
+    }
 
 
 def server_figures(before: dict, after: dict, ts_log: Path | None, since: float, until: float) -> dict:
@@ -66,7 +91,11 @@ def server_figures(before: dict, after: dict, ts_log: Path | None, since: float,
     out = {"served": int(served)}
     if served > 0:
         queue = (after["ts_queue_latency_microseconds"] - before.get("ts_queue_latency_microseconds", 0)) / served / 1e3
-        total = (after["ts_inference_latency_microseconds"] - before.get("ts_inference_latency_microseconds", 0)) / served / 1e3
+        total = (
+            (after["ts_inference_latency_microseconds"] - before.get("ts_inference_latency_microseconds", 0))
+            / served
+            / 1e3
+        )
         out.update(queue_ms=round(queue, 2), frontend_ms=round(total, 2), worker_ms=round(total - queue, 2))
     if ts_log is not None:
         worker = backend_metrics(ts_log, since, until)
@@ -88,22 +117,37 @@ def saturation(steps: list[dict]) -> dict | None:
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for label, cfg in results["configs"].items():
         users = [s["users"] for s in cfg["steps"]]
-        line, = axes[0].plot(users, [s["p50_ms"] for s in cfg["steps"]], "o-", label=f"{label} p50")
+        (line,) = axes[0].plot(users, [s["p50_ms"] for s in cfg["steps"]], "o-", label=f"{label} p50")
         axes[0].plot(users, [s["p95_ms"] for s in cfg["steps"]], "s--", color=line.get_color(), label=f"{label} p95")
         axes[1].plot(users, [s["rps"] for s in cfg["steps"]], "o-", color=line.get_color(), label=label)
-        axes[2].plot(users, [s["server"].get("queue_ms", 0) for s in cfg["steps"]], "o-", color=line.get_color(),
-                     label=f"{label} queue")
-        axes[2].plot(users, [s["server"].get("worker_ms", 0) for s in cfg["steps"]], "s--", color=line.get_color(),
-                     label=f"{label} worker")
+        axes[2].plot(
+            users,
+            [s["server"].get("queue_ms", 0) for s in cfg["steps"]],
+            "o-",
+            color=line.get_color(),
+            label=f"{label} queue",
+        )
+        axes[2].plot(
+            users,
+            [s["server"].get("worker_ms", 0) for s in cfg["steps"]],
+            "s--",
+            color=line.get_color(),
+            label=f"{label} worker",
+        )
         if cfg.get("saturation"):
             axes[1].axvline(cfg["saturation"]["users"], color=line.get_color(), ls=":", lw=1)
-    titles = ("client latency (ms)", "achieved requests/s (dotted: saturation)", "TorchServe: queue vs worker ms/request")
+    titles = (
+        "client latency (ms)",
+        "achieved requests/s (dotted: saturation)",
+        "TorchServe: queue vs worker ms/request",
+    )
     axes[1].set_ylim(bottom=0)
     for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
@@ -113,8 +157,11 @@ def plot(results: dict, path: Path) -> None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     env = results["environment"]
-    fig.suptitle(f"Load sweep {env['date'][:10]}, {env['cpu']} ({env['cpu_cores']} cores), path {results['optimization']}, "
-                 f"{results['duration_s']} s per step", fontsize=10)
+    fig.suptitle(
+        f"Load sweep {env['date'][:10]}, {env['cpu']} ({env['cpu_cores']} cores), path {results['optimization']}, "
+        f"{results['duration_s']} s per step",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -140,12 +187,21 @@ def main(argv=None) -> int:
         p.error("--batching takes off, on or off,on")
     args.out.mkdir(parents=True, exist_ok=True)
     images = photos()
-    results = {"environment": environment(available_devices()), "optimization": args.optimization, "duration_s": args.duration,
-               "users": levels, "images": list(images), "configs": {}}
+    results = {
+        "environment": environment(available_devices()),
+        "optimization": args.optimization,
+        "duration_s": args.duration,
+        "users": levels,
+        "images": list(images),
+        "configs": {},
+    }
     body = next(iter(images.values()))
     for config in configs:
-        label = {"off": "batching off", "on": f"batching on (batchSize {args.batch_size}, maxBatchDelay "
-                                               f"{args.max_batch_delay} ms)", "external": args.url}[config]
+        label = {
+            "off": "batching off",
+            "on": f"batching on (batchSize {args.batch_size}, maxBatchDelay {args.max_batch_delay} ms)",
+            "external": args.url,
+        }[config]
         with ExitStack() as stack:
             if config == "external":
                 host, metrics_url, ts_log = args.url, args.metrics_url, None
@@ -165,31 +221,74 @@ def main(argv=None) -> int:
                 before, since = scrape(metrics_url), time.time()
                 step = locust_step(host, users, args.duration, args.out / f"locust_{config}_{users}u")
                 until = time.time()
-                step = {"users": users, **step, "server": server_figures(before, scrape(metrics_url), ts_log, since, until)}
+                step = {
+                    "users": users,
+                    **step,
+                    "server": server_figures(before, scrape(metrics_url), ts_log, since, until),
+                }
                 steps.append(step)
                 srv = step["server"]
-                print(f"[{label}] {users} users: {step['rps']:.2f} req/s, p50 {step['p50_ms']:.0f} / p95 {step['p95_ms']:.0f} / "
-                      f"p99 {step['p99_ms']:.0f} ms, {step['failures']} failures of {step['requests']}; server queue "
-                      f"{srv.get('queue_ms', float('nan')):.0f} ms, worker {srv.get('worker_ms', float('nan')):.0f} ms, "
-                      f"batch {srv.get('mean_batch_size', float('nan')):.1f}", flush=True)
+                print(
+                    f"[{label}] {users} users: {step['rps']:.2f} req/s, "
+                    f"p50 {step['p50_ms']:.0f} / p95 {step['p95_ms']:.0f} / "
+                    f"p99 {step['p99_ms']:.0f} ms, {step['failures']} failures of {step['requests']}; server queue "
+                    f"{srv.get('queue_ms', float('nan')):.0f} ms, worker {srv.get('worker_ms', float('nan')):.0f} ms, "
+                    f"batch {srv.get('mean_batch_size', float('nan')):.1f}",
+                    flush=True,
+                )
         results["configs"][label] = {"batching": config, "steps": steps, "saturation": saturation(steps)}
 
     (args.out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
     with (args.out / "sweep.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["config", "users", "requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms",
-                    "queue_ms", "worker_ms", "handler_ms_per_batch", "mean_batch_size"])
+        w.writerow(
+            [
+                "config",
+                "users",
+                "requests",
+                "failures",
+                "rps",
+                "p50_ms",
+                "p95_ms",
+                "p99_ms",
+                "mean_ms",
+                "queue_ms",
+                "worker_ms",
+                "handler_ms_per_batch",
+                "mean_batch_size",
+            ]
+        )
         for label, cfg in results["configs"].items():
             for s in cfg["steps"]:
                 srv = s["server"]
-                w.writerow([label, s["users"], s["requests"], s["failures"], s["rps"], s["p50_ms"], s["p95_ms"], s["p99_ms"],
-                            s["mean_ms"], srv.get("queue_ms"), srv.get("worker_ms"), srv.get("handler_ms_per_batch"),
-                            srv.get("mean_batch_size")])
+                w.writerow(
+                    [
+                        label,
+                        s["users"],
+                        s["requests"],
+                        s["failures"],
+                        s["rps"],
+                        s["p50_ms"],
+                        s["p95_ms"],
+                        s["p99_ms"],
+                        s["mean_ms"],
+                        srv.get("queue_ms"),
+                        srv.get("worker_ms"),
+                        srv.get("handler_ms_per_batch"),
+                        srv.get("mean_batch_size"),
+                    ]
+                )
     plot(results, args.out / "sweep.png")
     for label, cfg in results["configs"].items():
         sat = cfg["saturation"]
-        print(f"{label}: " + (f"saturates at {sat['users']} users, {sat['rps']:.2f} req/s (p50 {sat['p50_ms']:.0f} ms)"
-                              if sat else "throughput still rising at the last step"))
+        print(
+            f"{label}: "
+            + (
+                f"saturates at {sat['users']} users, {sat['rps']:.2f} req/s (p50 {sat['p50_ms']:.0f} ms)"
+                if sat
+                else "throughput still rising at the last step"
+            )
+        )
     print(f"written: {args.out}/sweep.json, sweep.csv, sweep.png")
     failures = sum(s["failures"] for cfg in results["configs"].values() for s in cfg["steps"])
     return 1 if failures else 0

@@ -13,6 +13,7 @@ carry the machine's noise, each request's wall clock minus the pipeline's own ti
 the response itself) is reported too: the serving cost paired per request. TorchServe's own queue
 time (metrics endpoint) is reported alongside. Writes outputs/overhead/overhead_results.json and overhead_report.txt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,11 +41,16 @@ def measure_path(name: str, device, images: list[bytes], args) -> dict:
     core = Detector.from_checkpoints(ROOT / "weights", Settings(optimization=name), device)
     embedded = EmbeddedService(Settings(optimization=name, checkpoint_dir="weights"))
     print(f"[{name}] core + embedded loaded in {time.perf_counter() - t0:.0f} s; starting TorchServe ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix=f"overhead-{name}-") as tmp, \
-            start_torchserve(Path(tmp), ["--optimization", name], timeout=args.server_timeout) as server, \
-            requests.Session() as http:
-        print(f"[{name}] MAR built in {server.build_s:.0f} s; TorchServe started to a READY worker in "
-              f"{server.startup_s:.0f} s", flush=True)
+    with (
+        tempfile.TemporaryDirectory(prefix=f"overhead-{name}-") as tmp,
+        start_torchserve(Path(tmp), ["--optimization", name], timeout=args.server_timeout) as server,
+        requests.Session() as http,
+    ):
+        print(
+            f"[{name}] MAR built in {server.build_s:.0f} s; TorchServe started to a READY worker in "
+            f"{server.startup_s:.0f} s",
+            flush=True,
+        )
         startup = {"mar_build_s": round(server.build_s, 1), "start_to_ready_s": round(server.startup_s, 1)}
 
         def via_core(body):
@@ -74,15 +80,18 @@ def measure_path(name: str, device, images: list[bytes], args) -> dict:
         outside = {m: [] for m in MODES}  # per request: wall clock minus the pipeline's own timing_ms.total
         rounds = max(1, -(-args.requests // len(images)))
         for r in range(rounds):
-            order = MODES[r % 3:] + MODES[: r % 3]
+            order = MODES[r % 3 :] + MODES[: r % 3]
             for mode in order:
                 for body in images:
                     if len(times[mode]) < args.requests:
                         wall, inner = run[mode](body)
                         times[mode].append(wall)
                         outside[mode].append(wall - inner)
-            print(f"[{name}] round {r + 1}/{rounds}: " + ", ".join(
-                f"{m} {sorted(v)[len(v) // 2]:.1f} ms" for m, v in times.items()), flush=True)
+            print(
+                f"[{name}] round {r + 1}/{rounds}: "
+                + ", ".join(f"{m} {sorted(v)[len(v) // 2]:.1f} ms" for m, v in times.items()),
+                flush=True,
+            )
         after = parse_prometheus(requests.get(f"{server.metrics}/metrics", timeout=10).text)
 
     served = after.get("ts_inference_requests_total", 0) - before.get("ts_inference_requests_total", 0)
@@ -97,26 +106,40 @@ def measure_path(name: str, device, images: list[bytes], args) -> dict:
         "runs_as": core.runner.description,
         "torchserve_startup": startup,
         "latency_ms": stats,
-        "overhead_p50": {"handler (embedded - core)": overhead("core", "embedded"),
-                         "frontend+ipc+http (http - embedded)": overhead("embedded", "http"),
-                         "total (http - core)": overhead("core", "http")},
+        "overhead_p50": {
+            "handler (embedded - core)": overhead("core", "embedded"),
+            "frontend+ipc+http (http - embedded)": overhead("embedded", "http"),
+            "total (http - core)": overhead("core", "http"),
+        },
         # paired per request, so far less noisy than differences of percentiles across modes
         "outside_pipeline_ms": {m: summarize(v) for m, v in outside.items()},
         "torchserve_metrics_per_request_ms": {
-            "queue": round((after.get("ts_queue_latency_microseconds", 0) - before.get("ts_queue_latency_microseconds", 0))
-                           / max(served, 1) / 1e3, 3),
-            "frontend_total": round((after.get("ts_inference_latency_microseconds", 0)
-                                     - before.get("ts_inference_latency_microseconds", 0)) / max(served, 1) / 1e3, 3),
-            "requests": served},
+            "queue": round(
+                (after.get("ts_queue_latency_microseconds", 0) - before.get("ts_queue_latency_microseconds", 0))
+                / max(served, 1)
+                / 1e3,
+                3,
+            ),
+            "frontend_total": round(
+                (after.get("ts_inference_latency_microseconds", 0) - before.get("ts_inference_latency_microseconds", 0))
+                / max(served, 1)
+                / 1e3,
+                3,
+            ),
+            "requests": served,
+        },
     }
 
 
 def report(results: dict) -> str:
     env = results["environment"]
-    lines = [f"Serving overhead {env['date']}  {results['device']} ({env['devices'][results['device']]}), "
-             f"{env['cpu_cores']} cores, torch {env['versions']['torch']}, TorchServe {env['versions']['torchserve']}",
-             f"{results['requests']} requests per mode and path, modes in rotating rounds, one client, photos "
-             f"{', '.join(results['images'])}", ""]
+    lines = [
+        f"Serving overhead {env['date']}  {results['device']} ({env['devices'][results['device']]}), "
+        f"{env['cpu_cores']} cores, torch {env['versions']['torch']}, TorchServe {env['versions']['torchserve']}",
+        f"{results['requests']} requests per mode and path, modes in rotating rounds, one client, photos "
+        f"{', '.join(results['images'])}",
+        "",
+    ]
     head = f"{'path':<16} {'mode':<9} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}"
     lines += [head, "-" * len(head)]
     for name, r in results["paths"].items():
@@ -128,10 +151,14 @@ def report(results: dict) -> str:
         parts = "; ".join(f"{k}: {v['ms']:+.1f} ms ({v['pct_of_core']:+.1f} %)" for k, v in r["overhead_p50"].items())
         m = r["torchserve_metrics_per_request_ms"]
         lines.append(f"{name} (runs as {r['runs_as']}): {parts}; TorchServe queue {m['queue']:.2f} ms/request")
-        lines.append(f"  MAR build {r['torchserve_startup']['mar_build_s']:.0f} s, TorchServe start to a READY worker "
-                     f"{r['torchserve_startup']['start_to_ready_s']:.0f} s")
-        paired = ", ".join(f"{mode} {r['outside_pipeline_ms'][mode]['p50']:.2f} ms (p99 {r['outside_pipeline_ms'][mode]['p99']:.2f})"
-                           for mode in MODES)
+        lines.append(
+            f"  MAR build {r['torchserve_startup']['mar_build_s']:.0f} s, TorchServe start to a READY worker "
+            f"{r['torchserve_startup']['start_to_ready_s']:.0f} s"
+        )
+        paired = ", ".join(
+            f"{mode} {r['outside_pipeline_ms'][mode]['p50']:.2f} ms (p99 {r['outside_pipeline_ms'][mode]['p99']:.2f})"
+            for mode in MODES
+        )
         lines.append(f"  paired per request, wall clock minus the pipeline's own timing (p50): {paired}")
     lines.append(f"\nSeed report: TorchServe overhead {SEED['torchserve_overhead_ms']} ms")
     return "\n".join(lines) + "\n"
@@ -152,8 +179,13 @@ def main(argv=None) -> int:
         p.error(f"unknown path(s) {bad}; available: {SERVABLE}")
     device = select_device(args.device)
     images = photos()
-    results = {"environment": environment([device]), "device": str(device), "requests": args.requests,
-               "images": list(images), "paths": {}}
+    results = {
+        "environment": environment([device]),
+        "device": str(device),
+        "requests": args.requests,
+        "images": list(images),
+        "paths": {},
+    }
     for name in names:
         results["paths"][name] = measure_path(name, device, list(images.values()), args)
     write_outputs(args.out, "overhead", results, report(results))

@@ -9,6 +9,7 @@ Every request has an expected status (200 for photos, 400/413/415/422 for the ba
 else is an unexpected failure. Exit status 1 if there was any, or if the worker's RSS grew by more
 than --max-rss-growth between the end of warm-up and the end of the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,17 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def run(inference: str, management: str, duration: float, concurrency: int, window: float,
-        warmup: float, model: str = "all", seed: int = 0, progress=None) -> dict:
+def run(
+    inference: str,
+    management: str,
+    duration: float,
+    concurrency: int,
+    window: float,
+    warmup: float,
+    model: str = "all",
+    seed: int = 0,
+    progress=None,
+) -> dict:
     progress = progress or (lambda line: print(line, flush=True))
     mix = request_mix(sorted((ROOT / "load_tests" / "images").glob("*.jpg")))
     url = f"{inference}/predictions/{model}"
@@ -86,8 +96,9 @@ def run(inference: str, management: str, duration: float, concurrency: int, wind
 
     def start(seconds: float, sink: list) -> list[threading.Thread]:
         stop_at, t_ref = time.monotonic() + seconds, time.monotonic()
-        threads = [threading.Thread(target=client, args=(k, stop_at, t_ref, sink), daemon=True)
-                   for k in range(concurrency)]
+        threads = [
+            threading.Thread(target=client, args=(k, stop_at, t_ref, sink), daemon=True) for k in range(concurrency)
+        ]
         for t in threads:
             t.start()
         return threads
@@ -115,13 +126,19 @@ def run(inference: str, management: str, duration: float, concurrency: int, wind
                 rss_series.append((elapsed, worker_rss(management, model)))
             except (requests.RequestException, psutil.Error):
                 pass
-            w = {"t_end_s": round(min(next_report, elapsed), 1), "requests": len(recent),
-                 "unexpected": sum(r[2] != r[3] for r in recent),
-                 "p50_ms": round(percentile(good, 50), 1), "p99_ms": round(percentile(good, 99), 1),
-                 "rss_mib": round(rss_series[-1][1] / 2**20, 1)}
+            w = {
+                "t_end_s": round(min(next_report, elapsed), 1),
+                "requests": len(recent),
+                "unexpected": sum(r[2] != r[3] for r in recent),
+                "p50_ms": round(percentile(good, 50), 1),
+                "p99_ms": round(percentile(good, 99), 1),
+                "rss_mib": round(rss_series[-1][1] / 2**20, 1),
+            }
             windows.append(w)
-            progress(f"[{w['t_end_s']:7.1f}s] {w['requests']:4d} req  unexpected {w['unexpected']}  "
-                     f"p50 {w['p50_ms']:7.1f} ms  p99 {w['p99_ms']:7.1f} ms  worker RSS {w['rss_mib']:.0f} MiB")
+            progress(
+                f"[{w['t_end_s']:7.1f}s] {w['requests']:4d} req  unexpected {w['unexpected']}  "
+                f"p50 {w['p50_ms']:7.1f} ms  p99 {w['p99_ms']:7.1f} ms  worker RSS {w['rss_mib']:.0f} MiB"
+            )
             next_report += window
     for t in threads:
         t.join()
@@ -132,19 +149,30 @@ def run(inference: str, management: str, duration: float, concurrency: int, wind
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": {"cpus": psutil.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "duration_s": duration, "concurrency": concurrency, "requests": len(records),
-        "by_status": dict(sorted(by_status.items())), "by_input": dict(Counter(r[1] for r in records)),
-        "unexpected_failures": sum(unexpected.values()), "unexpected_detail": dict(unexpected),
-        "good_latency_ms": {"p50": round(percentile(good, 50), 1), "p99": round(percentile(good, 99), 1),
-                            "max": round(max(good, default=float("nan")), 1)},
-        "worker_rss_mib": {"start": round(rss_start / 2**20, 1), "end": round(rss_end / 2**20, 1),
-                           "growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2)},
+        "duration_s": duration,
+        "concurrency": concurrency,
+        "requests": len(records),
+        "by_status": dict(sorted(by_status.items())),
+        "by_input": dict(Counter(r[1] for r in records)),
+        "unexpected_failures": sum(unexpected.values()),
+        "unexpected_detail": dict(unexpected),
+        "good_latency_ms": {
+            "p50": round(percentile(good, 50), 1),
+            "p99": round(percentile(good, 99), 1),
+            "max": round(max(good, default=float("nan")), 1),
+        },
+        "worker_rss_mib": {
+            "start": round(rss_start / 2**20, 1),
+            "end": round(rss_end / 2**20, 1),
+            "growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2),
+        },
         "windows": windows,
     }
 
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -155,8 +183,10 @@ def plot(report: dict, path: Path) -> None:
     a.plot(t, [x["p99_ms"] for x in w], label="p99")
     a.set_ylabel("latency of good requests (ms)")
     a.legend()
-    a.set_title(f"soak: {report['requests']} requests, {report['unexpected_failures']} unexpected, "
-                f"concurrency {report['concurrency']}")
+    a.set_title(
+        f"soak: {report['requests']} requests, {report['unexpected_failures']} unexpected, "
+        f"concurrency {report['concurrency']}"
+    )
     b.plot(t, [x["rss_mib"] for x in w], color="tab:red")
     b.set_ylabel("worker RSS (MiB)")
     b.set_xlabel("time (s)")
@@ -170,8 +200,9 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=600, help="seconds of load (default 600)")
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--window", type=float, default=30, help="seconds per reporting window")
-    p.add_argument("--warmup", type=float, default=20,
-                   help="seconds of the same load before the memory baseline (default 20)")
+    p.add_argument(
+        "--warmup", type=float, default=20, help="seconds of the same load before the memory baseline (default 20)"
+    )
     p.add_argument("--inference", default=None, help="default: config.properties' inference_address")
     p.add_argument("--management", default=None, help="default: config.properties' management_address")
     p.add_argument("--max-rss-growth", type=float, default=10.0, help="percent (default 10)")
@@ -186,10 +217,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / "soak.png")
-    print(f"\n{report['requests']} requests in {args.duration:.0f} s; by status {report['by_status']}; "
-          f"unexpected {report['unexpected_failures']}; good p50/p99 {report['good_latency_ms']['p50']}/"
-          f"{report['good_latency_ms']['p99']} ms; worker RSS {report['worker_rss_mib']['start']} -> "
-          f"{report['worker_rss_mib']['end']} MiB ({report['worker_rss_mib']['growth_pct']:+.1f} %)")
+    print(
+        f"\n{report['requests']} requests in {args.duration:.0f} s; by status {report['by_status']}; "
+        f"unexpected {report['unexpected_failures']}; good p50/p99 {report['good_latency_ms']['p50']}/"
+        f"{report['good_latency_ms']['p99']} ms; worker RSS {report['worker_rss_mib']['start']} -> "
+        f"{report['worker_rss_mib']['end']} MiB ({report['worker_rss_mib']['growth_pct']:+.1f} %)"
+    )
     print(f"wrote {args.out / 'soak.json'} and {args.out / 'soak.png'}")
     ok = report["unexpected_failures"] == 0 and report["worker_rss_mib"]["growth_pct"] <= args.max_rss_growth
     return 0 if ok else 1

@@ -1,24 +1,15 @@
 """Shared fixtures: real photos, the seeded and the trained checkpoints, a labelled check set, the core
 Detector, and a real TorchServe (serving the trained weights, as `make serve` does)."""
-from __future__ import annotations
 
-import io
-from pathlib import Path
+from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
-from helpers import WEIGHTS, answers
+from helpers import CHECKPOINTS, IMAGES, PHOTOS, WEIGHTS, answers
 from multidet.config import MODEL_NAMES, Settings
 from multidet.pipeline import Detector
-from multidet.server import BIN, free_ports, start_torchserve  # noqa: F401  (tests import them from here)
-from multidet.tsconfig import read_properties  # noqa: F401  (tests import it from here)
-
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT / "load_tests" / "images"
-CHECKPOINTS = ROOT / "checkpoints"
-PHOTOS = sorted(IMAGES.glob("*.jpg"))
+from multidet.server import start_torchserve
 
 
 @pytest.fixture(scope="session")
@@ -56,43 +47,14 @@ def labelled_reference(trained, labelled):
     return answers(trained, labelled[0])
 
 
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-SCHEMA_KEYS = {"image", "optimization", "device", "detections", "models", "timing_ms"}
-
-
-def assert_schema(result: dict, models=MODEL_NAMES) -> None:
-    """The response schema of the README, checked field by field."""
-    assert set(result) == SCHEMA_KEYS
-    w, h = result["image"]["width"], result["image"]["height"]
-    assert isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0
-    assert isinstance(result["optimization"], str) and isinstance(result["device"], str)
-    assert [m["name"] for m in result["models"]] == list(models)
-    for m in result["models"]:
-        assert set(m) == {"name", "num_classes", "count"}
-        assert m["count"] == sum(d["model"] == m["name"] for d in result["detections"])
-    scores = [d["score"] for d in result["detections"]]
-    assert scores == sorted(scores, reverse=True), "detections must be score-descending"
-    for d in result["detections"]:
-        assert set(d) == {"model", "class_id", "label", "score", "box"}
-        assert isinstance(d["class_id"], int) and isinstance(d["label"], str) and 0.0 <= d["score"] <= 1.0
-        x1, y1, x2, y2 = d["box"]
-        assert all(isinstance(v, float) for v in d["box"])
-        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, d
-    assert set(result["timing_ms"]) == {"decode", "preprocess", "inference", "postprocess", "total"}
-    assert all(v >= 0 for v in result["timing_ms"].values())
-
-
-# -- a real TorchServe: multidet.server.start_torchserve (imported above) ------------------------
+# -- a real TorchServe ------------------------
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """The suite's main TorchServe (baseline). batchSize 4: single requests and concurrent batches
     are both exercised by the same server."""
-    ts = start_torchserve(tmp_path_factory.mktemp("torchserve"),
-                          ["--optimization", "baseline", "--batch-size", "4", "--max-batch-delay", "200"])
+    ts = start_torchserve(
+        tmp_path_factory.mktemp("torchserve"),
+        ["--optimization", "baseline", "--batch-size", "4", "--max-batch-delay", "200"],
+    )
     yield ts
     ts.stop()

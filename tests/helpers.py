@@ -1,14 +1,24 @@
 """Helpers shared by the tests (a module, not fixtures): the trained weights, a labelled check set,
 and "the same answer" (multidet.quality) as assertions."""
+
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 
-from multidet.config import Settings
+from PIL import Image
+
+from multidet.config import MODEL_NAMES, Settings
 from multidet.quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, map_ok
+from multidet.server import BIN, free_ports, start_torchserve  # noqa: F401  (re-exported for the tests)
+from multidet.tsconfig import read_properties  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "weights"            # the trained checkpoints, shipped in git
+IMAGES = ROOT / "load_tests" / "images"
+PHOTOS = sorted(IMAGES.glob("*.jpg"))
+CHECKPOINTS = ROOT / "checkpoints"  # seeded random checkpoints (make checkpoints): arithmetic tests
+WEIGHTS = ROOT / "weights"  # the trained checkpoints, shipped in git
 TRAINED = Settings(checkpoint_dir="weights")  # EmbeddedService(TRAINED): what `make serve` serves
 
 
@@ -24,15 +34,24 @@ def map50(answer: list[list[dict]], truth: dict[str, dict]) -> dict[str, float]:
     """mAP@0.5 per model of per-image answers against ``synthetic.check_set`` ground truth."""
     out = {}
     for model, gt in truth.items():
-        results = [{"image_id": i + 1, "category_id": d["class_id"], "score": d["score"],
-                    "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]]}
-                   for i, dets in enumerate(answer) for d in dets if d["model"] == model]
+        results = [
+            {
+                "image_id": i + 1,
+                "category_id": d["class_id"],
+                "score": d["score"],
+                "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
+            }
+            for i, dets in enumerate(answer)
+            for d in dets
+            if d["model"] == model
+        ]
         out[model] = coco_map(gt, results)[0]
     return out
 
 
-def assert_same_answer(reference: list[dict], candidate: list[dict], tier: str = "exact",
-                       threshold: float = SERVING_THRESHOLD) -> None:
+def assert_same_answer(
+    reference: list[dict], candidate: list[dict], tier: str = "exact", threshold: float = SERVING_THRESHOLD
+) -> None:
     """One image: the candidate's detections are the reference's under ``tier``'s rule."""
     rule = RULES[tier]
     check = check_detections(reference, candidate, threshold, rule)
@@ -42,3 +61,45 @@ def assert_same_answer(reference: list[dict], candidate: list[dict], tier: str =
 def assert_same_map(reference: dict[str, float], candidate: dict[str, float], tier: str = "exact") -> None:
     for model, base in reference.items():
         assert map_ok(base, candidate[model], RULES[tier]), (model, base, candidate[model], tier)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+SCHEMA_KEYS = {"image", "optimization", "device", "detections", "models", "timing_ms"}
+
+
+def assert_schema(result: dict, models=MODEL_NAMES) -> None:
+    """The response schema of the README, checked field by field."""
+    assert set(result) == SCHEMA_KEYS
+    w, h = result["image"]["width"], result["image"]["height"]
+    assert isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0
+    assert isinstance(result["optimization"], str) and isinstance(result["device"], str)
+    assert [m["name"] for m in result["models"]] == list(models)
+    for m in result["models"]:
+        assert set(m) == {"name", "num_classes", "count"}
+        assert m["count"] == sum(d["model"] == m["name"] for d in result["detections"])
+    scores = [d["score"] for d in result["detections"]]
+    assert scores == sorted(scores, reverse=True), "detections must be score-descending"
+    for d in result["detections"]:
+        assert set(d) == {"model", "class_id", "label", "score", "box"}
+        assert isinstance(d["class_id"], int) and isinstance(d["label"], str) and 0.0 <= d["score"] <= 1.0
+        x1, y1, x2, y2 = d["box"]
+        assert all(isinstance(v, float) for v in d["box"])
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, d
+    assert set(result["timing_ms"]) == {"decode", "preprocess", "inference", "postprocess", "total"}
+    assert all(v >= 0 for v in result["timing_ms"].values())
+
+
+def jpeg_declaring(photo: bytes, width: int, height: int) -> bytes:
+    """A real JPEG whose SOF header is patched to declare another size (a decompression bomb)."""
+    data = bytearray(photo)
+    for marker in (b"\xff\xc0", b"\xff\xc2"):
+        i = data.find(marker)
+        if i >= 0:
+            struct.pack_into(">HH", data, i + 5, height, width)
+            return bytes(data)
+    raise AssertionError("no SOF marker")

@@ -1,6 +1,7 @@
 """The measuring scripts in their quick modes: they run, write well-formed outputs with the required
 keys, and pass sanity checks (the mock lower bound is faster than the real path; the baseline agrees
 with itself). Speed itself is never asserted: it is measured and reported (docs/benchmarks.md)."""
+
 from __future__ import annotations
 
 import csv
@@ -10,15 +11,20 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from multidet.config import MODEL_NAMES
 
 LATENCY_KEYS = {"p50", "p90", "p95", "p99", "mean", "std", "min", "max", "n"}
 
 
 def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
-                       timeout=timeout, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -29,22 +35,37 @@ def assert_environment(env: dict) -> None:
 
 
 def test_full_benchmark_quick(tmp_path):
-    r = run("run_full_benchmark.py", "--mock", "--devices", "cpu", "--requests", "4", "--warmup", "1", "--out", str(tmp_path))
+    r = run(
+        "run_full_benchmark.py",
+        "--mock",
+        "--devices",
+        "cpu",
+        "--requests",
+        "4",
+        "--warmup",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     results = json.loads((tmp_path / "benchmark_results.json").read_text())
     assert_environment(results["environment"])
     assert results["environment"]["devices"] == {"cpu": results["environment"]["cpu"]}
     cpu = results["devices"]["cpu"]
     assert set(cpu) == {"baseline", "mock"}
-    for name, r_ in cpu.items():
+    for _name, r_ in cpu.items():
         assert set(r_["latency_ms"]) == LATENCY_KEYS and r_["latency_ms"]["n"] == 4
         assert r_["latency_ms"]["min"] <= r_["latency_ms"]["p50"] <= r_["latency_ms"]["p99"] <= r_["latency_ms"]["max"]
         assert r_["throughput_img_s"] > 0 and r_["batch"]["throughput_img_s"] > 0
         assert set(r_["stages_ms_mean"]) == {"decode", "preprocess", "inference", "postprocess"}
         assert set(r_["breakdown_ms_p50"]) == {"decode", "preprocess"} | {
-            f"{m}.{part}" for m in MODEL_NAMES for part in ("network", "nms")}
+            f"{m}.{part}" for m in MODEL_NAMES for part in ("network", "nms")
+        }
     # sanity, not a timing assertion: running three networks costs more than returning constants
     assert cpu["mock"]["latency_ms"]["p50"] < cpu["baseline"]["latency_ms"]["p50"]
-    assert cpu["mock"]["breakdown_ms_p50"][f"{MODEL_NAMES[0]}.network"] < cpu["baseline"]["breakdown_ms_p50"][f"{MODEL_NAMES[0]}.network"]
+    assert (
+        cpu["mock"]["breakdown_ms_p50"][f"{MODEL_NAMES[0]}.network"]
+        < cpu["baseline"]["breakdown_ms_p50"][f"{MODEL_NAMES[0]}.network"]
+    )
     text = (tmp_path / "benchmark_report.txt").read_text()
     assert "mock lower bound" in text and "Seed report" in text
     assert "4/4 requests per config" in r.stdout  # progress
@@ -55,8 +76,23 @@ def test_ablation_quick(tmp_path):
 
     for m in MODEL_NAMES:
         make_dataset(m, "val", 4, 0, tmp_path / "data" / m / "val")
-    run("run_ablation.py", "--paths", "baseline,channels_last,bf16", "--requests", "3", "--warmup", "1",
-        "--device", "cpu", "--out", str(tmp_path), "--val", str(tmp_path / "data"), "--val-images", "4")
+    run(
+        "run_ablation.py",
+        "--paths",
+        "baseline,channels_last,bf16",
+        "--requests",
+        "3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+        "--val",
+        str(tmp_path / "data"),
+        "--val-images",
+        "4",
+    )
     results = json.loads((tmp_path / "ablation_results.json").read_text())
     assert_environment(results["meta"]["environment"])
     rows = {r["path"]: r for r in results["paths"]}
@@ -83,7 +119,11 @@ def test_serving_overhead_quick(tmp_path):
     r = results["paths"]["baseline"]
     assert set(r["latency_ms"]) == {"core", "embedded", "http"}
     assert all(set(v) == LATENCY_KEYS and v["n"] == 4 for v in r["latency_ms"].values())
-    assert set(r["overhead_p50"]) == {"handler (embedded - core)", "frontend+ipc+http (http - embedded)", "total (http - core)"}
+    assert set(r["overhead_p50"]) == {
+        "handler (embedded - core)",
+        "frontend+ipc+http (http - embedded)",
+        "total (http - core)",
+    }
     assert r["torchserve_metrics_per_request_ms"]["requests"] >= 4
     assert r["torchserve_startup"]["start_to_ready_s"] > 0 and r["torchserve_startup"]["mar_build_s"] > 0
     # sanity: a round trip through TorchServe costs more outside the pipeline than an in-process call
@@ -92,12 +132,29 @@ def test_serving_overhead_quick(tmp_path):
 
 @pytest.mark.integration
 def test_load_sweep_quick(tmp_path):
-    run("run_load_sweep.py", "--users", "1,2", "--duration", "4", "--batching", "on", "--batch-size", "2",
-        "--max-batch-delay", "100", "--optimization", "channels_last", "--warmup", "1", "--out", str(tmp_path))
+    run(
+        "run_load_sweep.py",
+        "--users",
+        "1,2",
+        "--duration",
+        "4",
+        "--batching",
+        "on",
+        "--batch-size",
+        "2",
+        "--max-batch-delay",
+        "100",
+        "--optimization",
+        "channels_last",
+        "--warmup",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
     results = json.loads((tmp_path / "sweep.json").read_text())
     assert_environment(results["environment"])
     assert "cpu" in results["environment"]["devices"]
-    (label, cfg), = results["configs"].items()
+    ((label, cfg),) = results["configs"].items()
     assert "batchSize 2" in label and [s["users"] for s in cfg["steps"]] == [1, 2]
     for step in cfg["steps"]:
         assert step["requests"] >= 2 and step["failures"] == 0 and step["rps"] > 0

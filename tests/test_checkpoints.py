@@ -1,4 +1,5 @@
 """Checkpoints: deterministic, verified (sha256 + architecture), safe to load, importable."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,15 @@ import sys
 import pytest
 import torch
 
-from conftest import CHECKPOINTS, ROOT
-from multidet.checkpoints import (CheckpointError, CheckpointMeta, import_state_dict, load_checkpoint,
-                                  num_classes_of, safe_torch_load)
+from helpers import CHECKPOINTS, ROOT, WEIGHTS
+from multidet.checkpoints import (
+    CheckpointError,
+    CheckpointMeta,
+    import_state_dict,
+    load_checkpoint,
+    num_classes_of,
+    safe_torch_load,
+)
 from multidet.config import MODEL_NAMES, MODEL_SPECS
 
 SCRIPT = [sys.executable, str(ROOT / "scripts" / "generate_checkpoints.py")]
@@ -38,13 +45,21 @@ def test_metadata_of_generated_checkpoints():
 
 def test_regeneration_is_byte_identical(tmp_path):
     """Same seed, same bytes: a fresh run reproduces `make checkpoints`' sha256."""
-    out = subprocess.run(SCRIPT + ["--out", str(tmp_path), "--models", "efficientdet_d0_aquarium"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        SCRIPT + ["--out", str(tmp_path), "--models", "efficientdet_d0_aquarium"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "[1/1] efficientdet_d0_aquarium" in out  # progress
     fresh = CheckpointMeta.read(tmp_path / "efficientdet_d0_aquarium.json")
     assert fresh.sha256 == CheckpointMeta.read(CHECKPOINTS / "efficientdet_d0_aquarium.json").sha256
-    rerun = subprocess.run(SCRIPT + ["--out", str(tmp_path), "--models", "efficientdet_d0_aquarium"],
-                           capture_output=True, text=True, check=True).stdout
+    rerun = subprocess.run(
+        SCRIPT + ["--out", str(tmp_path), "--models", "efficientdet_d0_aquarium"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "up to date" in rerun
 
 
@@ -77,6 +92,7 @@ def test_wrong_architecture_is_refused(tmp_path):
     state = torch.load(CHECKPOINTS / "efficientdet_d0_aquarium.pth", weights_only=True)
     state.pop("box_net.predict.conv_pw.weight")
     from multidet.checkpoints import check_architecture
+
     with pytest.raises(CheckpointError, match="do not match"):
         check_architecture(state, 7)
 
@@ -90,28 +106,55 @@ def test_import_train_checkpoint(tmp_path):
     """effdet train.py's format (state_dict + state_dict_ema, module. prefix) imports as a verified checkpoint."""
     state = torch.load(CHECKPOINTS / "efficientdet_d0_vehicles.pth", weights_only=True)
     ema = {f"module.{k}": v.clone() for k, v in state.items()}
-    torch.save({"epoch": 3, "state_dict": {k: torch.zeros_like(v) for k, v in state.items()},
-                "state_dict_ema": ema}, tmp_path / "train.pth.tar")
+    torch.save(
+        {"epoch": 3, "state_dict": {k: torch.zeros_like(v) for k, v in state.items()}, "state_dict_ema": ema},
+        tmp_path / "train.pth.tar",
+    )
     imported = import_state_dict(tmp_path / "train.pth.tar")
     assert num_classes_of(imported) == 20 and all(torch.equal(imported[k], state[k]) for k in state)
     out = tmp_path / "ckpts"
-    subprocess.run(SCRIPT + ["--out", str(out), "--from", str(tmp_path / "train.pth.tar"),
-                             "--models", "efficientdet_d0_vehicles"], check=True, capture_output=True)
+    subprocess.run(
+        SCRIPT + ["--out", str(out), "--from", str(tmp_path / "train.pth.tar"), "--models", "efficientdet_d0_vehicles"],
+        check=True,
+        capture_output=True,
+    )
     meta, _ = load_checkpoint(out, "efficientdet_d0_vehicles")
     assert meta.source == "import:train.pth.tar" and meta.seed is None
 
 
 def test_import_with_wrong_class_count_fails_clearly(tmp_path):
-    r = subprocess.run(SCRIPT + ["--out", str(tmp_path), "--from", str(CHECKPOINTS / "efficientdet_d0_aquarium.pth"),
-                                 "--models", "efficientdet_d0_vehicles"], capture_output=True, text=True)
+    r = subprocess.run(
+        SCRIPT
+        + [
+            "--out",
+            str(tmp_path),
+            "--from",
+            str(CHECKPOINTS / "efficientdet_d0_aquarium.pth"),
+            "--models",
+            "efficientdet_d0_vehicles",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "7 classes" in r.stderr and "--class-names" in r.stderr
 
 
 def test_pretrained_offline_fails_clearly(tmp_path):
-    env = dict(os.environ, TORCH_HOME=str(tmp_path / "hub"), HTTPS_PROXY="http://127.0.0.1:9",
-               HTTP_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
-    r = subprocess.run(SCRIPT + ["--out", str(tmp_path), "--pretrained", "--models", "efficientdet_d0_coco"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    env = dict(
+        os.environ,
+        TORCH_HOME=str(tmp_path / "hub"),
+        HTTPS_PROXY="http://127.0.0.1:9",
+        HTTP_PROXY="http://127.0.0.1:9",
+        https_proxy="http://127.0.0.1:9",
+        http_proxy="http://127.0.0.1:9",
+    )
+    r = subprocess.run(
+        SCRIPT + ["--out", str(tmp_path), "--pretrained", "--models", "efficientdet_d0_coco"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 2 and "could not download" in r.stderr and "offline" in r.stderr
     assert not (tmp_path / "efficientdet_d0_coco.pth").exists()
 
@@ -128,8 +171,6 @@ def test_safe_load_plain_pickle_refused(tmp_path):
 def test_shipped_trained_weights_are_verified_safetensors_with_their_record():
     """weights/ holds the trained models a fresh clone serves: safetensors, sha256-checked, with how
     they were made (dataset, seed, steps) and the val mAP they reached."""
-    from helpers import WEIGHTS
-
     for name in MODEL_NAMES:
         meta, net = load_checkpoint(WEIGHTS, name)
         assert meta.format == "safetensors" and meta.source == "trained" and (WEIGHTS / meta.weights_file).exists()
@@ -143,9 +184,19 @@ def test_safetensors_round_trip_and_tamper_check(tmp_path):
     from multidet.checkpoints import save_checkpoint
 
     state = torch.load(CHECKPOINTS / "efficientdet_d0_aquarium.pth", weights_only=True)
-    meta = save_checkpoint(tmp_path, MODEL_SPECS["efficientdet_d0_aquarium"], state, seed=3, source="trained",
-                           fmt="safetensors", training={"steps": 1})
-    assert meta.weights_file == "efficientdet_d0_aquarium.safetensors" and not (tmp_path / "efficientdet_d0_aquarium.pth").exists()
+    meta = save_checkpoint(
+        tmp_path,
+        MODEL_SPECS["efficientdet_d0_aquarium"],
+        state,
+        seed=3,
+        source="trained",
+        fmt="safetensors",
+        training={"steps": 1},
+    )
+    assert (
+        meta.weights_file == "efficientdet_d0_aquarium.safetensors"
+        and not (tmp_path / "efficientdet_d0_aquarium.pth").exists()
+    )
     loaded, net = load_checkpoint(tmp_path, "efficientdet_d0_aquarium")
     assert loaded == meta and all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
     path = tmp_path / meta.weights_file

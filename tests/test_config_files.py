@@ -1,9 +1,10 @@
 """The shipped configuration: secure defaults, and the container/secure variants serve.py derives."""
+
 from __future__ import annotations
 
 import importlib.util
 
-from conftest import ROOT, read_properties
+from helpers import ROOT, read_properties
 
 
 def load_script(name: str):

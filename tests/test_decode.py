@@ -1,4 +1,5 @@
 """decode: every accepted kind of image becomes RGB in its displayed orientation; bad input is a clear 4xx."""
+
 from __future__ import annotations
 
 import io
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode
+from helpers import encode, jpeg_declaring
 from multidet.decode import ACCEPTED_FORMATS, decode_image
 from multidet.errors import BadRequest, CorruptImage, ImageTooLarge, InputError, UnsupportedImage
 
@@ -27,8 +28,17 @@ def test_real_jpeg(photos):
     assert img.mode == "RGB" and img.size == (600, 400)
 
 
-@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("GIF", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True}),
-                                    ("JPEG", {"progressive": True, "quality": 95})])
+@pytest.mark.parametrize(
+    "fmt,kw",
+    [
+        ("PNG", {}),
+        ("GIF", {}),
+        ("BMP", {}),
+        ("TIFF", {}),
+        ("WEBP", {"lossless": True}),
+        ("JPEG", {"progressive": True, "quality": 95}),
+    ],
+)
 def test_accepted_formats(fmt, kw):
     assert fmt in ACCEPTED_FORMATS
     img = decode_image(encode(gradient(), fmt, **kw), MAX)
@@ -40,8 +50,11 @@ def test_accepted_formats(fmt, kw):
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "LA", "P", "1", "I;16"])
 def test_modes_become_rgb(mode):
-    src = gradient().convert(mode) if mode != "I;16" else Image.fromarray(
-        np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21)
+    src = (
+        gradient().convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21)
+    )
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     img = decode_image(encode(src, fmt), MAX)
     assert img.mode == "RGB" and img.size == (64, 48)
@@ -84,40 +97,39 @@ def test_tiny_and_extreme_aspect():
     assert decode_image(encode(Image.new("RGB", (10000, 1)), "PNG"), MAX).size == (10000, 1)
 
 
-def jpeg_declaring(photo: bytes, width: int, height: int) -> bytes:
-    """A real JPEG whose SOF header is patched to declare another size (a decompression bomb)."""
-    data = bytearray(photo)
-    for marker in (b"\xff\xc0", b"\xff\xc2"):
-        i = data.find(marker)
-        if i >= 0:
-            struct.pack_into(">HH", data, i + 5, height, width)
-            return bytes(data)
-    raise AssertionError("no SOF marker")
-
-
 def png_declaring(width: int, height: int) -> bytes:
     def chunk(tag, payload):
         return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("make", [lambda p: jpeg_declaring(p, 30000, 30000), lambda p: jpeg_declaring(p, 10000, 5000),
-                                  lambda p: png_declaring(30000, 30000)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: jpeg_declaring(p, 30000, 30000),
+        lambda p: jpeg_declaring(p, 10000, 5000),
+        lambda p: png_declaring(30000, 30000),
+    ],
+)
 def test_decompression_bomb_refused_from_header(photos, make):
     with pytest.raises(ImageTooLarge) as err:
         decode_image(make(photos["chelsea"]), MAX)
     assert err.value.status == 413 and ("pixels" in err.value.message or "too large" in err.value.message)
 
 
-@pytest.mark.parametrize("body,cls,status", [
-    (b"", BadRequest, 400),
-    (b"hello, this is text", UnsupportedImage, 415),
-    (b"<html><body>not an image</body></html>", UnsupportedImage, 415),
-    (b"\xff\xd8\xff\xe0" + b"garbage" * 50, CorruptImage, 422),
-    (b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50, CorruptImage, 422),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, CorruptImage, 422),
-])
+@pytest.mark.parametrize(
+    "body,cls,status",
+    [
+        (b"", BadRequest, 400),
+        (b"hello, this is text", UnsupportedImage, 415),
+        (b"<html><body>not an image</body></html>", UnsupportedImage, 415),
+        (b"\xff\xd8\xff\xe0" + b"garbage" * 50, CorruptImage, 422),
+        (b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50, CorruptImage, 422),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, CorruptImage, 422),
+    ],
+)
 def test_bad_bytes(body, cls, status):
     with pytest.raises(cls) as err:
         decode_image(body, MAX)

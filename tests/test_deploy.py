@@ -1,6 +1,7 @@
 """Containers and Kubernetes, checked without a Docker engine or a cluster: the Dockerfiles are
 linted with hadolint, the entrypoint serves outside Docker, and the manifests are validated against
 Kubernetes' schemas and against config.properties' ports and paths."""
+
 from __future__ import annotations
 
 import base64
@@ -15,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import BIN, ROOT, assert_schema, free_ports, read_properties, start_torchserve
+from helpers import BIN, ROOT, assert_schema, free_ports, read_properties, start_torchserve
 
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]
 K8S = ROOT / "deploy" / "k8s"
@@ -23,8 +24,9 @@ K8S_VERSION = "1.33.0"
 
 
 def test_hadolint_has_no_errors():
-    r = subprocess.run([str(BIN / "hadolint"), "--failure-threshold", "error", *map(str, DOCKERFILES)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(BIN / "hadolint"), "--failure-threshold", "error", *map(str, DOCKERFILES)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     # and nothing above "info" either
     assert not re.search(r"\b(error|warning)\b", r.stdout), r.stdout
@@ -41,7 +43,7 @@ def test_dockerfile_essentials(dockerfile):
     assert re.search(r"^USER 1000:1000$", text, re.M), "runs as a non-root user"
     assert re.search(r"^EXPOSE 8080 8081 8082$", text, re.M)
     assert re.search(r'HEALTHCHECK .*\n\s+CMD \["python", "/app/scripts/serve.py", "status"\]', text)
-    assert "ENTRYPOINT [\"/app/docker/entrypoint.sh\"]" in text and "BIND=0.0.0.0" in text
+    assert 'ENTRYPOINT ["/app/docker/entrypoint.sh"]' in text and "BIND=0.0.0.0" in text
     assert "COPY weights" in text and "create_mar.py" in text  # the trained models, packed into the MAR
     for line in (ROOT / "requirements.txt").read_text().splitlines():
         assert not line or line.startswith("#") or "==" in line, f"unpinned requirement {line}"
@@ -52,18 +54,33 @@ def test_dockerfile_essentials(dockerfile):
 def test_entrypoint_serves_outside_docker(tmp_path, photos):
     """docker/entrypoint.sh as the image runs it: TorchServe in the foreground from a generated config."""
     store = tmp_path / "model_store"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "create_mar.py"), "--export-path", str(store)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "create_mar.py"), "--export-path", str(store)],
+        check=True,
+        capture_output=True,
+    )
     ports = free_ports(5)
     (tmp_path / "tmp").mkdir()
-    env = dict(os.environ, BIND="127.0.0.1", MODEL_STORE=str(store), CONFIG_OUT=str(tmp_path / "config.properties"),
-               INFERENCE_PORT=str(ports[0]), MANAGEMENT_PORT=str(ports[1]), METRICS_PORT=str(ports[2]),
-               GRPC_INFERENCE_PORT=str(ports[3]), GRPC_MANAGEMENT_PORT=str(ports[4]),
-               TMPDIR=str(tmp_path / "tmp"), TEMP=str(tmp_path / "tmp"), LOG_LOCATION=str(tmp_path / "logs"),
-               METRICS_LOCATION=str(tmp_path / "logs"), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        BIND="127.0.0.1",
+        MODEL_STORE=str(store),
+        CONFIG_OUT=str(tmp_path / "config.properties"),
+        INFERENCE_PORT=str(ports[0]),
+        MANAGEMENT_PORT=str(ports[1]),
+        METRICS_PORT=str(ports[2]),
+        GRPC_INFERENCE_PORT=str(ports[3]),
+        GRPC_MANAGEMENT_PORT=str(ports[4]),
+        TMPDIR=str(tmp_path / "tmp"),
+        TEMP=str(tmp_path / "tmp"),
+        LOG_LOCATION=str(tmp_path / "logs"),
+        METRICS_LOCATION=str(tmp_path / "logs"),
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    )
     out = open(tmp_path / "entrypoint.out", "wb")
-    proc = subprocess.Popen([str(ROOT / "docker" / "entrypoint.sh")], env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(ROOT / "docker" / "entrypoint.sh")], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     base = f"http://127.0.0.1:{ports[0]}"
     try:
         deadline = time.monotonic() + 300
@@ -105,7 +122,7 @@ def test_kubernetes_manifests_validate_against_the_schema():
     import kubernetes_validate
 
     checked = 0
-    for name, doc in manifests():
+    for _name, doc in manifests():
         if doc["apiVersion"].startswith(("serving.kserve.io", "kustomize.config.k8s.io")):
             continue  # CRD-defined kinds: checked field by field below
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -156,8 +173,11 @@ def test_kserve_v1_protocol_through_torchserve(tmp_path_factory, photos):
         assert len(predictions) == 2
         for p in predictions:
             assert_schema(p)
-        bad = requests.post(f"{ts.inference}/v1/models/all:predict",
-                            json={"instances": instances[:1] + [{"data": "not base64 !"}]}, timeout=120)
+        bad = requests.post(
+            f"{ts.inference}/v1/models/all:predict",
+            json={"instances": instances[:1] + [{"data": "not base64 !"}]},
+            timeout=120,
+        )
         assert bad.status_code == 415 and "instance 1" in bad.json()["message"]
     finally:
         ts.stop()

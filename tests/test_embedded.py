@@ -1,4 +1,5 @@
 """Embedded mode: TorchServe's own Context and handle() path, in-process."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_schema
+from helpers import ROOT, assert_schema
 from multidet.compare import compare
 from multidet.config import Settings
 from multidet.embedded import EmbeddedRequest, EmbeddedService
@@ -33,7 +34,9 @@ def test_handler_equals_core_package(service, detector, photos):
 
 
 def test_options_from_headers_and_form_fields(service, photos):
-    by_header = service.predict_one(photos["coffee"], headers={"X-Threshold": "0.2", "X-Models": "efficientdet_d0_coco"})
+    by_header = service.predict_one(
+        photos["coffee"], headers={"X-Threshold": "0.2", "X-Models": "efficientdet_d0_coco"}
+    )
     by_field = service.predict_one(photos["coffee"], {"threshold": "0.2", "models": "efficientdet_d0_coco"})
     assert by_header.status == by_field.status == 200
     assert without_timing(by_header.body) == without_timing(by_field.body)
@@ -43,11 +46,17 @@ def test_options_from_headers_and_form_fields(service, photos):
     assert service.predict_one(photos["coffee"], {"model_name": "all"}).status == 200
 
 
-@pytest.mark.parametrize("params,headers,word", [
-    ({"threshold": "abc"}, {}, "threshold"), ({"threshold": "2"}, {}, "threshold"),
-    ({"threshold": "nan"}, {}, "threshold"), ({"models": "unknown"}, {}, "models"),
-    ({}, {"X-Threshold": "-1"}, "threshold"), ({"colour": "red"}, {}, "colour"),
-])
+@pytest.mark.parametrize(
+    "params,headers,word",
+    [
+        ({"threshold": "abc"}, {}, "threshold"),
+        ({"threshold": "2"}, {}, "threshold"),
+        ({"threshold": "nan"}, {}, "threshold"),
+        ({"models": "unknown"}, {}, "models"),
+        ({}, {"X-Threshold": "-1"}, "threshold"),
+        ({"colour": "red"}, {}, "colour"),
+    ],
+)
 def test_bad_options_are_400_naming_the_parameter(service, photos, params, headers, word):
     r = service.predict_one(photos["coffee"], params, headers)
     assert r.status == 400 and r.body["code"] == 400 and word in r.body["message"]
@@ -55,10 +64,12 @@ def test_bad_options_are_400_naming_the_parameter(service, photos, params, heade
 
 def test_batch_with_one_bad_request(service, photos):
     """Four requests in one handle() call: the bad one fails alone, the others succeed."""
-    reqs = [EmbeddedRequest(photos["coffee"], {"threshold": "0"}),
-            EmbeddedRequest(b"this is not an image"),
-            EmbeddedRequest(photos["rocket"], {"threshold": "0"}, field_name="data"),
-            EmbeddedRequest(photos["chelsea"], {"threshold": "5"})]
+    reqs = [
+        EmbeddedRequest(photos["coffee"], {"threshold": "0"}),
+        EmbeddedRequest(b"this is not an image"),
+        EmbeddedRequest(photos["rocket"], {"threshold": "0"}, field_name="data"),
+        EmbeddedRequest(photos["chelsea"], {"threshold": "5"}),
+    ]
     out = service.predict(reqs)
     assert [r.status for r in out] == [200, 415, 200, 400]
     for i in (0, 2):
@@ -74,10 +85,22 @@ def test_missing_image_field(service, photos):
 
 
 def test_predict_script_prints_the_server_json(photos):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), str(ROOT / "load_tests/images/coffee.jpg"),
-                          "--threshold", "0.3", "--models", "efficientdet_d0_coco,efficientdet_d0_aquarium"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "predict.py"),
+            str(ROOT / "load_tests/images/coffee.jpg"),
+            "--threshold",
+            "0.3",
+            "--models",
+            "efficientdet_d0_coco,efficientdet_d0_aquarium",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     import json
+
     result = json.loads(out.stdout)
     assert_schema(result, models=("efficientdet_d0_coco", "efficientdet_d0_aquarium"))
     assert all(d["score"] >= 0.3 for d in result["detections"])

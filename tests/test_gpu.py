@@ -6,12 +6,13 @@ deployment gets), so paths that use other kernels agree with the CUDA baseline t
 >= 97 % of detections matched, boxes within 0.5 px, scores within 1e-3 (the bounds used for
 ONNX Runtime and Inductor on CPU). The figures measured are in docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import CHECKPOINTS, assert_schema
+from helpers import CHECKPOINTS, assert_schema
 from multidet.compare import compare
 from multidet.config import Settings
 from multidet.pipeline import Detector, RequestOptions

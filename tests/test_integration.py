@@ -1,4 +1,5 @@
 """A real TorchServe (Java frontend + Python worker) serving a MAR built by scripts/create_mar.py."""
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -7,13 +8,11 @@ import pytest
 import requests
 import torch
 
-from conftest import assert_schema
-from helpers import TRAINED, assert_same_answer
+from helpers import TRAINED, assert_same_answer, assert_schema, encode, jpeg_declaring, start_torchserve
 from multidet.compare import compare
 from multidet.config import Settings
 from multidet.embedded import EmbeddedService
 from multidet.runners import RUNNERS
-from test_decode import jpeg_declaring
 
 pytestmark = pytest.mark.integration
 
@@ -48,12 +47,17 @@ def test_raw_put_equals_embedded(server, embedded, photos):
 
 
 def test_multipart_post_with_form_options(server, embedded, photos):
-    r = requests.post(url(server), files={"data": ("coffee.jpg", photos["coffee"], "image/jpeg")},
-                      data={"threshold": "0.3", "models": "efficientdet_d0_coco,efficientdet_d0_vehicles"}, timeout=60)
+    r = requests.post(
+        url(server),
+        files={"data": ("coffee.jpg", photos["coffee"], "image/jpeg")},
+        data={"threshold": "0.3", "models": "efficientdet_d0_coco,efficientdet_d0_vehicles"},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert_schema(r.json(), models=("efficientdet_d0_coco", "efficientdet_d0_vehicles"))
-    want = embedded.predict_one(photos["coffee"], {"threshold": "0.3",
-                                                   "models": "efficientdet_d0_coco,efficientdet_d0_vehicles"}).body
+    want = embedded.predict_one(
+        photos["coffee"], {"threshold": "0.3", "models": "efficientdet_d0_coco,efficientdet_d0_vehicles"}
+    ).body
     assert compare(want["detections"], r.json()["detections"]).exact()
 
 
@@ -61,8 +65,11 @@ def test_default_threshold_and_invocations_query(server, photos):
     default = requests.put(url(server), data=photos["coffee"], timeout=60).json()
     assert all(d["score"] >= Settings.threshold for d in default["detections"])
     # TorchServe forwards URL query parameters on /invocations
-    r = requests.put(url(server, "/invocations?model_name=all&threshold=0.2&models=efficientdet_d0_aquarium"),
-                     data=photos["coffee"], timeout=60)
+    r = requests.put(
+        url(server, "/invocations?model_name=all&threshold=0.2&models=efficientdet_d0_aquarium"),
+        data=photos["coffee"],
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert [m["name"] for m in r.json()["models"]] == ["efficientdet_d0_aquarium"]
     assert all(d["score"] >= 0.2 for d in r.json()["detections"])
@@ -108,8 +115,11 @@ def test_concurrent_batch_bad_request_fails_alone(server, embedded, labelled):
             assert_schema(r.json())
             assert_same_answer(embedded.predict_one(body).body["detections"], r.json()["detections"])
     # TorchServe batched them: the handler saw more than one request in one call
-    sizes = [int(float(line.split("RequestsPerBatch.Count:")[1].split("|")[0]))
-             for line in server.logs("ts_log.log", tail=100000).splitlines() if "RequestsPerBatch.Count:" in line]
+    sizes = [
+        int(float(line.split("RequestsPerBatch.Count:")[1].split("|")[0]))
+        for line in server.logs("ts_log.log", tail=100000).splitlines()
+        if "RequestsPerBatch.Count:" in line
+    ]
     assert max(sizes) > 1, sizes
 
 
@@ -127,14 +137,12 @@ def unusual_images(photos) -> dict[str, tuple[bytes, tuple[int, int]]]:
     import numpy as np
     from PIL import Image
 
-    from conftest import encode
-
-    coffee = Image.open(io.BytesIO(photos["coffee"])).convert("RGB")      # 600x400
+    coffee = Image.open(io.BytesIO(photos["coffee"])).convert("RGB")  # 600x400
     exif = Image.Exif()
     exif[0x0112] = 6
     rgba = coffee.convert("RGBA")
     rgba.putalpha(128)
-    gray16 = Image.fromarray((np.asarray(coffee.convert("L"), np.uint16) * 257))
+    gray16 = Image.fromarray(np.asarray(coffee.convert("L"), np.uint16) * 257)
     return {
         "grayscale": (encode(coffee.convert("L"), "JPEG"), (600, 400)),
         "cmyk": (encode(coffee.convert("CMYK"), "JPEG"), (600, 400)),
@@ -176,17 +184,31 @@ def test_bombs_do_not_grow_the_worker(server, photos):
     assert grown < 50, f"worker RSS grew {grown:.0f} MiB on refused bombs"
 
 
-@pytest.mark.parametrize("optimization", [
-    "channels_last", "vmap_backbone", "grouped", "bf16", "fp16", "onnxruntime", "aot_inductor", "compile",
-    # the same Inductor compile as `compile` on a CPU (CUDA graphs need CUDA): served where it differs
-    pytest.param("compile_reduce_overhead", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="on CPU identical to compile; ~2 min more to build")),
-    "auto"])
+@pytest.mark.parametrize(
+    "optimization",
+    [
+        "channels_last",
+        "vmap_backbone",
+        "grouped",
+        "bf16",
+        "fp16",
+        "onnxruntime",
+        "aot_inductor",
+        "compile",
+        # the same Inductor compile as `compile` on a CPU (CUDA graphs need CUDA): served where it differs
+        pytest.param(
+            "compile_reduce_overhead",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="on CPU identical to compile; ~2 min more to build"
+            ),
+        ),
+        "auto",
+    ],
+)
 def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_factory, embedded, labelled):
     """`make mar OPT=X` builds a MAR (trained weights) that TorchServe serves with the baseline's
     answer: exact paths its detections at the serving threshold; reduced-precision paths are judged by
     mAP (test_paths) and must find the objects here too."""
-    from conftest import start_torchserve
 
     if "cpu" in RUNNERS[optimization].slow_on and not torch.cuda.is_available():
         pytest.skip(f"{optimization} has no fast kernels on this CPU (seconds per request; the registry's slow_on)")

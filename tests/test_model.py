@@ -1,4 +1,5 @@
 """The baseline path gives exactly the detections of effdet's own DetBenchPredict on the same tensor."""
+
 from __future__ import annotations
 
 import pytest
@@ -67,8 +68,9 @@ def test_trained_models_find_the_objects(trained, labelled):
             for a in (a for a in gt["annotations"] if a["image_id"] == img["id"]):
                 x, y, w, h = a["bbox"]
                 total += 1
-                found += any(d["class_id"] == a["category_id"] and iou(d["box"], [x, y, x + w, y + h]) >= 0.5
-                             for d in dets)
+                found += any(
+                    d["class_id"] == a["category_id"] and iou(d["box"], [x, y, x + w, y + h]) >= 0.5 for d in dets
+                )
         assert total >= 5 and found >= 2, (model, found, total)
     for model, value in map50(got, labelled[1]).items():
         assert value >= 0.25, (model, value)
@@ -80,8 +82,9 @@ def test_model_subset_and_threshold(detector, photos):
     assert res["models"][0]["count"] == len(res["detections"]) <= 100
     high = detector.predict_one(photos["coffee"], RequestOptions(threshold=0.6))
     assert all(d["score"] >= 0.6 for d in high["detections"])
-    assert len(high["detections"]) < sum(m["count"] for m in
-                                         detector.predict_one(photos["coffee"], RequestOptions(threshold=0.0))["models"])
+    assert len(high["detections"]) < sum(
+        m["count"] for m in detector.predict_one(photos["coffee"], RequestOptions(threshold=0.0))["models"]
+    )
 
 
 @pytest.mark.parametrize("threshold", [0.05, 0.3, 0.5, 0.9, 1.0])
@@ -103,4 +106,6 @@ def test_threshold_prefilter_gives_effdets_answer(detector, photos, threshold):
             # of a shorter vector may round its tail elements differently)
             assert [(d["model"], d["class_id"]) for d in a] == [(d["model"], d["class_id"]) for d in b], (i, t)
             for x, y in zip(a, b):
-                assert x["box"] == pytest.approx(y["box"], abs=1e-4) and x["score"] == pytest.approx(y["score"], abs=1e-6)
+                assert x["box"] == pytest.approx(y["box"], abs=1e-4) and x["score"] == pytest.approx(
+                    y["score"], abs=1e-6
+                )

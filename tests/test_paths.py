@@ -7,13 +7,13 @@ tie to 4-5 decimals, and ties are not errors. On the trained checkpoints each ex
 baseline's detections at the serving threshold (boxes within 0.5 px, scores within 1e-3) and the same
 mAP within 0.1 points, on a labelled set; a reduced-precision path must keep mAP within 0.5 points.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import CHECKPOINTS, assert_schema
-from helpers import WEIGHTS, answers, assert_same_answer, assert_same_map, map50
+from helpers import CHECKPOINTS, WEIGHTS, answers, assert_same_answer, assert_same_map, assert_schema, map50
 from multidet.config import Settings
 from multidet.decode import decode_image
 from multidet.pipeline import Detector, RequestOptions
@@ -23,11 +23,13 @@ from multidet.runners.grouped import conv_calls, merge_networks
 
 CPU = torch.device("cpu")
 # paths whose own test is elsewhere (minutes of compilation: built once, through TorchServe)
-ELSEWHERE = {"aot_inductor": "compiled at MAR build: test_integration serves it",
-             "compile_reduce_overhead": "on CPU the same as compile (CUDA graphs need CUDA): test_integration",
-             "cuda_graphs": "CUDA only: tests/test_gpu.py",
-             "auto": "chooses among the others: test_auto_*",
-             "mock": "a benchmark lower bound: test_mock_*"}
+ELSEWHERE = {
+    "aot_inductor": "compiled at MAR build: test_integration serves it",
+    "compile_reduce_overhead": "on CPU the same as compile (CUDA graphs need CUDA): test_integration",
+    "cuda_graphs": "CUDA only: tests/test_gpu.py",
+    "auto": "chooses among the others: test_auto_*",
+    "mock": "a benchmark lower bound: test_mock_*",
+}
 
 
 def params(names, reason_for=lambda n: None):
@@ -141,15 +143,15 @@ def test_onnxruntime_is_built_once_and_checked_at_load(detector, tmp_path, caplo
     assert "exporting now" in caplog.text and '"opset": 17' in stale.read_text()
 
 
-def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled, labelled_reference, tmp_path,
-                                                               caplog):
+def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled, labelled_reference, tmp_path, caplog):
     RUNNERS["auto"].build(trained.models, tmp_path)
     with caplog.at_level("INFO", logger="multidet.runners.auto"):
         det = Detector.from_checkpoints(WEIGHTS, Settings(optimization="auto"), CPU, tmp_path)
     runner = det.runner
     table = {row["path"]: row for row in runner.table}
-    assert set(table) == {n for n in list_runners(device=CPU, tier="exact", auto_candidate=True)
-                          if "cpu" not in RUNNERS[n].slow_on}
+    assert set(table) == {
+        n for n in list_runners(device=CPU, tier="exact", auto_candidate=True) if "cpu" not in RUNNERS[n].slow_on
+    }
     assert table["baseline"]["equal"] and all(r["map50"] for r in table.values() if r["ms"] is not None)
     chosen = runner.chosen.name
     assert RUNNERS[chosen].tier == "exact" and table[chosen]["equal"]
@@ -165,7 +167,9 @@ def test_auto_considers_reduced_precision_only_when_allowed(trained, tmp_path, c
     with caplog.at_level("INFO", logger="multidet.runners.auto"):
         det = Detector.from_checkpoints(WEIGHTS, Settings(optimization="auto", allow_reduced=True), CPU, tmp_path)
     table = {row["path"]: row for row in det.runner.table}
-    reduced = [n for n in list_runners(device=CPU, tier="reduced", auto_candidate=True) if "cpu" not in RUNNERS[n].slow_on]
+    reduced = [
+        n for n in list_runners(device=CPU, tier="reduced", auto_candidate=True) if "cpu" not in RUNNERS[n].slow_on
+    ]
     assert set(reduced) <= set(table) and "reduced precision allowed" in caplog.text
     if not reduced:  # e.g. an AVX2-only CPU: bf16 is emulated there (slow_on), fp16 everywhere on CPU
         assert all(RUNNERS[n].tier == "exact" for n in table)
@@ -208,6 +212,7 @@ def test_aot_inductor_refuses_a_package_that_differs(detector):
     nets = [m.net for m in detector.models]
     example = example_batch(torch.device("cpu"))
     assert verify(nets[1], nets[1], example) < 1e-4  # eager itself differs a little between batch sizes
+
     def wrong(x):  # what a miscompiled package looks like: class logits off
         cls_out, box_out = nets[1](x)
         return [c * 1.5 for c in cls_out], box_out

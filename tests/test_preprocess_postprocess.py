@@ -1,4 +1,5 @@
 """Letterbox geometry, label mapping and the merged response, checked with real pixels."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,9 +22,14 @@ def bright_box(arr_chw: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-@pytest.mark.parametrize("size,rect", [((1000, 600), (400, 150, 700, 450)),     # landscape, downscaled
-                                       ((300, 800), (50, 500, 250, 700)),       # portrait, downscaled
-                                       ((200, 100), (20, 10, 120, 60))])        # small, upscaled
+@pytest.mark.parametrize(
+    "size,rect",
+    [
+        ((1000, 600), (400, 150, 700, 450)),  # landscape, downscaled
+        ((300, 800), (50, 500, 250, 700)),  # portrait, downscaled
+        ((200, 100), (20, 10, 120, 60)),
+    ],
+)  # small, upscaled
 def test_letterbox_maps_back_to_original_pixels(size, rect):
     img = Image.new("RGB", size, (0, 0, 0))
     ImageDraw.Draw(img).rectangle([rect[0], rect[1], rect[2] - 1, rect[3] - 1], fill=(255, 255, 255))
@@ -33,7 +39,7 @@ def test_letterbox_maps_back_to_original_pixels(size, rect):
     # content at the top-left, the rest is padding in effdet's mean colour
     cw, ch = lb.content_size
     assert cw == pytest.approx(size[0] / lb.scale) and ch == pytest.approx(size[1] / lb.scale)
-    pad = arr[:, int(ch) + 1:, :] if ch < 511 else arr[:, :, int(cw) + 1:]
+    pad = arr[:, int(ch) + 1 :, :] if ch < 511 else arr[:, :, int(cw) + 1 :]
     assert np.all(np.abs(pad.reshape(3, -1).mean(1) - np.array([124, 116, 104])) <= 1)
     found = bright_box(arr)
     back = to_original(torch.tensor([found]), lb)[0].tolist()
@@ -69,14 +75,25 @@ def test_labels():
 
 
 def test_detections_threshold_padding_and_labels():
-    _, lb = PRE.letterbox(Image.new("RGB", (1024, 512)))   # scale 2
-    rows = torch.tensor([[10., 10., 50., 40., 0.9, 18.],
-                         [0., 0., 20., 20., 0.2, 1.],
-                         [300., 300., 400., 400., 0.8, 3.],  # entirely in the padding: empty after clipping
-                         [0., 0., 0., 0., 0., 0.]])          # effdet's padding row
+    _, lb = PRE.letterbox(Image.new("RGB", (1024, 512)))  # scale 2
+    rows = torch.tensor(
+        [
+            [10.0, 10.0, 50.0, 40.0, 0.9, 18.0],
+            [0.0, 0.0, 20.0, 20.0, 0.2, 1.0],
+            [300.0, 300.0, 400.0, 400.0, 0.8, 3.0],  # entirely in the padding: empty after clipping
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )  # effdet's padding row
     dets = detections_for(rows, lb, "efficientdet_d0_coco", COCO_CLASSES, threshold=0.5)
-    assert dets == [{"model": "efficientdet_d0_coco", "class_id": 18, "label": "dog", "score": pytest.approx(0.9),
-                     "box": [20.0, 20.0, 100.0, 80.0]}]
+    assert dets == [
+        {
+            "model": "efficientdet_d0_coco",
+            "class_id": 18,
+            "label": "dog",
+            "score": pytest.approx(0.9),
+            "box": [20.0, 20.0, 100.0, 80.0],
+        }
+    ]
     assert len(detections_for(rows, lb, "efficientdet_d0_coco", COCO_CLASSES, threshold=0.0)) == 2
 
 

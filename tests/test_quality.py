@@ -1,4 +1,5 @@
 """The one rule for "the same answer" (multidet.quality), on hand-made answers."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,12 @@ def det(box, score, class_id=1, model="m"):
     return {"model": model, "class_id": class_id, "label": str(class_id), "score": score, "box": list(box)}
 
 
-BASE = [det((10, 10, 50, 60), 0.95), det((100, 100, 140, 180), 0.80, 2), det((200, 20, 260, 70), 0.62, 3),
-        det((300, 300, 310, 310), 0.20)]  # below the threshold: not compared
+BASE = [
+    det((10, 10, 50, 60), 0.95),
+    det((100, 100, 140, 180), 0.80, 2),
+    det((200, 20, 260, 70), 0.62, 3),
+    det((300, 300, 310, 310), 0.20),
+]  # below the threshold: not compared
 
 
 def ok(candidate, reference=BASE, rule=EXACT):
@@ -29,23 +34,23 @@ def test_identical_and_float_noise_are_the_same_answer():
 
 def test_moved_box_missing_extra_relabelled_or_rescored_are_not():
     two_moved = [det((10.8, 10, 50, 60), 0.95), det((100.8, 100, 140, 180), 0.80, 2)] + BASE[2:]
-    assert not ok(two_moved)                                              # 0.8 px > 0.5 px, twice
-    assert not ok([det((10.8, 10, 50, 60), 0.9495)] + BASE[1:])           # moved and rescored: no tie
-    assert not ok(BASE[:1] + BASE[2:])                                    # one missing
-    assert not ok(BASE + [det((400, 400, 450, 450), 0.7)])                # one extra
-    assert not ok([det((10, 10, 50, 60), 0.95, 5)] + BASE[1:])            # another label
-    assert not ok([det((10, 10, 50, 60), 0.93)] + BASE[1:])               # score off by 2e-2
+    assert not ok(two_moved)  # 0.8 px > 0.5 px, twice
+    assert not ok([det((10.8, 10, 50, 60), 0.9495)] + BASE[1:])  # moved and rescored: no tie
+    assert not ok(BASE[:1] + BASE[2:])  # one missing
+    assert not ok(BASE + [det((400, 400, 450, 450), 0.7)])  # one extra
+    assert not ok([det((10, 10, 50, 60), 0.95, 5)] + BASE[1:])  # another label
+    assert not ok([det((10, 10, 50, 60), 0.93)] + BASE[1:])  # score off by 2e-2
     assert not ok([det((10, 10, 50, 60), 0.95, model="other")] + BASE[1:])  # another model
 
 
 def test_near_ties_are_not_errors():
     border = BASE + [det((400, 400, 450, 450), 0.5004)]
-    assert ok(BASE, border) and ok(border, BASE)            # a score at the threshold may fall either side
+    assert ok(BASE, border) and ok(border, BASE)  # a score at the threshold may fall either side
     swapped = [det((11.5, 10, 51.5, 60), 0.95)] + BASE[1:]  # NMS kept the tied neighbour's box
     assert ok(swapped)  # one such pair per answer (or 1 %) is a tie, not an error: indistinguishable
     many = [det((x, 10, x + 40, 60), 0.9) for x in range(0, 400, 50)]
     all_swapped = [det((x + 1.5, 10, x + 41.5, 60), 0.9) for x in range(0, 400, 50)]
-    assert not ok(all_swapped, many)                        # but a systematic shift is an error
+    assert not ok(all_swapped, many)  # but a systematic shift is an error
 
 
 def test_reduced_tier_is_judged_by_map_only():
@@ -55,11 +60,17 @@ def test_reduced_tier_is_judged_by_map_only():
 
 
 def test_coco_map_scores_perfect_and_wrong_answers():
-    gt = {"images": [{"id": 1, "width": 400, "height": 300}],
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 50], "area": 2000, "iscrowd": 0},
-                          {"id": 2, "image_id": 1, "category_id": 2, "bbox": [100, 100, 40, 80], "area": 3200, "iscrowd": 0}],
-          "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
-    perfect = [{"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
+    gt = {
+        "images": [{"id": 1, "width": 400, "height": 300}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 50], "area": 2000, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [100, 100, 40, 80], "area": 3200, "iscrowd": 0},
+        ],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    perfect = [
+        {"image_id": 1, "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]
+    ]
     assert coco_map(gt, perfect) == pytest.approx((1.0, 1.0))
     half = [{**perfect[0]}, {**perfect[1], "category_id": 1, "score": 0.5}]  # b called a: no b found
     assert coco_map(gt, half)[0] == pytest.approx(0.5)

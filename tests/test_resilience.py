@@ -1,4 +1,5 @@
 """Overload, worker crash and token authorisation, each against a real TorchServe."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import assert_schema, start_torchserve
-from helpers import TRAINED
+from helpers import TRAINED, assert_schema, start_torchserve
 from multidet.compare import compare
-from multidet.config import Settings
 from multidet.embedded import EmbeddedService
 
 pytestmark = pytest.mark.integration
@@ -21,8 +20,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def small_queue_server(tmp_path_factory):
-    ts = start_torchserve(tmp_path_factory.mktemp("overload"), ["--response-timeout", "60"],
-                          {"job_queue_size": "3"})
+    ts = start_torchserve(tmp_path_factory.mktemp("overload"), ["--response-timeout", "60"], {"job_queue_size": "3"})
     yield ts
     ts.stop()
 
@@ -78,8 +76,7 @@ def test_worker_crash_is_recovered(small_queue_server, photos):
 
 @pytest.fixture(scope="module")
 def secure_server(tmp_path_factory):
-    ts = start_torchserve(tmp_path_factory.mktemp("secure"), [], {"disable_token_authorization": "false"},
-                          token=True)
+    ts = start_torchserve(tmp_path_factory.mktemp("secure"), [], {"disable_token_authorization": "false"}, token=True)
     yield ts
     ts.stop()
 
@@ -92,16 +89,24 @@ def test_token_authorisation(secure_server, photos):
     assert denied.status_code in (400, 401) and "Token" in denied.json()["message"]
     wrong = requests.put(url, data=photos["coffee"], headers={"Authorization": "Bearer nope"}, timeout=60)
     assert wrong.status_code in (400, 401)
-    ok = requests.put(url, data=photos["coffee"], headers={"Authorization": f"Bearer {keys['inference']['key']}"},
-                      timeout=60)
+    ok = requests.put(
+        url, data=photos["coffee"], headers={"Authorization": f"Bearer {keys['inference']['key']}"}, timeout=60
+    )
     assert ok.status_code == 200 and ok.json()["models"]
 
 
 def test_model_registration_api_is_disabled(secure_server):
     ts = secure_server
     keys = json.loads((ts.workdir / "key_file.json").read_text())
-    r = requests.post(f"{ts.management}/models?url=https://example.invalid/evil.mar",
-                      headers={"Authorization": f"Bearer {keys['management']['key']}"}, timeout=30)
+    r = requests.post(
+        f"{ts.management}/models?url=https://example.invalid/evil.mar",
+        headers={"Authorization": f"Bearer {keys['management']['key']}"},
+        timeout=30,
+    )
     assert r.status_code == 405, r.text  # enable_model_api=false: registering models is not allowed
-    assert requests.get(f"{ts.management}/models", headers={"Authorization": f"Bearer {keys['management']['key']}"},
-                        timeout=30).json()["models"][0]["modelName"] == "all"
+    assert (
+        requests.get(
+            f"{ts.management}/models", headers={"Authorization": f"Bearer {keys['management']['key']}"}, timeout=30
+        ).json()["models"][0]["modelName"]
+        == "all"
+    )

@@ -1,4 +1,5 @@
 """A short soak (CI's version of `make soak`): mixed good/bad load, no unexpected status, flat memory."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,33 @@ import sys
 
 import pytest
 
-from conftest import BIN, ROOT
+from helpers import BIN, ROOT
 
 pytestmark = pytest.mark.integration
 
 
 def test_short_soak(server, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "soak.py"), "--duration", "45", "--window", "15",
-                        "--warmup", "15", "--inference", server.inference, "--management", server.management,
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "soak.py"),
+            "--duration",
+            "45",
+            "--window",
+            "15",
+            "--warmup",
+            "15",
+            "--inference",
+            server.inference,
+            "--management",
+            server.management,
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     report = json.loads((tmp_path / "soak.json").read_text())
     assert r.returncode == 0, r.stdout + r.stderr
     assert report["unexpected_failures"] == 0, report["unexpected_detail"]
@@ -30,9 +49,29 @@ def test_locust_load_package(server, tmp_path):
     """`locust -f load_tests` as `make load` runs it: real JPEGs, every response checked."""
     import csv
 
-    r = subprocess.run([str(BIN / "locust"), "-f", str(ROOT / "load_tests"), "--headless", "-u", "2", "-r", "2", "-t", "15s",
-                        "--host", server.inference, "--csv", str(tmp_path / "load"), "--only-summary"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [
+            str(BIN / "locust"),
+            "-f",
+            str(ROOT / "load_tests"),
+            "--headless",
+            "-u",
+            "2",
+            "-r",
+            "2",
+            "-t",
+            "15s",
+            "--host",
+            server.inference,
+            "--csv",
+            str(tmp_path / "load"),
+            "--only-summary",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = {row["Name"]: row for row in csv.DictReader(open(tmp_path / "load_stats.csv"))}
     stats = rows["/predictions/all"]

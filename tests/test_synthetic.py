@@ -1,4 +1,5 @@
 """The labelled data generator: deterministic, COCO-valid, varied (multidet.synthetic, make_dataset.py)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,14 +15,21 @@ SCRIPT = [sys.executable, str(ROOT / "scripts" / "make_dataset.py")]
 
 
 def digest(folder) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def make(tmp_path, name, model="efficientdet_d0_aquarium", split="val", count=6, seed=0):
     out = tmp_path / name
-    run = subprocess.run(SCRIPT + ["--model", model, "--split", split, "--count", str(count), "--seed", str(seed),
-                                   "--out", str(out)], capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        SCRIPT + ["--model", model, "--split", split, "--count", str(count), "--seed", str(seed), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out, run
 
 
@@ -36,8 +44,8 @@ def test_same_seed_gives_byte_identical_files(tmp_path):
 
 
 def test_annotations_are_coco_with_the_models_class_ids(tmp_path):
-    from pycocotools.coco import COCO
     from PIL import Image
+    from pycocotools.coco import COCO
 
     out, _ = make(tmp_path, "coco", model="efficientdet_d0_coco", count=10)
     data = json.loads((out / "annotations.json").read_text())

@@ -1,4 +1,5 @@
 """Fine-tuning (multidet.training) and evaluation (scripts/evaluate.py) on tiny datasets."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,23 @@ def tiny(tmp_path_factory):
 
 
 def config(tiny, out, **kw):
-    base = dict(model=MODEL, train_dir=tiny / "train", val_dir=tiny / "val", out_dir=out, init=WEIGHTS,
-                init_model="efficientdet_d0_coco", steps=8, batch_size=4, lr=1e-3, image_size=256, workers=0,
-                eval_every=0, save_every=4, ema_decay=0.0, warmup_pct=0.2)
+    base = dict(
+        model=MODEL,
+        train_dir=tiny / "train",
+        val_dir=tiny / "val",
+        out_dir=out,
+        init=WEIGHTS,
+        init_model="efficientdet_d0_coco",
+        steps=8,
+        batch_size=4,
+        lr=1e-3,
+        image_size=256,
+        workers=0,
+        eval_every=0,
+        save_every=4,
+        ema_decay=0.0,
+        warmup_pct=0.2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -85,9 +100,23 @@ def test_from_scratch_needs_no_checkpoint_and_rejects_foreign_class_ids(tiny, tm
 
 def test_evaluate_script_reports_map_of_the_trained_model(tiny, tmp_path):
     out = tmp_path / "eval.json"
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--data", str(tiny / "val"),
-                          "--model", MODEL, "--optimization", "baseline", "--json", str(out)],
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "evaluate.py"),
+            "--data",
+            str(tiny / "val"),
+            "--model",
+            MODEL,
+            "--optimization",
+            "baseline",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.read_text())
     assert json.loads(run.stdout.strip().splitlines()[-1]) == result
     assert set(result) == {"model", "optimization", "map50", "map", "images"}

@@ -1,7 +1,19 @@
 """Optimisation paths, registered by name. Importing this package registers all of them."""
+
+from . import (  # noqa: F401  (each registers its path)
+    aot,
+    auto,  # noqa: F401  (last: it chooses among the others)
+    baseline,
+    channels_last,
+    compiled,
+    cuda_graphs,
+    grouped,
+    half,
+    mock,
+    onnx,
+    vmap,
+)
 from .base import RUNNERS, LoadedModel, Runner, create_runner, list_runners, register
-from . import aot, baseline, channels_last, compiled, cuda_graphs, grouped, half, mock, onnx, vmap  # noqa: F401  (each registers its path)
-from . import auto  # noqa: F401  (last: it chooses among the others)
 
 __all__ = ["RUNNERS", "SERVABLE", "LoadedModel", "Runner", "create_runner", "list_runners", "register"]
 

@@ -15,13 +15,14 @@ thousands when the example batch was zeros or noise (a photo-like example compil
 and for the fused ``grouped`` super-model. The three networks therefore stay separate here.
 Post-processing stays eager and shared, as for every path.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -63,8 +64,10 @@ def verify(package, net: torch.nn.Module, example: torch.Tensor, tolerance: floa
     pairs += [(a[1:], b) for a, b in zip(ref_cls + ref_box, list(one_cls) + list(one_box))]
     diff = max(float((a - b).abs().max() / a.abs().max().clamp(min=1e-6)) for a, b in pairs)
     if not diff <= tolerance:
-        raise RuntimeError(f"AOTInductor package differs from the eager network by {diff:.3g} relative (> {tolerance}); "
-                           "refusing it (a compiler bug: try another torch version, or OPT=compile)")
+        raise RuntimeError(
+            f"AOTInductor package differs from the eager network by {diff:.3g} relative (> {tolerance}); "
+            "refusing it (a compiler bug: try another torch version, or OPT=compile)"
+        )
     return diff
 
 
@@ -80,11 +83,16 @@ def compile_packages(models: Sequence[LoadedModel], artifact_dir: Path, device: 
         print(f"AOTInductor: compiling {model.name} ({k + 1}/{len(models)}) for {device.type} ...", flush=True)
         net = model.net.to(device).eval()
         program = torch.export.export(net, (example,), dynamic_shapes={"x": {0: batch}})
-        path = Path(torch._inductor.aoti_compile_and_package(program, package_path=str(package_path(artifact_dir, model))))
+        path = Path(
+            torch._inductor.aoti_compile_and_package(program, package_path=str(package_path(artifact_dir, model)))
+        )
         diff = verify(torch._inductor.aoti_load_package(str(path)), net, example)
         written.append(path)
-        print(f"  {path.name}: {time.perf_counter() - t0:.0f} s, {path.stat().st_size / 1e6:.1f} MB, "
-              f"max relative diff vs eager {diff:.1e}", flush=True)
+        print(
+            f"  {path.name}: {time.perf_counter() - t0:.0f} s, {path.stat().st_size / 1e6:.1f} MB, "
+            f"max relative diff vs eager {diff:.1e}",
+            flush=True,
+        )
     stamp = artifact_dir / STAMP_FILE
     stamp.write_text(json.dumps(_stamp(models, device), indent=2) + "\n")
     return written + [stamp]
@@ -107,11 +115,17 @@ class AotInductorRunner(BaselineRunner):
         super().__init__(models, device, max_detections, artifact_dir)
         directory = self.artifact_dir or Path("artifacts")
         stamp = directory / STAMP_FILE
-        fresh = (stamp.exists() and json.loads(stamp.read_text()) == _stamp(self.models, self.device)
-                 and all(package_path(directory, m).exists() for m in self.models))
+        fresh = (
+            stamp.exists()
+            and json.loads(stamp.read_text()) == _stamp(self.models, self.device)
+            and all(package_path(directory, m).exists() for m in self.models)
+        )
         if not fresh:
-            log.warning("AOTInductor packages in %s missing or built for other weights/torch/device: compiling now "
-                        "(build them with `make mar OPT=aot_inductor`)", directory)
+            log.warning(
+                "AOTInductor packages in %s missing or built for other weights/torch/device: compiling now "
+                "(build them with `make mar OPT=aot_inductor`)",
+                directory,
+            )
             compile_packages(self.models, directory, self.device)
         t0 = time.perf_counter()
         self.nets = [torch._inductor.aoti_load_package(str(package_path(directory, m))) for m in self.models]

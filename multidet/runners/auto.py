@@ -14,12 +14,13 @@ this device, ``Runner.slow_on``). Each is checked on a small labelled set made i
 Speed: median of three single-image requests, after one warm-up call. On the 2-core development CPU
 this adds 10-20 s to start-up.
 """
+
 from __future__ import annotations
 
 import logging
 import statistics
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -36,9 +37,14 @@ log = logging.getLogger(__name__)
 
 def candidates(device: torch.device, allow_reduced: bool) -> list[str]:
     """The paths auto times on ``device``, baseline first."""
-    names = [n for n, cls in RUNNERS.items()
-             if cls.auto_candidate and cls.supports(device) and device.type not in cls.slow_on
-             and (cls.tier == "exact" or allow_reduced)]
+    names = [
+        n
+        for n, cls in RUNNERS.items()
+        if cls.auto_candidate
+        and cls.supports(device)
+        and device.type not in cls.slow_on
+        and (cls.tier == "exact" or allow_reduced)
+    ]
     return sorted(names, key=lambda n: n != "baseline")
 
 
@@ -52,8 +58,9 @@ class AutoRunner(Runner):
         """The candidates' build-time files (the ONNX export), so auto can time them at load."""
         return [f for name, c in RUNNERS.items() if c.auto_candidate for f in c.build(models, artifact_dir)]
 
-    def __init__(self, models, device, max_detections=100, artifact_dir=None, allow_reduced: bool = False,
-                 repeats: int = 3):
+    def __init__(
+        self, models, device, max_detections=100, artifact_dir=None, allow_reduced: bool = False, repeats: int = 3
+    ):
         super().__init__(models, device, max_detections, artifact_dir)
         self.allow_reduced = allow_reduced
         pre = Preprocessor()
@@ -85,18 +92,25 @@ class AutoRunner(Runner):
                 self.table.append({"path": name, "tier": cls.tier, "ms": None, "equal": False, "error": str(exc)})
                 continue
             answer = self._answer(out, letterboxes)
-            maps = {m.name: coco_map(truth[m.name], _coco_results(answer, k, m.name))[0]
-                    for k, m in enumerate(self.models)}
-            row = {"path": name, "tier": cls.tier, "ms": round(statistics.median(times), 1),
-                   "map50": {k: round(v, 4) for k, v in maps.items()}, "load_s": round(time.perf_counter() - t0, 1)}
+            maps = {
+                m.name: coco_map(truth[m.name], _coco_results(answer, k, m.name))[0] for k, m in enumerate(self.models)
+            }
+            row = {
+                "path": name,
+                "tier": cls.tier,
+                "ms": round(statistics.median(times), 1),
+                "map50": {k: round(v, 4) for k, v in maps.items()},
+                "load_s": round(time.perf_counter() - t0, 1),
+            }
             if reference is None:  # the baseline comes first
                 reference = (raw, answer, maps)
                 row["equal"] = True
             else:
                 reasons = []
                 if cls.tier == "exact" and cls.raw_tolerance is not None:
-                    diff = max(raw_difference(reference[0][k][0] + reference[0][k][1], raw[k][0] + raw[k][1])
-                               for k in active)
+                    diff = max(
+                        raw_difference(reference[0][k][0] + reference[0][k][1], raw[k][0] + raw[k][1]) for k in active
+                    )
                     row["raw_diff"] = float(f"{diff:.3g}")
                     if diff > cls.raw_tolerance:
                         reasons.append(f"raw outputs differ by {diff:.2g} > {cls.raw_tolerance:g}")
@@ -115,18 +129,25 @@ class AutoRunner(Runner):
             if row["equal"] and (best is None or row["ms"] < best[0]["ms"]):
                 best = (row, runner)
         self.chosen = best[1]
-        log.info("auto on %s (reduced precision %s): %s -> %s", self.device,
-                 "allowed" if allow_reduced else "not allowed",
-                 "; ".join(f"{r['path']} {r['ms']} ms" + (f" mAP@0.5 {r['map50']}" if r.get("map50") else "")
-                           + ("" if r["equal"] else f" (not equal: {r.get('why', r.get('error'))})")
-                           for r in self.table),
-                 self.chosen.name)
+        log.info(
+            "auto on %s (reduced precision %s): %s -> %s",
+            self.device,
+            "allowed" if allow_reduced else "not allowed",
+            "; ".join(
+                f"{r['path']} {r['ms']} ms"
+                + (f" mAP@0.5 {r['map50']}" if r.get("map50") else "")
+                + ("" if r["equal"] else f" (not equal: {r.get('why', r.get('error'))})")
+                for r in self.table
+            ),
+            self.chosen.name,
+        )
 
     def _answer(self, out: dict[int, torch.Tensor], letterboxes) -> list[list[dict]]:
         """Per image: every model's detections (threshold 0) in original pixels, as a response has them."""
-        return [[d for k, m in enumerate(self.models)
-                 for d in detections_for(out[k][i], lb, m.name, m.class_names, 0.0)]
-                for i, lb in enumerate(letterboxes)]
+        return [
+            [d for k, m in enumerate(self.models) for d in detections_for(out[k][i], lb, m.name, m.class_names, 0.0)]
+            for i, lb in enumerate(letterboxes)
+        ]
 
     @property
     def description(self) -> str:
@@ -137,6 +158,14 @@ class AutoRunner(Runner):
 
 
 def _coco_results(answer: list[list[dict]], k: int, model: str) -> list[dict]:
-    return [{"image_id": i + 1, "category_id": d["class_id"], "score": d["score"],
-             "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]]}
-            for i, dets in enumerate(answer) for d in dets if d["model"] == model]
+    return [
+        {
+            "image_id": i + 1,
+            "category_id": d["class_id"],
+            "score": d["score"],
+            "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
+        }
+        for i, dets in enumerate(answer)
+        for d in dets
+        if d["model"] == model
+    ]

@@ -5,13 +5,15 @@ effdet's detections ``[B, max_det, 6]`` in network pixels. Paths differ in how t
 networks (``forward``); the top-k/NMS step (``postprocess.select_detections``) is shared, so every
 path is compared with the baseline on the same post-processing.
 """
+
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 from effdet.anchors import Anchors
@@ -35,7 +37,7 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0],) + tensor.shape[1:])])
 
 
-def weights_stamp(models: Sequence["LoadedModel"], **extra) -> dict:
+def weights_stamp(models: Sequence[LoadedModel], **extra) -> dict:
     """What a build artifact (ONNX export, AOT package) depends on: each model's weights, hashed,
     plus the versions/settings in ``extra``. A load compares it with the artifact's saved stamp."""
     digest = {}
@@ -52,7 +54,7 @@ def weights_stamp(models: Sequence["LoadedModel"], **extra) -> dict:
 class LoadedModel:
     name: str
     class_names: tuple[str, ...]
-    net: EfficientDet                    # eval mode, on CPU as loaded
+    net: EfficientDet  # eval mode, on CPU as loaded
 
     @property
     def num_classes(self) -> int:
@@ -74,8 +76,13 @@ class Runner(ABC):
     chooses: ClassVar[bool] = False  # picks among other paths at load (auto); gets the reduced-precision switch
     separable: ClassVar[bool] = False  # forward(x, [k]) runs model k alone (per-model timings make sense)
 
-    def __init__(self, models: Sequence[LoadedModel], device: torch.device, max_detections: int = 100,
-                 artifact_dir: Path | None = None):
+    def __init__(
+        self,
+        models: Sequence[LoadedModel],
+        device: torch.device,
+        max_detections: int = 100,
+        artifact_dir: Path | None = None,
+    ):
         if not models:
             raise ValueError("a runner needs at least one model")
         self.models = list(models)
@@ -107,17 +114,32 @@ class Runner(ABC):
         """Run the networks of the models at ``active`` indices on a normalised batch."""
 
     @torch.inference_mode()
-    def detect(self, images: torch.Tensor, img_scale: torch.Tensor, img_size: torch.Tensor,
-               active: Sequence[int] | None = None, thresholds: torch.Tensor | None = None,
-               ) -> dict[int, torch.Tensor]:
+    def detect(
+        self,
+        images: torch.Tensor,
+        img_scale: torch.Tensor,
+        img_size: torch.Tensor,
+        active: Sequence[int] | None = None,
+        thresholds: torch.Tensor | None = None,
+    ) -> dict[int, torch.Tensor]:
         """Per active model index: [B, max_det, 6] detections in network pixels. ``thresholds`` [B]
         lets post-processing drop candidates that cannot reach the response (same answer, less work)."""
         active = range(len(self.models)) if active is None else active
         raw = self.forward(images, active)
-        return {i: select_detections([c.float() for c in cls_out], [b.float() for b in box_out],
-                                     self.anchor_boxes, self.models[i].num_classes, img_scale, img_size,
-                                     self.max_detections, self.max_detection_points, thresholds)
-                for i, (cls_out, box_out) in raw.items()}
+        return {
+            i: select_detections(
+                [c.float() for c in cls_out],
+                [b.float() for b in box_out],
+                self.anchor_boxes,
+                self.models[i].num_classes,
+                img_scale,
+                img_size,
+                self.max_detections,
+                self.max_detection_points,
+                thresholds,
+            )
+            for i, (cls_out, box_out) in raw.items()
+        }
 
 
 RUNNERS: dict[str, type[Runner]] = {}
@@ -130,8 +152,14 @@ def register(cls: type[Runner]) -> type[Runner]:
     return cls
 
 
-def create_runner(name: str, models: Sequence[LoadedModel], device: torch.device | str,
-                  max_detections: int = 100, artifact_dir: Path | None = None, allow_reduced: bool = False) -> Runner:
+def create_runner(
+    name: str,
+    models: Sequence[LoadedModel],
+    device: torch.device | str,
+    max_detections: int = 100,
+    artifact_dir: Path | None = None,
+    allow_reduced: bool = False,
+) -> Runner:
     device = torch.device(device)
     try:
         cls = RUNNERS[name]
@@ -144,12 +172,19 @@ def create_runner(name: str, models: Sequence[LoadedModel], device: torch.device
     return cls(models, device, max_detections, artifact_dir)
 
 
-def list_runners(device: torch.device | str | None = None, tier: str | None = None, servable: bool | None = None,
-                 auto_candidate: bool | None = None) -> list[str]:
+def list_runners(
+    device: torch.device | str | None = None,
+    tier: str | None = None,
+    servable: bool | None = None,
+    auto_candidate: bool | None = None,
+) -> list[str]:
     """Registered path names with the given properties (None: any), in registration order."""
     dev = torch.device(device) if device is not None else None
-    return [name for name, cls in RUNNERS.items()
-            if (dev is None or cls.supports(dev))
-            and (tier is None or cls.tier == tier)
-            and (servable is None or servable == (not cls.benchmark_only))
-            and (auto_candidate is None or cls.auto_candidate == auto_candidate)]
+    return [
+        name
+        for name, cls in RUNNERS.items()
+        if (dev is None or cls.supports(dev))
+        and (tier is None or cls.tier == tier)
+        and (servable is None or servable == (not cls.benchmark_only))
+        and (auto_candidate is None or cls.auto_candidate == auto_candidate)
+    ]

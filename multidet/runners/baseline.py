@@ -1,7 +1,8 @@
 """``baseline``: the three networks one after another, eager fp32, as effdet's DetBenchPredict."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

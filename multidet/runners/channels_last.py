@@ -1,9 +1,10 @@
 """``channels_last``: the baseline with weights and input in NHWC memory format (oneDNN/cuDNN
 pick NHWC kernels); same arithmetic, another memory layout."""
+
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -10,12 +10,13 @@ compiling (a cold start without it compiles during warm-up; startupTimeout allow
 Shapes are static: a new batch size (TorchServe batching) compiles once more, then hits the cache.
 ``compile_reduce_overhead`` adds CUDA graphs on CUDA; on CPU it is the same as ``compile``.
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -59,8 +60,9 @@ class CompiledRunner(BaselineRunner):
             torch.compiler.load_cache_artifacts(cache.read_bytes())
             log.info("loaded Inductor cache %s (%.1f MB)", cache, cache.stat().st_size / 1e6)
         elif cache is not None:
-            log.warning("no %s: the first call compiles from scratch (build it with `make mar OPT=%s`)",
-                        cache, self.name)
+            log.warning(
+                "no %s: the first call compiles from scratch (build it with `make mar OPT=%s`)", cache, self.name
+            )
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.nets = [torch.compile(net, mode=self.mode, dynamic=False) for net in self.nets]
 

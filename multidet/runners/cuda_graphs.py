@@ -11,11 +11,12 @@ the next replay cannot overwrite them before they are read.
 Shapes are static: each batch size TorchServe hands the handler (1 .. batchSize) is captured on
 first use (a few warm-up passes on a side stream first, as capture requires), then replayed.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -28,7 +29,7 @@ WARMUP_PASSES = 3
 
 @dataclass
 class _Captured:
-    graph: "torch.cuda.CUDAGraph"
+    graph: torch.cuda.CUDAGraph
     static_input: torch.Tensor
     static_output: tuple[list[torch.Tensor], list[torch.Tensor]]
     replays: int = 0

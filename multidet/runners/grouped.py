@@ -17,10 +17,11 @@ One forward pass issues a third of the three networks' convolution launches (``c
 them; a test checks it), and the module is a static graph: ``torch.export``/``torch.jit.trace``/ONNX
 export it as one program.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -49,8 +50,17 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
                 continue
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                               conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
+            folded = nn.Conv2d(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                conv.groups,
+                bias=True,
+                padding_mode=conv.padding_mode,
+            )
             folded.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
             folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
             setattr(module, conv_name, folded)
@@ -71,8 +81,11 @@ class MergedFpnCombine(nn.Module):
         self.inputs_offsets = list(first.inputs_offsets)
         self.weight_method = first.weight_method
         self.resample = first.resample  # already merged in place (its convs/BNs are replaced by the caller)
-        weights = torch.stack([p.edge_weights.detach() for p in parts]) if first.edge_weights is not None \
-            else torch.ones(len(parts), len(self.inputs_offsets))            # [M, inputs]
+        weights = (
+            torch.stack([p.edge_weights.detach() for p in parts])
+            if first.edge_weights is not None
+            else torch.ones(len(parts), len(self.inputs_offsets))
+        )  # [M, inputs]
         # effdet normalises the fusion weights at every call; they are constants at inference, so
         # the per-channel factors are computed once (same float32 values as effdet's per-call ones)
         if self.weight_method == "fastattn":
@@ -86,7 +99,7 @@ class MergedFpnCombine(nn.Module):
         self.register_buffer("factors", torch.stack([per_channel(factors[:, i]) for i in range(factors.shape[1])]))
         self.register_buffer("denom", per_channel(denom))
 
-    def forward(self, x: List[torch.Tensor]):
+    def forward(self, x: list[torch.Tensor]):
         nodes = [resample(x[offset]) for offset, resample in zip(self.inputs_offsets, self.resample.values())]
         factors, denom = self.factors.to(nodes[0].dtype), self.denom.to(nodes[0].dtype)
         if self.weight_method == "fastattn":
@@ -113,10 +126,17 @@ def merge_networks(nets: Sequence[nn.Module]) -> tuple[nn.Module, list[int], int
                 weights = [pad_rows(w, widest) for w in weights]
                 biases = [pad_rows(b, widest) for b in biases] if biases is not None else None
             shared_input = name == STEM
-            conv = nn.Conv2d(module.in_channels * (1 if shared_input else m), weights[0].shape[0] * m,
-                             module.kernel_size, module.stride, module.padding, module.dilation,
-                             module.groups * (1 if shared_input else m), bias=biases is not None,
-                             padding_mode=module.padding_mode)
+            conv = nn.Conv2d(
+                module.in_channels * (1 if shared_input else m),
+                weights[0].shape[0] * m,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.groups * (1 if shared_input else m),
+                bias=biases is not None,
+                padding_mode=module.padding_mode,
+            )
             conv.weight.copy_(torch.cat(weights))
             if biases is not None:
                 conv.bias.copy_(torch.cat(biases))
@@ -132,8 +152,13 @@ def merge_networks(nets: Sequence[nn.Module]) -> tuple[nn.Module, list[int], int
             module.num_features = module.num_features * m
     for name, module in list(merged.named_modules()):  # after the convs inside them were merged
         if isinstance(module, FpnCombine):
-            _replace(merged, name, MergedFpnCombine([module] + [n.get_submodule(name) for n in nets[1:]],
-                                                    channels=merged.config.fpn_channels))
+            _replace(
+                merged,
+                name,
+                MergedFpnCombine(
+                    [module] + [n.get_submodule(name) for n in nets[1:]], channels=merged.config.fpn_channels
+                ),
+            )
     for p in merged.parameters():
         p.requires_grad_(False)
     return merged.eval(), widths, widest
@@ -146,15 +171,23 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def split_outputs(cls_out, box_out, widths: Sequence[int], widest: int, active: Sequence[int]) -> dict[int, RawOutput]:
     box = box_out[0].shape[1] // len(widths)  # 9 anchors x 4 coordinates per model
-    return {k: ([c[:, k * widest:k * widest + widths[k]] for c in cls_out],
-                [b[:, k * box:(k + 1) * box] for b in box_out]) for k in active}
+    return {
+        k: (
+            [c[:, k * widest : k * widest + widths[k]] for c in cls_out],
+            [b[:, k * box : (k + 1) * box] for b in box_out],
+        )
+        for k in active
+    }
 
 
 def conv_calls(module: nn.Module, x: torch.Tensor) -> int:
     """How many convolutions one forward pass launches (a forward hook on every Conv2d)."""
     count = [0]
-    hooks = [m.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
-             for m in module.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [
+        m.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        for m in module.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
     try:
         with torch.inference_mode():
             module(x)

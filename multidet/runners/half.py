@@ -4,9 +4,11 @@ Convolutions and matmuls run in the half type; autocast keeps numerically sensit
 BatchNorm statistics) in fp32, and the outputs go back to fp32 for top-k/NMS (Runner.detect). Reduced
 tier: judged by its mAP drop against the baseline (multidet.quality), not by detection equality.
 """
+
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 

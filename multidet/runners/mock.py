@@ -6,9 +6,10 @@ and nothing else. The real path's latency minus the mock's is what the three net
 It answers "nothing detected" for every image, so it is for measuring only: scripts/create_mar.py
 does not offer it and ``auto`` never considers it.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,15 +29,21 @@ class MockRunner(Runner):
         config = self.models[0].net.config
         self.box_width = config.num_scales * len(config.aspect_ratios) * 4
         self.class_widths = class_head_widths([m.net for m in self.models])
-        self.feature_sizes = [config.image_size[0] // 2 ** level for level in range(config.min_level, config.max_level + 1)]
+        self.feature_sizes = [
+            config.image_size[0] // 2**level for level in range(config.min_level, config.max_level + 1)
+        ]
         self._cache: dict[int, dict[int, RawOutput]] = {}
 
     def _outputs(self, batch: int) -> dict[int, RawOutput]:
         if batch not in self._cache:
+
             def levels(channels: int, fill: float) -> list[torch.Tensor]:
                 return [torch.full((batch, channels, s, s), fill, device=self.device) for s in self.feature_sizes]
-            self._cache[batch] = {i: (levels(width, NO_OBJECT_LOGIT), levels(self.box_width, 0.0))
-                                  for i, width in enumerate(self.class_widths)}
+
+            self._cache[batch] = {
+                i: (levels(width, NO_OBJECT_LOGIT), levels(self.box_width, 0.0))
+                for i, width in enumerate(self.class_widths)
+            }
         return self._cache[batch]
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:

@@ -7,13 +7,14 @@ stale file is re-exported once at load (a warning in the log), never per request
 execution provider is used, or its CUDA provider on a CUDA device when onnxruntime-gpu is installed.
 Post-processing (top-k/NMS) stays in PyTorch, shared with every other path.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -38,9 +39,16 @@ def export_onnx(models: Sequence[LoadedModel], path: Path) -> Path:
         # torch 2.14 marks the TorchScript-based exporter deprecated in favour of the torch.export
         # one; for this static graph it is the fast, dependency-free choice (opset 17, dynamic batch)
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(merged, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=["images"],
-                          output_names=[f"class_{i}" for i in range(5)] + [f"box_{i}" for i in range(5)],
-                          dynamic_axes={"images": {0: "batch"}})
+        torch.onnx.export(
+            merged,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["images"],
+            output_names=[f"class_{i}" for i in range(5)] + [f"box_{i}" for i in range(5)],
+            dynamic_axes={"images": {0: "batch"}},
+        )
     path.with_suffix(".json").write_text(json.dumps(_stamp(models), indent=2) + "\n")
     return path
 
@@ -76,14 +84,20 @@ class OnnxRuntimeRunner(Runner):
         stamp_file = path.with_suffix(".json")
         fresh = path.exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == _stamp(self.models)
         if not fresh:
-            log.warning("%s missing or exported from other weights: exporting now (build it at MAR build time "
-                        "with `make mar OPT=onnxruntime`)", path)
+            log.warning(
+                "%s missing or exported from other weights: exporting now (build it at MAR build time "
+                "with `make mar OPT=onnxruntime`)",
+                path,
+            )
             export_onnx(self.models, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" \
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if self.device.type == "cuda"
             else ["CPUExecutionProvider"]
+        )
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.onnx_path = path
 

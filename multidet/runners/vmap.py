@@ -11,16 +11,16 @@ stacked running statistics. Top-k/NMS stays outside vmap, per model, on the shar
 On CPU this is slower than the loop (vmap turns convs into grouped convs plus extra elementwise
 work); it pays where kernel launches dominate (GPUs), and it is what ``compile``/CUDA graphs build on.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.func import functional_call
 
 from .base import CLASS_HEAD, RawOutput, Runner, class_head_widths, pad_rows, register
-
 
 
 def stack_weights(nets: Sequence[torch.nn.Module]) -> tuple[dict, dict, list[int]]:
@@ -80,4 +80,4 @@ class VmapBackboneRunner(Runner):
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         cls_out, box_out = self.network(images)
         widths = self.network.widths
-        return {k: ([c[k, :, :widths[k]] for c in cls_out], [b[k] for b in box_out]) for k in active}
+        return {k: ([c[k, :, : widths[k]] for c in cls_out], [b[k] for b in box_out]) for k in active}
