@@ -24,7 +24,6 @@ import torch
 from .decode import decode_image
 from .device import synchronize
 from .pipeline import Detector, RequestOptions
-from .postprocess import letterbox_tensors, select_detections
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTO_DIR = REPO_ROOT / "load_tests" / "images"
@@ -160,9 +159,7 @@ def model_breakdown(detector: Detector, body: bytes, threshold: float | None = N
     t0 = time.perf_counter()
     image = decode_image(body, detector.settings.max_image_pixels)
     t1 = time.perf_counter()
-    arr, letterbox = detector.preprocessor.letterbox(image)
-    batch = detector.preprocessor.to_batch([arr], device)
-    scale, size = letterbox_tensors([letterbox], device)
+    batch = detector.preprocessor.prepare([image], device)
     thresholds = torch.tensor([threshold], device=device)
     synchronize(device)
     t2 = time.perf_counter()
@@ -170,20 +167,10 @@ def model_breakdown(detector: Detector, body: bytes, threshold: float | None = N
     for k, model in enumerate(detector.models):
         synchronize(device)
         t3 = time.perf_counter()
-        cls_out, box_out = runner.forward(batch, [k])[k]
+        raw = runner.forward(batch.tensor, [k])[k]
         synchronize(device)
         t4 = time.perf_counter()
-        select_detections(
-            [c.float() for c in cls_out],
-            [b.float() for b in box_out],
-            runner.anchor_boxes,
-            model.num_classes,
-            scale,
-            size,
-            runner.max_detections,
-            runner.max_detection_points,
-            thresholds,
-        ).cpu()
+        runner.select(k, raw, batch, thresholds).cpu()
         t5 = time.perf_counter()
         out[f"{model.name}.network"] = (t4 - t3) * 1e3
         out[f"{model.name}.nms"] = (t5 - t4) * 1e3

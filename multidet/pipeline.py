@@ -21,7 +21,7 @@ from .config import MODEL_SPECS, Settings
 from .decode import decode_image
 from .device import synchronize
 from .errors import BadRequest, InputError, ProcessingFailed
-from .postprocess import detections_for, letterbox_tensors, merge
+from .postprocess import detections_for, merge
 from .preprocess import Preprocessor
 from .runners import LoadedModel, create_runner
 
@@ -114,13 +114,13 @@ class Detector:
         options = list(options) if options is not None else [RequestOptions()] * len(bodies)
         results: list[dict | InputError] = [None] * len(bodies)  # type: ignore[list-item]
         timings = [dict() for _ in bodies]
-        ok, arrays, boxes = [], [], []
+        ok, letterboxed = [], []
         for idx, body in enumerate(bodies):
             t0 = time.perf_counter()
             try:
                 image = decode_image(body, self.settings.max_image_pixels)
                 t1 = time.perf_counter()
-                arr, letterbox = self.preprocessor.letterbox(image)
+                letterboxed.append(self.preprocessor.letterbox(image))
             except InputError as err:
                 results[idx] = err
                 continue
@@ -130,25 +130,24 @@ class Detector:
                 continue
             t2 = time.perf_counter()
             timings[idx].update(decode=(t1 - t0) * 1e3, preprocess=(t2 - t1) * 1e3)
-            ok.append(idx), arrays.append(arr), boxes.append(letterbox)
+            ok.append(idx)
         if not ok:
             return results
 
         wanted = {name for i in ok for name in (options[i].models or self.model_names)}
         active = [k for k, name in enumerate(self.model_names) if name in wanted]
         t0 = time.perf_counter()
-        batch = self.preprocessor.to_batch(arrays, self.device)
-        img_scale, img_size = letterbox_tensors(boxes, self.device)
+        batch = self.preprocessor.collate(letterboxed, self.device)
         thresholds = torch.tensor([self._threshold(options[i]) for i in ok], device=self.device)
         t1 = time.perf_counter()
-        detections = self.runner.detect(batch, img_scale, img_size, active, thresholds)
+        detections = self.runner.detect(batch, active, thresholds)
         detections = {k: v.cpu() for k, v in detections.items()}
         synchronize(self.device)
         t2 = time.perf_counter()
         share = (t1 - t0) * 1e3 / len(ok)  # batch normalisation is preprocessing, split evenly
         for pos, idx in enumerate(ok):
             t3 = time.perf_counter()
-            opts, letterbox = options[idx], boxes[pos]
+            opts, letterbox = options[idx], batch.letterboxes[pos]
             threshold = self._threshold(opts)
             per_model = {}
             for k in active:

@@ -24,13 +24,6 @@ from effdet.bench import _batch_detection, _post_process
 from .preprocess import Letterbox
 
 
-def letterbox_tensors(letterboxes: Sequence[Letterbox], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """effdet's ``img_info`` for a batch: img_scale [B] and img_size (w, h) [B, 2], float32."""
-    scale = torch.tensor([lb.scale for lb in letterboxes], dtype=torch.float32, device=device)
-    size = torch.tensor([[lb.width, lb.height] for lb in letterboxes], dtype=torch.float32, device=device)
-    return scale, size
-
-
 def select_detections(
     class_out: Sequence[torch.Tensor],
     box_out: Sequence[torch.Tensor],

@@ -20,6 +20,7 @@ from effdet.data.transforms import transforms_coco_eval
 from PIL import Image
 
 from .config import ARCHITECTURE
+from .decode import decode_image
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,23 @@ class Letterbox:
     def content_size(self) -> tuple[float, float]:
         """(w, h) of the image area inside the network input, in network pixels."""
         return self.width / self.scale, self.height / self.scale
+
+
+@dataclass
+class Batch:
+    """A normalised batch and where each image sits in it: what every path's ``detect`` takes."""
+
+    tensor: torch.Tensor  # [B, 3, H, W] float32, normalised, on the device
+    img_scale: torch.Tensor  # [B] original pixels per network pixel (effdet's img_info)
+    img_size: torch.Tensor  # [B, 2] original (width, height)
+    letterboxes: list[Letterbox]
+
+    def __len__(self) -> int:
+        return len(self.letterboxes)
+
+    def head(self, n: int) -> Batch:
+        """The first ``n`` images."""
+        return Batch(self.tensor[:n], self.img_scale[:n], self.img_size[:n], self.letterboxes[:n])
 
 
 class Preprocessor:
@@ -58,10 +76,26 @@ class Preprocessor:
         arr, anno = self._transform(_fit_short_side(img, self.input_size, self._fill), {})
         return arr, Letterbox(width=width, height=height, scale=float(anno["img_scale"]))
 
-    def to_batch(self, arrays: Sequence[np.ndarray], device: torch.device | str) -> torch.Tensor:
-        """Stack letterboxed uint8 images and normalise them on ``device`` (fp32, NCHW)."""
-        batch = torch.from_numpy(np.stack(arrays)).to(device, non_blocking=True)
-        return batch.float().sub_(self._mean.to(device)).div_(self._std.to(device))
+    def collate(self, letterboxed: Sequence[tuple[np.ndarray, Letterbox]], device: torch.device | str) -> Batch:
+        """Stack letterboxed uint8 images, normalise them on ``device`` (fp32, NCHW), with their img_info."""
+        arrays = [arr for arr, _ in letterboxed]
+        letterboxes = [lb for _, lb in letterboxed]
+        x = torch.from_numpy(np.stack(arrays)).to(device, non_blocking=True)
+        x = x.float().sub_(self._mean.to(device)).div_(self._std.to(device))
+        scale = torch.tensor([lb.scale for lb in letterboxes], dtype=torch.float32, device=device)
+        size = torch.tensor([[lb.width, lb.height] for lb in letterboxes], dtype=torch.float32, device=device)
+        return Batch(x, scale, size, letterboxes)
+
+    def prepare(self, images: Sequence[Image.Image], device: torch.device | str) -> Batch:
+        """Decoded images -> one Batch (letterbox each, then collate)."""
+        return self.collate([self.letterbox(img) for img in images], device)
+
+    def prepare_bytes(
+        self, bodies: Sequence[bytes], device: torch.device | str, max_image_pixels: int = 10**8
+    ) -> Batch:
+        """Encoded images (trusted: files, check sets) -> one Batch. Requests go through Detector.predict,
+        which handles each image's errors on its own."""
+        return self.prepare([decode_image(b, max_image_pixels) for b in bodies], device)
 
 
 def _fit_short_side(img: Image.Image, input_size: tuple[int, int], fill: tuple[int, ...]) -> Image.Image:

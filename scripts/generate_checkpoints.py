@@ -108,14 +108,12 @@ def main(argv=None) -> int:
 
 def calibration_batch(folder: Path):
     """The sample photos, letterboxed as for inference, plus their mirror images."""
-    from multidet.decode import decode_image
     from multidet.preprocess import Preprocessor
 
     files = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
         raise CheckpointError(f"no calibration photos (*.jpg, *.png) in {folder}")
-    pre = Preprocessor()
-    batch = pre.to_batch([pre.letterbox(decode_image(f.read_bytes(), 10**9))[0] for f in files], "cpu")
+    batch = Preprocessor().prepare_bytes([f.read_bytes() for f in files], "cpu", 10**9).tensor
     return torch.cat([batch, batch.flip(-1)])
 
 

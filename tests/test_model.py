@@ -7,23 +7,18 @@ import torch
 from effdet.bench import DetBenchPredict
 
 from helpers import answers, assert_same_answer, map50
-from multidet.decode import decode_image
 from multidet.pipeline import RequestOptions
-from multidet.postprocess import detections_for, letterbox_tensors
+from multidet.postprocess import detections_for
 
 
 def batch_of(detector, photos):
-    arrays, boxes = [], []
-    for body in photos.values():
-        arr, lb = detector.preprocessor.letterbox(decode_image(body, 10**8))
-        arrays.append(arr), boxes.append(lb)
-    return detector.preprocessor.to_batch(arrays, "cpu"), boxes
+    return detector.preprocessor.prepare_bytes(list(photos.values()), "cpu")
 
 
 def test_baseline_equals_detbenchpredict(detector, photos):
-    x, boxes = batch_of(detector, photos)
-    img_scale, img_size = letterbox_tensors(boxes, "cpu")
-    ours = detector.runner.detect(x, img_scale, img_size)
+    batch = batch_of(detector, photos)
+    x, img_scale, img_size, boxes = batch.tensor, batch.img_scale, batch.img_size, batch.letterboxes
+    ours = detector.runner.detect(batch)
     for k, model in enumerate(detector.models):
         bench = DetBenchPredict(model.net).eval()
         with torch.inference_mode():
@@ -91,12 +86,12 @@ def test_model_subset_and_threshold(detector, photos):
 def test_threshold_prefilter_gives_effdets_answer(detector, photos, threshold):
     """Dropping candidates below the threshold before top-k/NMS returns exactly the detections
     DetBenchPredict returns above the threshold."""
-    x, boxes = batch_of(detector, photos)
-    img_scale, img_size = letterbox_tensors(boxes, "cpu")
+    batch = batch_of(detector, photos)
+    boxes = batch.letterboxes
     thresholds = torch.full((len(boxes),), threshold)
     thresholds[0] = 0.0  # a batch mixing a zero and a non-zero threshold
-    fast = detector.runner.detect(x, img_scale, img_size, thresholds=thresholds)
-    slow = detector.runner.detect(x, img_scale, img_size)
+    fast = detector.runner.detect(batch, thresholds=thresholds)
+    slow = detector.runner.detect(batch)
     for k, model in enumerate(detector.models):
         for i, lb in enumerate(boxes):
             t = float(thresholds[i])

@@ -15,7 +15,6 @@ import torch
 
 from helpers import CHECKPOINTS, WEIGHTS, answers, assert_same_answer, assert_same_map, assert_schema, map50
 from multidet.config import Settings
-from multidet.decode import decode_image
 from multidet.pipeline import Detector, RequestOptions
 from multidet.quality import RULES, map_ok, raw_difference
 from multidet.runners import RUNNERS, list_runners
@@ -69,7 +68,7 @@ def test_every_path_is_tested_or_says_where():
 @pytest.fixture(scope="module")
 def random_batch(detector, photos):
     pre = detector.preprocessor
-    return pre.to_batch([pre.letterbox(decode_image(b, 10**8))[0] for b in list(photos.values())[:2]], "cpu")
+    return pre.prepare_bytes(list(photos.values())[:2], "cpu").tensor
 
 
 @pytest.fixture(scope="module")

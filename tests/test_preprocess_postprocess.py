@@ -57,7 +57,7 @@ def test_to_original_clips_to_image():
 def test_normalisation_matches_effdet_prefetcher():
     img = Image.new("RGB", (64, 64), (124, 116, 104))
     arr, _ = PRE.letterbox(img)
-    x = PRE.to_batch([arr], "cpu")
+    x = PRE.prepare([img], "cpu").tensor
     # effdet's PrefetchLoader: x.float().sub_(mean * 255).div_(std * 255), ImageNet statistics
     mean = torch.tensor([v * 255 for v in (0.485, 0.456, 0.406)]).view(3, 1, 1)
     std = torch.tensor([v * 255 for v in (0.229, 0.224, 0.225)]).view(3, 1, 1)

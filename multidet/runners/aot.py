@@ -48,8 +48,7 @@ def example_batch(device: torch.device) -> torch.Tensor:
     a constant; photo-like, because AOTInductor (torch 2.14, CPU) produced wrong packages when
     the example batch was all zeros or random noise (found here; every package is verified)."""
     pre = Preprocessor()
-    arrays = [pre.letterbox(synthetic_photo(size))[0] for size in (640, 480)]
-    return pre.to_batch(arrays, device)
+    return pre.prepare([synthetic_photo(size) for size in (640, 480)], device).tensor
 
 
 def verify(package, net: torch.nn.Module, example: torch.Tensor, tolerance: float = 5e-3) -> float:

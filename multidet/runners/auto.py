@@ -24,9 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..decode import decode_image
 from ..device import synchronize
-from ..postprocess import detections_for, letterbox_tensors
+from ..postprocess import detections_for
 from ..preprocess import Preprocessor
 from ..quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, map_ok, raw_difference
 from ..synthetic import check_set
@@ -65,10 +64,7 @@ class AutoRunner(Runner):
         self.allow_reduced = allow_reduced
         pre = Preprocessor()
         bodies, truth = check_set(models=[m.name for m in self.models])
-        boxes = [pre.letterbox(decode_image(b, 10**8)) for b in bodies]
-        x = pre.to_batch([a for a, _ in boxes], self.device)
-        letterboxes = [lb for _, lb in boxes]
-        scale, size = letterbox_tensors(letterboxes, self.device)
+        batch = pre.prepare_bytes(bodies, self.device)
         active = list(range(len(self.models)))
         self.table, reference, best = [], None, None
         for name in candidates(self.device, allow_reduced):
@@ -78,20 +74,20 @@ class AutoRunner(Runner):
             try:
                 runner = cls(self.models, self.device, max_detections, artifact_dir)
                 with torch.inference_mode():
-                    raw = runner.forward(x[:1], active)  # raw outputs of one image; also any lazy init
-                    out = runner.detect(x, scale, size)
+                    raw = runner.forward(batch.tensor[:1], active)  # raw outputs of one image; also any lazy init
+                    out = runner.detect(batch)
                     times = []
                     for _ in range(repeats):
                         synchronize(self.device)
                         t1 = time.perf_counter()
-                        runner.detect(x[:1], scale[:1], size[:1])
+                        runner.detect(batch.head(1))
                         synchronize(self.device)
                         times.append((time.perf_counter() - t1) * 1e3)
             except Exception as exc:  # a path that fails here is simply not chosen
                 log.warning("auto: %s failed on %s: %s", name, self.device, exc)
                 self.table.append({"path": name, "tier": cls.tier, "ms": None, "equal": False, "error": str(exc)})
                 continue
-            answer = self._answer(out, letterboxes)
+            answer = self._answer(out, batch.letterboxes)
             maps = {
                 m.name: coco_map(truth[m.name], _coco_results(answer, k, m.name))[0] for k, m in enumerate(self.models)
             }

@@ -21,6 +21,7 @@ from effdet.efficientdet import EfficientDet
 
 from ..checkpoints import CLASS_HEAD
 from ..postprocess import select_detections
+from ..preprocess import Batch
 
 RawOutput = tuple[list[torch.Tensor], list[torch.Tensor]]  # per level: class logits, box regressions
 
@@ -115,31 +116,28 @@ class Runner(ABC):
 
     @torch.inference_mode()
     def detect(
-        self,
-        images: torch.Tensor,
-        img_scale: torch.Tensor,
-        img_size: torch.Tensor,
-        active: Sequence[int] | None = None,
-        thresholds: torch.Tensor | None = None,
+        self, batch: Batch, active: Sequence[int] | None = None, thresholds: torch.Tensor | None = None
     ) -> dict[int, torch.Tensor]:
         """Per active model index: [B, max_det, 6] detections in network pixels. ``thresholds`` [B]
         lets post-processing drop candidates that cannot reach the response (same answer, less work)."""
         active = range(len(self.models)) if active is None else active
-        raw = self.forward(images, active)
-        return {
-            i: select_detections(
-                [c.float() for c in cls_out],
-                [b.float() for b in box_out],
-                self.anchor_boxes,
-                self.models[i].num_classes,
-                img_scale,
-                img_size,
-                self.max_detections,
-                self.max_detection_points,
-                thresholds,
-            )
-            for i, (cls_out, box_out) in raw.items()
-        }
+        raw = self.forward(batch.tensor, active)
+        return {k: self.select(k, out, batch, thresholds) for k, out in raw.items()}
+
+    def select(self, k: int, raw: RawOutput, batch: Batch, thresholds: torch.Tensor | None = None) -> torch.Tensor:
+        """Model ``k``'s raw outputs -> its [B, max_det, 6] detections (the shared top-k/NMS step)."""
+        cls_out, box_out = raw
+        return select_detections(
+            [c.float() for c in cls_out],
+            [b.float() for b in box_out],
+            self.anchor_boxes,
+            self.models[k].num_classes,
+            batch.img_scale,
+            batch.img_size,
+            self.max_detections,
+            self.max_detection_points,
+            thresholds,
+        )
 
 
 RUNNERS: dict[str, type[Runner]] = {}
