@@ -12,7 +12,7 @@ IMG ?= docs/example.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints dataset train eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks gpu-wheels docker-build docker-build-cuda docker-run docker-lint kserve-store test test-fast lint clean
+.PHONY: help install java-check checkpoints dataset train eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean
 
 help:
 	@echo "make serve [OPT=auto] [BATCH=1]      install, generate checkpoints, build the MAR, start TorchServe"
@@ -23,7 +23,7 @@ help:
 	@echo "make load [USERS=2] [LOAD_TIME=60s] Locust, headless, against the server; CSV in outputs/load/"
 	@echo "make bench | ablation | overhead | sweep   measurements -> outputs/{benchmark,ablation,overhead,sweep}/"
 	@echo "make benchmarks                     all four (docs/benchmarks.md explains them); ARGS=... passes flags"
-	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint | kserve-store"
+	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint"
 	@echo "make dataset | train | eval [OPT=baseline] | annotate   labelled data, the trained weights/, their mAP"
 	@echo "make lint                           ruff check + ruff format --check (make test runs it)"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
@@ -154,12 +154,6 @@ docker-run:
 
 docker-lint: install
 	$(BIN)/hadolint --failure-threshold error docker/Dockerfile docker/Dockerfile.cuda
-
-kserve-store: mar
-	rm -rf outputs/kserve && mkdir -p outputs/kserve/config outputs/kserve/model-store
-	cp deploy/kserve/config.properties outputs/kserve/config/
-	cp model_store/all.mar outputs/kserve/model-store/
-	@echo "upload outputs/kserve/ to the storageUri of deploy/k8s/kserve-inferenceservice.yaml"
 
 test: checkpoints lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)

@@ -9,15 +9,15 @@ import time
 from http import HTTPStatus
 from pathlib import Path
 
+from ts.handler_utils.timer import timed
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
-from ts.utils.util import PredictionException
 
 from multidet.config import Settings
 from multidet.device import select_device
+from multidet.envelopes import ParsedRequest, parse_request
 from multidet.errors import InputError
 from multidet.pipeline import Detector
-from multidet.serving import split_request
 
 logger = logging.getLogger(__name__)
 
@@ -43,41 +43,37 @@ class EfficientDetHandler(BaseHandler):
             f"{warm:.0f}" if warm is not None else "skipped",
         )
 
+    @timed
     def preprocess(self, data):
+        """Per request: its format and instances (multidet.envelopes), or the InputError it is."""
         # How full TorchServe's batches are (a [METRICS] line in logs/ts_log.log)
         self.context.metrics.add_metric("RequestsPerBatch", len(data), "count", metric_type=MetricTypes.GAUGE)
-        parsed, requests = [], len(self.context.request_processor or [])
-        for idx, row in enumerate(data):
-            try:
-                # with a request envelope (KServe) rows are instances of one request: no headers each
-                headers = self.context.get_all_request_header(idx) if idx < requests else {}
-                parsed.append(split_request(row, self.detector.model_names, headers))
-            except InputError as err:
-                parsed.append(err)
-        return parsed
+        return [
+            parse_request(row, self.context.get_all_request_header(idx), self.detector.model_names)
+            for idx, row in enumerate(data)
+        ]
 
+    @timed
     def inference(self, data, *args, **kwargs):
-        good = [i for i, item in enumerate(data) if not isinstance(item, InputError)]
-        results = list(data)
-        outputs = self.detector.predict([data[i][0] for i in good], [data[i][1] for i in good])
-        for i, out in zip(good, outputs):
-            results[i] = out
-        return results
+        """Every good instance of the batch in one Detector.predict call; per request (request, results)."""
+        requests = [r for r in data if isinstance(r, ParsedRequest)]
+        good = [item for r in requests for item in r.instances if not isinstance(item, InputError)]
+        outputs = iter(self.detector.predict([body for body, _ in good], [opts for _, opts in good]))
+        return [
+            (r, [item if isinstance(item, InputError) else next(outputs) for item in r.instances])
+            if isinstance(r, ParsedRequest)
+            else (r, None)
+            for r in data
+        ]
 
+    @timed
     def postprocess(self, data):
-        if len(data) != len(self.context.request_processor or []):
-            # a request envelope (KServe v1: several "instances" in one request): one HTTP status
-            # for the request, so any bad instance fails it with that instance's 4xx
-            bad = next(((i, item) for i, item in enumerate(data) if isinstance(item, InputError)), None)
-            if bad:
-                raise PredictionException(f"instance {bad[0]}: {bad[1].message}", bad[1].status)
-            return data
+        """Per request: its envelope's HTTP status and JSON body (an error: its 4xx and the message)."""
         responses = []
-        for idx, item in enumerate(data):
+        for idx, (request, results) in enumerate(data):
+            status, body = (request.status, request.to_dict()) if results is None else request.format(results)
             self.context.set_response_content_type(idx, "application/json")
-            if isinstance(item, InputError):
-                self.context.set_response_status(item.status, HTTPStatus(item.status).phrase, idx)
-                responses.append(item.to_dict())
-            else:
-                responses.append(item)
+            if status != 200:
+                self.context.set_response_status(status, HTTPStatus(status).phrase, idx)
+            responses.append(body)
         return responses

@@ -92,6 +92,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_isa() -> list[str]:
+    """The matrix/vector extensions that decide which CPU paths are fast (``lscpu`` flags)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return [f for f in ISA_FLAGS if f in flags]
+    except OSError:
+        pass
+    return []
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -116,11 +131,23 @@ def environment(devices: Iterable[torch.device] = ()) -> dict:
         "host": platform.node(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "versions": {
-            p: _version(p) for p in ("torch", "torchvision", "effdet", "timm", "torchserve", "onnxruntime", "locust")
+            p: _version(p)
+            for p in (
+                "torch",
+                "torchvision",
+                "effdet",
+                "timm",
+                "torchserve",
+                "onnxruntime",
+                "openvino",
+                "nncf",
+                "locust",
+            )
         },
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "devices": {str(d): device_name(d) for d in devices},
@@ -179,6 +206,23 @@ def model_breakdown(detector: Detector, body: bytes, threshold: float | None = N
 
 # -- TorchServe's own figures -----------------------------------------------------------------------
 _PROM = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)\s*$")
+
+
+def scrape_metrics(metrics_url: str | None) -> dict[str, float]:
+    """TorchServe's /metrics now ({} when there is no metrics URL or it does not answer)."""
+    if not metrics_url:
+        return {}
+    import requests
+
+    try:
+        return parse_prometheus(requests.get(f"{metrics_url}/metrics", timeout=10).text)
+    except requests.RequestException:
+        return {}
+
+
+def counter_delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    """How much a TorchServe counter grew between two scrapes (0 if it did not exist)."""
+    return after.get(name, 0.0) - before.get(name, 0.0)
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

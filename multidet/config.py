@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .labels import AQUARIUM_CLASSES, COCO_CLASSES, VEHICLE_CLASSES
@@ -51,6 +51,7 @@ class Settings:
     models: tuple[str, ...] = field(default=MODEL_NAMES)
     warmup: bool = True
     allow_reduced: bool = False  # auto may serve a reduced-precision path (bf16/fp16/INT8)
+    profile: bool = False  # read by TorchServe itself (ts.handler_utils.timer): ts_handler_* timing metrics
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -89,6 +90,3 @@ class Settings:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["models"] = list(self.models)
         return out
-
-    def with_(self, **changes: Any) -> Settings:
-        return replace(self, **changes)

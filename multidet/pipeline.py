@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,48 +19,13 @@ from .checkpoints import load_checkpoint
 from .config import MODEL_SPECS, Settings
 from .decode import decode_image
 from .device import synchronize
-from .errors import BadRequest, InputError, ProcessingFailed
+from .envelopes import RequestOptions
+from .errors import InputError, ProcessingFailed
 from .postprocess import detections_for, merge
 from .preprocess import Preprocessor
 from .runners import LoadedModel, create_runner
 
 log = logging.getLogger(__name__)
-
-QUERY_PARAMETERS = ("threshold", "models")
-
-
-@dataclass(frozen=True)
-class RequestOptions:
-    threshold: float | None = None  # None: the configured default
-    models: tuple[str, ...] | None = None  # None: every loaded model
-
-
-def parse_options(params: Mapping[str, object], loaded: Sequence[str]) -> RequestOptions:
-    """Validate query parameters; anything wrong is a 400 naming the parameter."""
-    values = {
-        k: v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else str(v) for k, v in params.items()
-    }
-    unknown = sorted(set(values) - set(QUERY_PARAMETERS))
-    if unknown:
-        raise BadRequest(f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(QUERY_PARAMETERS)}")
-    threshold = models = None
-    if "threshold" in values:
-        raw = values["threshold"].strip()
-        try:
-            threshold = float(raw)
-        except ValueError:
-            raise BadRequest(f"parameter 'threshold' must be a number in [0, 1], got {raw!r}") from None
-        if not 0.0 <= threshold <= 1.0:  # also rejects nan
-            raise BadRequest(f"parameter 'threshold' must be in [0, 1], got {raw!r}")
-    if "models" in values:
-        names = tuple(n.strip() for n in values["models"].split(",") if n.strip())
-        bad = [n for n in names if n not in loaded]
-        if not names or bad:
-            raise BadRequest(
-                f"parameter 'models' must be a comma-separated subset of {', '.join(loaded)}; got {values['models']!r}"
-            )
-        models = tuple(dict.fromkeys(names))
-    return RequestOptions(threshold=threshold, models=models)
 
 
 class Detector:

@@ -1,8 +1,9 @@
 """A real TorchServe on free loopback ports, for the tests and the benchmark scripts.
 
-``start_torchserve`` builds a MAR with scripts/create_mar.py into a work directory, writes a
-config derived from the repository's config.properties (own ports, own model store, own pid file
-and temp dirs, so it never collides with a `make serve` server or another instance) and waits
+``start_torchserve`` builds a MAR (``packaging.build_mar``, in a fresh interpreter) into a work
+directory, writes a config derived from the repository's config.properties (``tsconfig.derived``:
+own ports, own model store, own pid file and temp dirs, so it never collides with a `make serve`
+server or another instance) and waits
 until /ping is healthy AND the model has a READY worker (TorchServe's /ping alone turns healthy
 while the worker is still loading).
 """
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import requests
 
-from .tsconfig import read_properties
+from .packaging import CONFIG, MarOptions, build_mar_isolated
+from .tsconfig import PORT_KEYS, derived, read_properties, write_properties
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -64,7 +65,7 @@ class TorchServe:
     env: dict
     proc: subprocess.Popen
     token: bool = False
-    build_s: float = 0.0  # create_mar.py (incl. a path's build step: ONNX export, AOT compile)
+    build_s: float = 0.0  # build_mar (incl. a path's build step: ONNX export, AOT compile)
     startup_s: float = 0.0  # torchserve --start until /ping healthy and the worker READY
 
     def logs(self, name: str = "model_log.log", tail: int = 60) -> str:
@@ -108,36 +109,23 @@ class TorchServe:
 
 
 def start_torchserve(
-    workdir: Path, mar_args: list[str], extra_properties: dict | None = None, token: bool = False, timeout: float = 300
+    workdir: Path,
+    mar: MarOptions | None = None,
+    extra_properties: dict | None = None,
+    token: bool = False,
+    timeout: float = 300,
 ) -> TorchServe:
     """Build a MAR into ``workdir`` and start TorchServe from the repo's config.properties on free ports."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "model_store"
     t0 = time.monotonic()
-    build = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "create_mar.py"), "--export-path", str(store), *mar_args],
-        capture_output=True,
-        text=True,
-    )
-    if build.returncode != 0:
-        raise RuntimeError(f"create_mar.py {' '.join(mar_args)} failed:\n{build.stdout[-2000:]}{build.stderr[-4000:]}")
+    build_mar_isolated(mar or MarOptions(), store)
     build_s = time.monotonic() - t0
-    ports = free_ports(5)
-    props = read_properties(REPO_ROOT / "config.properties")
-    props.update(
-        {
-            "inference_address": f"http://127.0.0.1:{ports[0]}",
-            "management_address": f"http://127.0.0.1:{ports[1]}",
-            "metrics_address": f"http://127.0.0.1:{ports[2]}",
-            "grpc_inference_port": str(ports[3]),
-            "grpc_management_port": str(ports[4]),
-            "model_store": str(store),
-        }
-    )
+    ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
+    props = derived(read_properties(CONFIG), ports=ports, model_store=str(store))
     props.update(extra_properties or {})
-    config = workdir / "config.properties"
-    config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    config = write_properties(props, workdir / "config.properties")
     (workdir / "tmp").mkdir(exist_ok=True)
     # own pid file (TMPDIR) and worker sockets + model extraction (TEMP -> java.io.tmpdir)
     env = dict(

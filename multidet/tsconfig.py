@@ -14,3 +14,45 @@ def read_properties(path: Path | str) -> dict[str, str]:
             key, value = line.split("=", 1)
             props[key.strip()] = value.strip()
     return props
+
+
+PORT_KEYS = {
+    "inference": "inference_address",
+    "management": "management_address",
+    "metrics": "metrics_address",
+    "grpc_inference": "grpc_inference_port",
+    "grpc_management": "grpc_management_port",
+}
+
+
+def derived(
+    props: dict[str, str],
+    secure: bool = False,
+    bind: str | None = None,
+    ports: dict[str, int] | None = None,
+    model_store: str | None = None,
+) -> dict[str, str]:
+    """The one derivation of TorchServe settings from config.properties (``make serve``, containers,
+    the tests' servers): token authorisation on, another listen address, other ports or another model
+    store; everything else as in the file."""
+    out = dict(props)
+    if secure:
+        out["disable_token_authorization"] = "false"
+    if bind:
+        for key in ("inference_address", "management_address", "metrics_address"):
+            out[key] = out[key].replace("127.0.0.1", bind)
+        for key in ("grpc_inference_address", "grpc_management_address"):
+            out[key] = bind
+    for name, port in (ports or {}).items():
+        key = PORT_KEYS[name]
+        out[key] = str(port) if key.startswith("grpc") else f"{out[key].rsplit(':', 1)[0]}:{port}"
+    if model_store:
+        out["model_store"] = str(model_store)
+    return out
+
+
+def write_properties(props: dict[str, str], path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# generated from config.properties\n" + "".join(f"{k}={v}\n" for k, v in props.items()))
+    return path

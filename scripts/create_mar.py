@@ -9,53 +9,24 @@ the trained ones in weights/) and a model-config.yaml for one optimisation varia
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import yaml
-
-from multidet.checkpoints import CheckpointError, load_checkpoint
+from multidet.checkpoints import CheckpointError
 from multidet.config import MODEL_NAMES, ConfigError, Settings
-from multidet.runners import RUNNERS, SERVABLE, LoadedModel
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def model_config(args) -> dict:
-    settings = Settings(
-        optimization=args.optimization,
-        device=args.device,
-        threshold=args.threshold,
-        max_detections=args.max_detections,
-        max_image_pixels=args.max_image_pixels,
-        models=tuple(args.models.split(",")),
-        allow_reduced=args.allow_reduced,
-    )
-    return {
-        "minWorkers": args.workers,
-        "maxWorkers": args.workers,
-        "batchSize": args.batch_size,
-        "maxBatchDelay": args.max_batch_delay,
-        "responseTimeout": args.response_timeout,
-        "startupTimeout": args.startup_timeout,
-        **({"deviceIds": [int(i) for i in args.device_ids.split(",")]} if args.device_ids else {}),
-        "handler": settings.to_mapping(),
-    }
+from multidet.packaging import REPO_ROOT, WEIGHTS, MarOptions, build_mar
+from multidet.runners import SERVABLE
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimization", default="baseline", choices=SERVABLE)
     p.add_argument("--model-name", default="all", help="endpoint name: /predictions/NAME (default all)")
-    p.add_argument("--export-path", type=Path, default=ROOT / "model_store")
+    p.add_argument("--export-path", type=Path, default=REPO_ROOT / "model_store")
     p.add_argument(
         "--checkpoints",
         type=Path,
-        default=ROOT / "weights",
+        default=WEIGHTS,
         help="default: weights (the trained models); checkpoints = the seeded random ones",
     )
     p.add_argument("--device", default="auto")
@@ -68,6 +39,9 @@ def main(argv=None) -> int:
         action="store_true",
         help="auto may serve bf16/fp16 when its mAP is within 0.5 points of the baseline's",
     )
+    p.add_argument(
+        "--profile", action="store_true", help="TorchServe's handler timing metrics (ts_handler_*; handler.profile)"
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch")
@@ -79,52 +53,31 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     try:
-        config = model_config(args)
-        models, files = [], []
-        for name in config["handler"]["models"]:
-            meta, net = load_checkpoint(args.checkpoints, name)  # sha256 + architecture, before packing
-            models.append(LoadedModel(name, tuple(meta.class_names), net))
-            files += [args.checkpoints / meta.weights_file, args.checkpoints / f"{name}.json"]
+        settings = Settings(
+            optimization=args.optimization,
+            device=args.device,
+            threshold=args.threshold,
+            max_detections=args.max_detections,
+            max_image_pixels=args.max_image_pixels,
+            models=tuple(args.models.split(",")),
+            allow_reduced=args.allow_reduced,
+            profile=args.profile,
+        )
+        options = MarOptions(
+            settings=settings,
+            checkpoints=args.checkpoints,
+            model_name=args.model_name,
+            workers=args.workers,
+            batch_size=args.batch_size,
+            max_batch_delay=args.max_batch_delay,
+            response_timeout=args.response_timeout,
+            startup_timeout=args.startup_timeout,
+            device_ids=tuple(int(i) for i in args.device_ids.split(",")) if args.device_ids else (),
+        )
+        build_mar(options, args.export_path, log=lambda line: print(line, flush=True))
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="mar-") as tmp:
-        extra = Path(tmp) / "extra"
-        shutil.copytree(ROOT / "multidet", extra / "multidet", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        (extra / "checkpoints").mkdir()
-        for path in files:
-            shutil.copy2(path, extra / "checkpoints")
-        built = RUNNERS[args.optimization].build(models, extra / config["handler"]["artifact_dir"])
-        for path in built:
-            print(f"built {path.name} for {args.optimization} ({path.stat().st_size / 1e6:.1f} MB)", flush=True)
-        config_file = Path(tmp) / "model-config.yaml"
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        args.export_path.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            str(Path(sys.executable).with_name("torch-model-archiver")),
-            "--model-name",
-            args.model_name,
-            "--version",
-            "1.0",
-            "--handler",
-            str(ROOT / "handlers" / "efficientdet_handler.py"),
-            "--extra-files",
-            str(extra),
-            "--config-file",
-            str(config_file),
-            "--export-path",
-            str(args.export_path),
-            "--force",
-        ]
-        print(
-            f"packing {args.model_name}.mar (optimization={args.optimization}, batchSize={args.batch_size})...",
-            flush=True,
-        )
-        subprocess.run(cmd, check=True)
-    mar = args.export_path / f"{args.model_name}.mar"
-    print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

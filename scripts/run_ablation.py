@@ -32,7 +32,7 @@ from multidet.device import select_device
 from multidet.evaluation import EvalResult, evaluate
 from multidet.pipeline import Detector
 from multidet.quality import RULES, SERVING_THRESHOLD, check_detections, map_ok
-from multidet.runners import RUNNERS, SERVABLE
+from multidet.runners import RUNNERS, SERVABLE, list_runners
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +161,11 @@ def report(rows: list[dict], meta: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--paths", default=None, help="comma-separated (default: every path the device supports)")
+    p.add_argument(
+        "--paths",
+        default=None,
+        help="comma-separated (default: every path the device supports, less those identical to another there)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--requests", type=int, default=24, help="timed requests per path")
     p.add_argument("--warmup", type=int, default=2)
@@ -176,7 +180,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = select_device(args.device)
-    names = args.paths.split(",") if args.paths else SERVABLE
+    names = args.paths.split(",") if args.paths else list_runners(device, servable=True, distinct=True)
     unknown = [n for n in names if n not in RUNNERS]
     if unknown:
         p.error(f"unknown path(s) {unknown}; available: {SERVABLE}")

@@ -26,25 +26,18 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import requests
 
-from multidet.bench import available_devices, backend_metrics, environment, parse_prometheus, photos
+from multidet.bench import available_devices, backend_metrics, counter_delta, environment, photos, scrape_metrics
+from multidet.packaging import MarOptions
 from multidet.runners import SERVABLE
 from multidet.server import BIN, start_torchserve
 
 ROOT = Path(__file__).resolve().parents[1]
 SATURATION_GAIN = 1.10
-
-
-def scrape(metrics_url: str | None) -> dict[str, float]:
-    if not metrics_url:
-        return {}
-    try:
-        return parse_prometheus(requests.get(f"{metrics_url}/metrics", timeout=10).text)
-    except requests.RequestException:
-        return {}
 
 
 def locust_step(host: str, users: int, duration: int, prefix: Path) -> dict:
@@ -87,15 +80,11 @@ def locust_step(host: str, users: int, duration: int, prefix: Path) -> dict:
 
 
 def server_figures(before: dict, after: dict, ts_log: Path | None, since: float, until: float) -> dict:
-    served = after.get("ts_inference_requests_total", 0) - before.get("ts_inference_requests_total", 0)
+    served = counter_delta(before, after, "ts_inference_requests_total")
     out = {"served": int(served)}
     if served > 0:
-        queue = (after["ts_queue_latency_microseconds"] - before.get("ts_queue_latency_microseconds", 0)) / served / 1e3
-        total = (
-            (after["ts_inference_latency_microseconds"] - before.get("ts_inference_latency_microseconds", 0))
-            / served
-            / 1e3
-        )
+        queue = counter_delta(before, after, "ts_queue_latency_microseconds") / served / 1e3
+        total = counter_delta(before, after, "ts_inference_latency_microseconds") / served / 1e3
         out.update(queue_ms=round(queue, 2), frontend_ms=round(total, 2), worker_ms=round(total - queue, 2))
     if ts_log is not None:
         worker = backend_metrics(ts_log, since, until)
@@ -208,9 +197,9 @@ def main(argv=None) -> int:
             else:
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"sweep-{config}-")))
                 t0 = time.perf_counter()
-                mar = ["--optimization", args.optimization]
+                mar = MarOptions.of(optimization=args.optimization)
                 if config == "on":
-                    mar += ["--batch-size", str(args.batch_size), "--max-batch-delay", str(args.max_batch_delay)]
+                    mar = replace(mar, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay)
                 server = stack.enter_context(start_torchserve(tmp, mar, timeout=600))
                 host, metrics_url, ts_log = server.inference, server.metrics, server.workdir / "logs" / "ts_log.log"
                 print(f"[{label}] TorchServe ready in {time.perf_counter() - t0:.0f} s at {host}", flush=True)
@@ -218,13 +207,13 @@ def main(argv=None) -> int:
                 requests.put(f"{host}/predictions/all", data=body, timeout=120)
             steps = []
             for users in levels:
-                before, since = scrape(metrics_url), time.time()
+                before, since = scrape_metrics(metrics_url), time.time()
                 step = locust_step(host, users, args.duration, args.out / f"locust_{config}_{users}u")
                 until = time.time()
                 step = {
                     "users": users,
                     **step,
-                    "server": server_figures(before, scrape(metrics_url), ts_log, since, until),
+                    "server": server_figures(before, scrape_metrics(metrics_url), ts_log, since, until),
                 }
                 steps.append(step)
                 srv = step["server"]

@@ -24,10 +24,20 @@ from pathlib import Path
 
 import requests
 
-from multidet.bench import SEED, environment, parse_prometheus, photos, summarize, timed_predict, write_outputs
+from multidet.bench import (
+    SEED,
+    counter_delta,
+    environment,
+    photos,
+    scrape_metrics,
+    summarize,
+    timed_predict,
+    write_outputs,
+)
 from multidet.config import Settings
 from multidet.device import select_device
 from multidet.embedded import EmbeddedService
+from multidet.packaging import MarOptions
 from multidet.pipeline import Detector
 from multidet.runners import SERVABLE
 from multidet.server import start_torchserve
@@ -43,7 +53,7 @@ def measure_path(name: str, device, images: list[bytes], args) -> dict:
     print(f"[{name}] core + embedded loaded in {time.perf_counter() - t0:.0f} s; starting TorchServe ...", flush=True)
     with (
         tempfile.TemporaryDirectory(prefix=f"overhead-{name}-") as tmp,
-        start_torchserve(Path(tmp), ["--optimization", name], timeout=args.server_timeout) as server,
+        start_torchserve(Path(tmp), MarOptions.of(optimization=name), timeout=args.server_timeout) as server,
         requests.Session() as http,
     ):
         print(
@@ -75,7 +85,7 @@ def measure_path(name: str, device, images: list[bytes], args) -> dict:
         for mode in MODES:  # warm-up, not timed
             for body in images[: args.warmup]:
                 run[mode](body)
-        before = parse_prometheus(requests.get(f"{server.metrics}/metrics", timeout=10).text)
+        before = scrape_metrics(server.metrics)
         times = {m: [] for m in MODES}
         outside = {m: [] for m in MODES}  # per request: wall clock minus the pipeline's own timing_ms.total
         rounds = max(1, -(-args.requests // len(images)))
@@ -92,9 +102,9 @@ def measure_path(name: str, device, images: list[bytes], args) -> dict:
                 + ", ".join(f"{m} {sorted(v)[len(v) // 2]:.1f} ms" for m, v in times.items()),
                 flush=True,
             )
-        after = parse_prometheus(requests.get(f"{server.metrics}/metrics", timeout=10).text)
+        after = scrape_metrics(server.metrics)
 
-    served = after.get("ts_inference_requests_total", 0) - before.get("ts_inference_requests_total", 0)
+    served = counter_delta(before, after, "ts_inference_requests_total")
     stats = {m: summarize(v) for m, v in times.items()}
     core_p50 = stats["core"]["p50"]
 

@@ -13,10 +13,8 @@ than --max-rss-growth between the end of warm-up and the end of the run.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import json
-import platform
 import random
 import struct
 import sys
@@ -29,6 +27,7 @@ import psutil
 import requests
 from PIL import Image
 
+from multidet.bench import environment, percentile
 from multidet.tsconfig import read_properties
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +56,6 @@ def request_mix(images: list[Path]) -> list[tuple[str, bytes, dict, int]]:
 def worker_rss(management: str, model: str) -> int:
     info = requests.get(f"{management}/models/{model}", timeout=10).json()[0]
     return sum(psutil.Process(w["pid"]).memory_info().rss for w in info["workers"] if w.get("pid", -1) > 0)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
 def run(
@@ -147,8 +139,7 @@ def run(
     unexpected = Counter(f"{r[1]}: expected {r[2]}, got {r[3]}" for r in records if r[2] != r[3])
     good = [r[4] * 1e3 for r in records if r[2] == 200 and r[3] == 200]
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": {"cpus": psutil.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "environment": environment(),
         "duration_s": duration,
         "concurrency": concurrency,
         "requests": len(records),

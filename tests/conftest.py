@@ -8,6 +8,7 @@ import torch
 
 from helpers import CHECKPOINTS, IMAGES, PHOTOS, WEIGHTS, answers
 from multidet.config import MODEL_NAMES, Settings
+from multidet.packaging import MarOptions
 from multidet.pipeline import Detector
 from multidet.server import start_torchserve
 
@@ -54,7 +55,7 @@ def server(tmp_path_factory):
     are both exercised by the same server."""
     ts = start_torchserve(
         tmp_path_factory.mktemp("torchserve"),
-        ["--optimization", "baseline", "--batch-size", "4", "--max-batch-delay", "200"],
+        MarOptions.of(optimization="baseline", batch_size=4, max_batch_delay=200),
     )
     yield ts
     ts.stop()

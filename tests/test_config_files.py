@@ -1,17 +1,10 @@
-"""The shipped configuration: secure defaults, and the container/secure variants serve.py derives."""
+"""The shipped configuration: secure defaults, and the container/secure variants derived from it
+(multidet.tsconfig.derived: serve.py, the containers and the tests' servers)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 from helpers import ROOT, read_properties
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from multidet.tsconfig import derived
 
 
 def test_config_properties_secure_defaults():
@@ -27,13 +20,12 @@ def test_config_properties_secure_defaults():
 
 
 def test_serve_derives_container_and_secure_configs():
-    serve = load_script("serve")
     props = read_properties(ROOT / "config.properties")
-    container = serve.derived(props, secure=False, bind="0.0.0.0")
+    container = derived(props, secure=False, bind="0.0.0.0")
     assert container["inference_address"] == "http://0.0.0.0:8080"
     assert container["grpc_management_address"] == "0.0.0.0"
     assert container["disable_token_authorization"] == "true"
-    secure = serve.derived(props, secure=True, bind=None)
+    secure = derived(props, secure=True, bind=None)
     assert secure["disable_token_authorization"] == "false"
     assert secure["inference_address"] == props["inference_address"]
     assert props["inference_address"].startswith("http://127.0.0.1")  # the original is untouched

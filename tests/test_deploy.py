@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from helpers import BIN, ROOT, assert_schema, free_ports, read_properties, start_torchserve
+from helpers import BIN, ROOT, assert_schema, free_ports, read_properties
 
 DOCKERFILES = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cuda"]
 K8S = ROOT / "deploy" / "k8s"
@@ -154,30 +154,38 @@ def test_manifests_match_config_properties():
     assert hpa["scaleTargetRef"]["name"] == "multidet" and hpa["minReplicas"] >= 1
     isvc = docs["multidet/InferenceService"]
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
-    model = isvc["spec"]["predictor"]["model"]
-    assert model["modelFormat"]["name"] == "pytorch" and model["protocolVersion"] == "v1" and model["storageUri"]
-    kserve = read_properties(ROOT / "deploy" / "kserve" / "config.properties")
-    assert kserve["service_envelope"] == "kserve" and kserve["model_store"] == "/mnt/models/model-store"
-    assert '"all"' in kserve["model_snapshot"] and '"marName":"all.mar"' in kserve["model_snapshot"]
+    predictor = isvc["spec"]["predictor"]
+    assert "model" not in predictor  # a custom predictor: the project's image, not KServe's TorchServe runtime
+    (c,) = predictor["containers"]
+    assert (
+        c["name"] == "kserve-container"
+        and c["image"] == docs["multidet/Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    )
+    assert [p["containerPort"] for p in c["ports"]] == [port["inference"]]
+    assert c["readinessProbe"]["exec"]["command"] == ["python", "/app/scripts/serve.py", "status"]
+    assert {"name": "BIND", "value": "0.0.0.0"} in c["env"]
+    assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(port["metrics"])
 
 
-def test_kserve_v1_protocol_through_torchserve(tmp_path_factory, photos):
-    """TorchServe with KServe's envelope, as KServe's TorchServe runtime runs it: instances of base64."""
-    kserve = read_properties(ROOT / "deploy" / "kserve" / "config.properties")
-    ts = start_torchserve(tmp_path_factory.mktemp("kserve"), [], {"service_envelope": kserve["service_envelope"]})
-    try:
-        instances = [{"data": base64.b64encode(photos[n]).decode()} for n in ("coffee", "rocket")]
-        r = requests.post(f"{ts.inference}/v1/models/all:predict", json={"instances": instances}, timeout=120)
-        assert r.status_code == 200, r.text
-        predictions = r.json()["predictions"]
-        assert len(predictions) == 2
-        for p in predictions:
-            assert_schema(p)
-        bad = requests.post(
-            f"{ts.inference}/v1/models/all:predict",
-            json={"instances": instances[:1] + [{"data": "not base64 !"}]},
-            timeout=120,
-        )
-        assert bad.status_code == 415 and "instance 1" in bad.json()["message"]
-    finally:
-        ts.stop()
+@pytest.mark.parametrize("path", ["/v1/models/all:predict", "/predictions/all"])
+def test_kserve_v1_protocol_through_torchserve(server, photos, path):
+    """KServe's v1 protocol, as the custom predictor container answers it: instances of base64, parsed by
+    the project's own envelope (no TorchServe service_envelope), on KServe's path and on /predictions/all."""
+    instances = [{"data": base64.b64encode(photos[n]).decode()} for n in ("coffee", "rocket")]
+    instances[1] = {"b64": instances[1]["data"], "threshold": 0.0}  # KServe's binary form, own options
+    r = requests.post(f"{server.inference}{path}", json={"instances": instances}, timeout=120)
+    assert r.status_code == 200, r.text
+    predictions = r.json()["predictions"]
+    assert len(predictions) == 2
+    for p in predictions:
+        assert_schema(p)
+    assert min(d["score"] for d in predictions[1]["detections"]) < 0.5  # its threshold 0 was applied
+    assert all(d["score"] >= 0.5 for d in predictions[0]["detections"])
+    bad = requests.post(
+        f"{server.inference}{path}", json={"instances": instances[:1] + [{"data": "not base64 !"}]}, timeout=120
+    )
+    assert bad.status_code == 415 and "instance 1" in bad.json()["message"], bad.text
+    empty = requests.post(f"{server.inference}{path}", json={"instances": []}, timeout=60)
+    assert empty.status_code == 400 and "instances" in empty.json()["message"]
+    other = requests.post(f"{server.inference}{path}", json={"image": "x"}, timeout=60)
+    assert other.status_code == 415 and "JSON" in other.json()["message"]

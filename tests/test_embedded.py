@@ -104,3 +104,15 @@ def test_predict_script_prints_the_server_json(photos):
     result = json.loads(out.stdout)
     assert_schema(result, models=("efficientdet_d0_coco", "efficientdet_d0_aquarium"))
     assert all(d["score"] >= 0.3 for d in result["detections"])
+
+
+def test_handler_profile_turns_on_torchserves_handler_timings(photos):
+    """``handler.profile: true`` (accepted by Settings, read by TorchServe's ts.handler_utils.timer) adds
+    ts_handler_preprocess/inference/postprocess metrics; without it there are none."""
+    names = {}
+    for profile in (False, True):
+        svc = EmbeddedService(Settings(profile=profile, warmup=False))
+        assert svc.predict_one(photos["coffee"]).status == 200
+        names[profile] = str(svc.context.metrics.cache)
+    for step in ("preprocess", "inference", "postprocess"):
+        assert f"ts_handler_{step}" in names[True] and f"ts_handler_{step}" not in names[False]

@@ -16,11 +16,16 @@ from helpers import CHECKPOINTS, assert_schema
 from multidet.compare import compare
 from multidet.config import Settings
 from multidet.pipeline import Detector, RequestOptions
-from multidet.runners import RUNNERS, create_runner
+from multidet.runners import RUNNERS, create_runner, list_runners
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
-CUDA_EXACT = ["channels_last", "grouped", "vmap_backbone", "cuda_graphs", "compile_reduce_overhead"]
+# every exact path that runs on CUDA (from the registry), compared with the CUDA baseline
+CUDA_EXACT = [
+    n
+    for n in list_runners(device="cuda", tier="exact", servable=True, distinct=True)
+    if n != "baseline" and not RUNNERS[n].chooses
+]
 ZERO = RequestOptions(threshold=0.0)
 
 

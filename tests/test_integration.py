@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -12,7 +13,8 @@ from helpers import TRAINED, assert_same_answer, assert_schema, encode, jpeg_dec
 from multidet.compare import compare
 from multidet.config import Settings
 from multidet.embedded import EmbeddedService
-from multidet.runners import RUNNERS
+from multidet.packaging import MarOptions
+from multidet.runners import RUNNERS, list_runners
 
 pytestmark = pytest.mark.integration
 
@@ -184,27 +186,26 @@ def test_bombs_do_not_grow_the_worker(server, photos):
     assert grown < 50, f"worker RSS grew {grown:.0f} MiB on refused bombs"
 
 
-@pytest.mark.parametrize(
-    "optimization",
-    [
-        "channels_last",
-        "vmap_backbone",
-        "grouped",
-        "bf16",
-        "fp16",
-        "onnxruntime",
-        "aot_inductor",
-        "compile",
-        # the same Inductor compile as `compile` on a CPU (CUDA graphs need CUDA): served where it differs
-        pytest.param(
-            "compile_reduce_overhead",
-            marks=pytest.mark.skipif(
-                not torch.cuda.is_available(), reason="on CPU identical to compile; ~2 min more to build"
-            ),
-        ),
-        "auto",
-    ],
-)
+def mar_paths():
+    """Every servable path but the baseline (the suite's main server), from the registry; a path that is
+    identical to another on this machine's device is served where it differs."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = []
+    for name in list_runners(servable=True):
+        cls = RUNNERS[name]
+        if name == "baseline":
+            continue
+        if not cls.supports(device):
+            out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"does not run on {device}: test_gpu")))
+        elif device.type in cls.same_as:
+            why = f"on {device.type} identical to {cls.same_as[device.type]}"
+            out.append(pytest.param(name, marks=pytest.mark.skip(reason=why)))
+        else:
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("optimization", mar_paths())
 def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_factory, embedded, labelled):
     """`make mar OPT=X` builds a MAR (trained weights) that TorchServe serves with the baseline's
     answer: exact paths its detections at the serving threshold; reduced-precision paths are judged by
@@ -212,7 +213,7 @@ def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_fa
 
     if "cpu" in RUNNERS[optimization].slow_on and not torch.cuda.is_available():
         pytest.skip(f"{optimization} has no fast kernels on this CPU (seconds per request; the registry's slow_on)")
-    ts = start_torchserve(tmp_path_factory.mktemp(optimization), ["--optimization", optimization])
+    ts = start_torchserve(tmp_path_factory.mktemp(optimization), MarOptions.of(optimization=optimization))
     try:
         for body in labelled[0][:3]:
             r = requests.put(url(ts), data=body, timeout=120)
@@ -232,3 +233,22 @@ def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_fa
             assert "loaded Inductor cache" in ts.logs(tail=400)
     finally:
         ts.stop()
+
+
+def test_urllib_form_content_type_is_the_frontends_500_and_octet_stream_works(server, photos):
+    """The README's Content-Type note: urllib labels a bare body as a form; TorchServe's frontend then fails
+    decoding it (500, bytes echoed) before the worker; the same bytes as application/octet-stream are
+    served, so the worker is unharmed."""
+    import urllib.error
+    import urllib.request
+
+    bare = urllib.request.Request(url(server), data=photos["coffee"], method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(bare, timeout=60)
+    assert err.value.code == 500 and b"ErrorDataDecoderException" in err.value.read()
+    typed = urllib.request.Request(
+        url(server), data=photos["coffee"], method="POST", headers={"Content-Type": "application/octet-stream"}
+    )
+    with urllib.request.urlopen(typed, timeout=120) as r:
+        assert r.status == 200
+        assert_schema(json.loads(r.read()))

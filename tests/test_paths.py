@@ -21,20 +21,28 @@ from multidet.runners import RUNNERS, list_runners
 from multidet.runners.grouped import conv_calls, merge_networks
 
 CPU = torch.device("cpu")
-# paths whose own test is elsewhere (minutes of compilation: built once, through TorchServe)
-ELSEWHERE = {
-    "aot_inductor": "compiled at MAR build: test_integration serves it",
-    "compile_reduce_overhead": "on CPU the same as compile (CUDA graphs need CUDA): test_integration",
-    "cuda_graphs": "CUDA only: tests/test_gpu.py",
-    "auto": "chooses among the others: test_auto_*",
-    "mock": "a benchmark lower bound: test_mock_*",
-}
+
+
+def elsewhere(name: str) -> str | None:
+    """Where a path's own test is, when not in this file's parametrised tests (from the registry)."""
+    cls = RUNNERS[name]
+    if cls.chooses:
+        return "chooses among the others: test_auto_*"
+    if cls.benchmark_only:
+        return "a benchmark lower bound: test_mock_*"
+    if not cls.supports(CPU):
+        return "does not run on this CPU: tests/test_gpu.py"
+    if CPU.type in cls.same_as:
+        return f"on CPU the same as {cls.same_as[CPU.type]}"
+    if cls.slow_build:
+        return f"{cls.build_step} takes minutes: test_integration serves it from a MAR"
+    return None
 
 
 def params(names, reason_for=lambda n: None):
     out = []
     for name in names:
-        why = ELSEWHERE.get(name) or reason_for(name)
+        why = elsewhere(name) or reason_for(name)
         out.append(pytest.param(name, marks=pytest.mark.skip(reason=why)) if why else name)
     return out
 
@@ -61,7 +69,6 @@ def test_every_path_is_tested_or_says_where():
     """Both directions: each registered path is parametrised above, and each name above is registered."""
     tested = set(RAW) | set(EXACT) | set(REDUCED) | {"baseline"}
     assert tested == set(RUNNERS), set(RUNNERS) ^ tested
-    assert set(ELSEWHERE) <= set(RUNNERS)
     assert "compile" in EXACT and "onnxruntime" in RAW and "bf16" in REDUCED
 
 

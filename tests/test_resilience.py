@@ -14,13 +14,14 @@ import requests
 from helpers import TRAINED, assert_schema, start_torchserve
 from multidet.compare import compare
 from multidet.embedded import EmbeddedService
+from multidet.packaging import MarOptions
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def small_queue_server(tmp_path_factory):
-    ts = start_torchserve(tmp_path_factory.mktemp("overload"), ["--response-timeout", "60"], {"job_queue_size": "3"})
+    ts = start_torchserve(tmp_path_factory.mktemp("overload"), MarOptions(response_timeout=60), {"job_queue_size": "3"})
     yield ts
     ts.stop()
 
@@ -76,7 +77,7 @@ def test_worker_crash_is_recovered(small_queue_server, photos):
 
 @pytest.fixture(scope="module")
 def secure_server(tmp_path_factory):
-    ts = start_torchserve(tmp_path_factory.mktemp("secure"), [], {"disable_token_authorization": "false"}, token=True)
+    ts = start_torchserve(tmp_path_factory.mktemp("secure"), None, {"disable_token_authorization": "false"}, token=True)
     yield ts
     ts.stop()
 

@@ -101,10 +101,9 @@ def compile_packages(models: Sequence[LoadedModel], artifact_dir: Path, device: 
 class AotInductorRunner(BaselineRunner):
     name = "aot_inductor"
     auto_candidate = False  # its packages are compiled at MAR build (minutes)
-
-    @classmethod
-    def supports(cls, device: torch.device) -> bool:
-        return torch.device(device).type in ("cpu", "cuda")
+    devices = ("cpu", "cuda")
+    build_step = "AOTInductor compile of the three networks, each checked against eager"
+    slow_build = True
 
     @classmethod
     def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:

@@ -75,6 +75,13 @@ class Runner(ABC):
     auto_candidate: ClassVar[bool] = False
     slow_on: ClassVar[tuple[str, ...]] = ()
     chooses: ClassVar[bool] = False  # picks among other paths at load (auto); gets the reduced-precision switch
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "mps")  # device types it runs on (``supports`` may narrow)
+    # what ``build`` makes at MAR build time (None: nothing), and whether it is slow enough (minutes, with
+    # checks) that the tests build it once, through a MAR, instead of in-process
+    build_step: ClassVar[str | None] = None
+    slow_build: ClassVar[bool] = False
+    # device type -> the path it is identical to there (e.g. compile_reduce_overhead on CPU is compile)
+    same_as: ClassVar[dict[str, str]] = {}
     separable: ClassVar[bool] = False  # forward(x, [k]) runs model k alone (per-model timings make sense)
 
     def __init__(
@@ -97,7 +104,7 @@ class Runner(ABC):
     @classmethod
     def supports(cls, device: torch.device) -> bool:
         """Whether this path can run on ``device`` (checked before construction)."""
-        return True
+        return torch.device(device).type in cls.devices
 
     @classmethod
     def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
@@ -175,8 +182,11 @@ def list_runners(
     tier: str | None = None,
     servable: bool | None = None,
     auto_candidate: bool | None = None,
+    distinct: bool = False,
 ) -> list[str]:
-    """Registered path names with the given properties (None: any), in registration order."""
+    """Registered path names with the given properties (None: any), in registration order, the way
+    timm's ``list_models`` is queried. ``distinct`` (with a device) leaves out paths that are identical
+    to another path on that device (``same_as``)."""
     dev = torch.device(device) if device is not None else None
     return [
         name
@@ -185,4 +195,5 @@ def list_runners(
         and (tier is None or cls.tier == tier)
         and (servable is None or servable == (not cls.benchmark_only))
         and (auto_candidate is None or cls.auto_candidate == auto_candidate)
+        and not (distinct and dev is not None and dev.type in cls.same_as)
     ]

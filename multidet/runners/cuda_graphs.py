@@ -38,10 +38,11 @@ class _Captured:
 @register
 class CudaGraphsRunner(GroupedRunner):
     name = "cuda_graphs"
+    devices = ("cuda",)
 
     @classmethod
     def supports(cls, device: torch.device) -> bool:
-        return torch.device(device).type == "cuda" and torch.cuda.is_available()
+        return super().supports(device) and torch.cuda.is_available()
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)

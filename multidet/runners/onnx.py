@@ -57,6 +57,8 @@ def export_onnx(models: Sequence[LoadedModel], path: Path) -> Path:
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
     auto_candidate = True
+    devices = ("cpu", "cuda")
+    build_step = "ONNX export of the grouped super-model"
 
     @classmethod
     def supports(cls, device: torch.device) -> bool:
@@ -67,7 +69,7 @@ class OnnxRuntimeRunner(Runner):
         device = torch.device(device)
         if device.type == "cuda":
             return "CUDAExecutionProvider" in ort.get_available_providers()
-        return device.type == "cpu"
+        return super().supports(device)
 
     @classmethod
     def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
@@ -99,7 +101,6 @@ class OnnxRuntimeRunner(Runner):
             else ["CPUExecutionProvider"]
         )
         self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.onnx_path = path
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         outputs = self.session.run(None, {"images": np.ascontiguousarray(images.detach().cpu().numpy())})

@@ -1,0 +1,77 @@
+"""Request formats (multidet.envelopes): each envelope parses its rows and formats its results."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from multidet.envelopes import (
+    KServeV1Envelope,
+    MultipartEnvelope,
+    ParsedRequest,
+    RawEnvelope,
+    RequestOptions,
+    parse_request,
+)
+from multidet.errors import BadRequest, InputError, UnsupportedImage
+
+LOADED = ("efficientdet_d0_coco", "efficientdet_d0_aquarium", "efficientdet_d0_vehicles")
+IMG = b"\xff\xd8\xff\xe0not-really-a-jpeg"
+
+
+def parse(row, headers=None):
+    return parse_request(row, headers or {}, LOADED)
+
+
+def test_raw_body_with_header_options():
+    req = parse({"body": IMG}, {"X-Threshold": "0.25", "X-Models": "efficientdet_d0_coco"})
+    assert isinstance(req, ParsedRequest) and isinstance(req.envelope, RawEnvelope)
+    assert req.instances == [(IMG, RequestOptions(threshold=0.25, models=("efficientdet_d0_coco",)))]
+
+
+def test_multipart_field_options_win_over_headers():
+    req = parse({"data": IMG, "threshold": b"0.1"}, {"X-Threshold": "0.9"})
+    assert isinstance(req.envelope, MultipartEnvelope)
+    assert req.instances == [(IMG, RequestOptions(threshold=0.1))]
+
+
+def test_kserve_v1_instances_each_with_own_options_and_errors():
+    b64 = base64.b64encode(IMG).decode()
+    body = {"instances": [{"data": b64}, {"b64": b64, "threshold": 0}, {"data": "not base64 !"}, "x"]}
+    req = parse({"body": body}, {"X-Threshold": "0.7"})
+    assert isinstance(req.envelope, KServeV1Envelope)
+    assert req.instances[0] == (IMG, RequestOptions(threshold=0.7))
+    assert req.instances[1] == (IMG, RequestOptions(threshold=0.0))
+    assert isinstance(req.instances[2], UnsupportedImage) and isinstance(req.instances[3], BadRequest)
+    status, out = req.format([{"a": 1}, {"b": 2}, req.instances[2], req.instances[3]])
+    assert status == 415 and out["message"].startswith("instance 2:")
+    assert req.format([{"a": 1}, {"b": 2}]) == (200, {"predictions": [{"a": 1}, {"b": 2}]})
+
+
+@pytest.mark.parametrize("instances", [[], "x", None])
+def test_kserve_v1_needs_a_non_empty_list(instances):
+    err = parse({"body": {"instances": instances}})
+    assert isinstance(err, BadRequest) and "instances" in err.message
+
+
+@pytest.mark.parametrize(
+    "row, status, word",
+    [
+        ({"upload": IMG}, 400, "no image"),
+        ({"body": {"image": "x"}}, 415, "JSON"),
+        ({"body": "plain text, not base64"}, 415, "text"),
+        ({"body": IMG, "threshold": "2"}, 400, "threshold"),
+        ({"body": IMG, "colour": "red"}, 400, "unknown parameter"),
+    ],
+)
+def test_bad_requests_are_their_4xx(row, status, word):
+    req = parse(row)
+    err = req if isinstance(req, InputError) else req.instances[0]
+    assert isinstance(err, InputError) and err.status == status and word in err.message
+
+
+def test_raw_text_body_that_is_base64_is_the_image():
+    req = parse({"body": base64.b64encode(IMG).decode()})
+    assert req.instances[0][0] == IMG
+    assert RawEnvelope().format([BadRequest("x")]) == (400, {"code": 400, "type": "BadRequest", "message": "x"})
