@@ -1,19 +1,15 @@
-"""Optimisation paths, registered by name. Importing this package registers all of them."""
+"""Optimisation paths, registered by name. Importing this package registers all of them: every module
+in this folder is imported (adding a path = adding one file whose class is ``@register``-ed)."""
 
-from . import (  # noqa: F401  (each registers its path)
-    aot,
-    auto,  # noqa: F401  (last: it chooses among the others)
-    baseline,
-    channels_last,
-    compiled,
-    cuda_graphs,
-    grouped,
-    half,
-    mock,
-    onnx,
-    vmap,
-)
+import importlib
+import pkgutil
+
 from .base import RUNNERS, LoadedModel, Runner, create_runner, list_runners, register
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in ("base", "auto"):
+        importlib.import_module(f"{__name__}.{_module}")
+importlib.import_module(f"{__name__}.auto")  # last: it chooses among the others
 
 __all__ = ["RUNNERS", "SERVABLE", "LoadedModel", "Runner", "create_runner", "list_runners", "register"]
 
