@@ -12,7 +12,7 @@ IMG ?= docs/example.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints dataset train eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean
+.PHONY: help install java-check checkpoints dataset train eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks peers gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean
 
 help:
 	@echo "make serve [OPT=auto] [BATCH=1]      install, generate checkpoints, build the MAR, start TorchServe"
@@ -21,8 +21,8 @@ help:
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
 	@echo "make soak [DURATION=600]            sustained good+bad load against the server, worker memory"
 	@echo "make load [USERS=2] [LOAD_TIME=60s] Locust, headless, against the server; CSV in outputs/load/"
-	@echo "make bench | ablation | overhead | sweep   measurements -> outputs/{benchmark,ablation,overhead,sweep}/"
-	@echo "make benchmarks                     all four (docs/benchmarks.md explains them); ARGS=... passes flags"
+	@echo "make bench | ablation | overhead | sweep | peers   measurements -> outputs/{benchmark,...,peers}/"
+	@echo "make benchmarks                     all five (docs/benchmarks.md explains them); ARGS=... passes flags"
 	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint"
 	@echo "make dataset | train | eval [OPT=baseline] | annotate   labelled data, the trained weights/, their mAP"
 	@echo "make lint                           ruff check + ruff format --check (make test runs it)"
@@ -131,7 +131,11 @@ overhead: install
 sweep: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_load_sweep.py $(ARGS)
 
-benchmarks: bench ablation overhead sweep
+# The project served (auto, over HTTP) against ONNX Runtime and OpenVINO running the same networks alone.
+peers: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_peers.py $(ARGS)
+
+benchmarks: bench ablation overhead sweep peers
 
 # Wheels a bare GPU image (Python 3.12) lacks, for scripts/gpu_check.sh there (see that script).
 GPU_WHEEL_PLATFORMS := $(foreach n,2_28 2_27 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64

@@ -23,10 +23,10 @@ import torch
 
 from .decode import decode_image
 from .device import synchronize
+from .packaging import PHOTOS
 from .pipeline import Detector, RequestOptions
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PHOTO_DIR = REPO_ROOT / "load_tests" / "images"
+PHOTO_DIR = PHOTOS
 # Figures of the seed project's report, compared in docs/benchmarks.md where ours correspond.
 SEED = {
     "cpu_baseline_ms": 1020.0,

@@ -21,9 +21,9 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from .config import Settings
+from .packaging import HANDLER, REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_HANDLER = REPO_ROOT / "handlers" / "efficientdet_handler.py"
+DEFAULT_HANDLER = HANDLER
 
 
 @dataclass

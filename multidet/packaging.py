@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 HANDLER = REPO_ROOT / "handlers" / "efficientdet_handler.py"
 WEIGHTS = REPO_ROOT / "weights"  # the trained checkpoints
 CONFIG = REPO_ROOT / "config.properties"
+PHOTOS = REPO_ROOT / "load_tests" / "images"  # sample photos (benchmarks; backgrounds of the synthetic data)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,9 @@ def build_mar(
         (extra / settings.checkpoint_dir).mkdir(parents=True)
         for path in files:
             shutil.copy2(path, extra / settings.checkpoint_dir)
-        for path in RUNNERS[settings.optimization].build(models, extra / settings.artifact_dir):
+        runner = RUNNERS[settings.optimization]
+        kwargs = {"allow_reduced": settings.allow_reduced} if runner.chooses else {}
+        for path in dict.fromkeys(runner.build(models, extra / settings.artifact_dir, **kwargs)):
             log(f"built {path.name} for {settings.optimization} ({path.stat().st_size / 1e6:.1f} MB)")
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(options.model_config(), sort_keys=False))

@@ -75,39 +75,54 @@ def select_detections(
     )
 
 
-def _flatten_levels(class_out, box_out, num_classes):
-    batch = class_out[0].shape[0]
-    cls_all = torch.cat([c.permute(0, 2, 3, 1).reshape(batch, -1, num_classes) for c in class_out], 1)
-    box_all = torch.cat([b.permute(0, 2, 3, 1).reshape(batch, -1, 4) for b in box_out], 1)
-    return cls_all, box_all
+def _candidates(class_out: Sequence[torch.Tensor], i: int, cut: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Flat (anchor x class) indices, in effdet's flattened order, of image ``i``'s logits >= ``cut``,
+    found level by level on the NCHW outputs: no [anchors, classes] copy of the whole class tensor
+    (4.4 M floats for the 90-class head). Channel ch = a * C + c, so the flat index over (h, w, a, c)
+    is offset + (h * W + w) * A * C + ch."""
+    found, offset = [], 0
+    for level in class_out:
+        channels, height, width = level.shape[1:]
+        ch, y, x = (level[i] >= cut).nonzero(as_tuple=True)
+        found.append(offset + (y * width + x) * channels + ch)
+        offset += channels * height * width
+    return torch.cat(found)
 
 
 def _select_prefiltered(
     class_out, box_out, anchor_boxes, num_classes, img_scale, img_size, max_det, max_detection_points, thresholds
 ) -> torch.Tensor:
-    cls_all, box_all = _flatten_levels(class_out, box_out, num_classes)
+    batch = class_out[0].shape[0]
+    box_all = torch.cat([b.permute(0, 2, 3, 1).reshape(batch, -1, 4) for b in box_out], 1)
     content = img_size / img_scale[:, None]
     one = torch.ones((), dtype=img_scale.dtype, device=img_scale.device)
+    dtype = class_out[0].dtype
     # a logit cut slightly below logit(t), so float rounding of sigmoid never loses a box >= t; compared
     # in the logits' own dtype, rounded down once more (a superset of candidates is harmless: those
     # below t are never returned and, in NMS, never suppress a higher-scored box)
     cuts = torch.logit(thresholds.clamp(max=1.0 - 1e-7).double()) - 1e-4
-    cuts = torch.nextafter(cuts.to(cls_all.dtype), torch.tensor(float("-inf"), dtype=cls_all.dtype, device=cuts.device))
+    cuts = torch.nextafter(cuts.to(dtype), torch.tensor(float("-inf"), dtype=dtype, device=cuts.device))
+    cls_all = None  # the flattened class tensor, only where effdet's own top-k is needed
     out = []
-    for i in range(cls_all.shape[0]):
-        flat = cls_all[i].reshape(-1)
-        keep = (flat >= cuts[i]).nonzero().squeeze(1) if thresholds[i] > 0 else None
+    for i in range(batch):
+        keep = _candidates(class_out, i, cuts[i], num_classes) if thresholds[i] > 0 else None
         if keep is None or keep.numel() > max_detection_points:
-            _, top = torch.topk(flat, k=max_detection_points)  # effdet's own top-k
+            if cls_all is None:
+                cls_all = torch.cat([c.permute(0, 2, 3, 1).reshape(batch, -1) for c in class_out], 1)
+            flat = cls_all[i]
+            scores, top = torch.topk(flat, k=max_detection_points)  # effdet's own top-k
         elif keep.numel() == 0:
-            out.append(torch.zeros((max_det, 6), dtype=flat.dtype, device=flat.device))
+            out.append(torch.zeros((max_det, 6), dtype=dtype, device=class_out[0].device))
             continue
         else:
-            top = keep[torch.sort(flat[keep], descending=True, stable=True).indices]
+            keep = keep.sort().values  # effdet's flattened order, then a stable sort by score
+            values = _gather(class_out, i, keep)
+            order = torch.sort(values, descending=True, stable=True).indices
+            top, scores = keep[order], values[order]
         indices, classes = top // num_classes, top % num_classes
         out.append(
             generate_detections(
-                flat[top].unsqueeze(1),
+                scores.unsqueeze(1),
                 box_all[i][indices],
                 anchor_boxes,
                 indices,
@@ -119,6 +134,21 @@ def _select_prefiltered(
             )
         )
     return torch.stack(out)
+
+
+def _gather(class_out: Sequence[torch.Tensor], i: int, flat: torch.Tensor) -> torch.Tensor:
+    """The logits of image ``i`` at flat (h, w, a, c) indices (the inverse of ``_candidates``)."""
+    values = torch.empty(flat.shape, dtype=class_out[0].dtype, device=class_out[0].device)
+    offset = 0
+    for level in class_out:
+        channels, height, width = level.shape[1:]
+        size = channels * height * width
+        mine = (flat >= offset) & (flat < offset + size)
+        local = flat[mine] - offset
+        pixel, ch = local // channels, local % channels
+        values[mine] = level[i][ch, pixel // width, pixel % width]
+        offset += size
+    return values
 
 
 def to_original(boxes: torch.Tensor, letterbox: Letterbox) -> torch.Tensor:

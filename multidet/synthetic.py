@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,6 +250,31 @@ def load_photos(folder: Path | None) -> list[np.ndarray]:
     return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.jpg"))]
 
 
+def render_split(
+    model: str, split: str, count: int, seed: int = 0, photos_dir: Path | None = Path("load_tests/images")
+) -> Iterator[tuple[Image.Image, list[dict]]]:
+    """The images of a split, as ``make_dataset`` writes them (image i is the same for the same seed),
+    without files: e.g. INT8 calibration on the training split at MAR build time."""
+    kinds, photos = kind_table(model), load_photos(photos_dir)
+    split_key = zlib.crc32(f"{model}/{split}".encode())
+    for i in range(count):
+        yield render_image(np.random.default_rng([seed, split_key, i]), kinds, photos)
+
+
+def calibration_images(
+    model: str, count: int, seed: int = 0, photos_dir: Path | None = Path("load_tests/images")
+) -> list[Image.Image]:
+    """The first ``count`` training images of ``model``, JPEG-round-tripped as the files are."""
+    import io
+
+    out = []
+    for img, _ in render_split(model, "train", count, seed, photos_dir):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90, optimize=False, subsampling=0)
+        out.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return out
+
+
 def make_dataset(
     model: str,
     split: str,
@@ -265,14 +290,10 @@ def make_dataset(
     if model not in MODEL_SPECS:
         raise ValueError(f"unknown model {model!r}; choose from {sorted(MODEL_SPECS)}")
     spec, kinds = MODEL_SPECS[model], kind_table(model)
-    photos = load_photos(photos_dir)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    split_key = zlib.crc32(f"{model}/{split}".encode())
-    for i in range(count):
-        rng = np.random.default_rng([seed, split_key, i])
-        img, objects = render_image(rng, kinds, photos)
+    for i, (img, objects) in enumerate(render_split(model, split, count, seed, photos_dir)):
         file_name = f"{split}_{i:05d}.jpg"
         img.save(out / "images" / file_name, format="JPEG", quality=90, optimize=False, subsampling=0)
         images.append({"id": i + 1, "file_name": file_name, "width": img.width, "height": img.height})

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from multidet.config import ConfigError, Settings
-from multidet.embedded import REPO_ROOT, EmbeddedService
+from multidet.embedded import EmbeddedService
+from multidet.packaging import REPO_ROOT
 from multidet.runners import SERVABLE
 
 

@@ -66,15 +66,19 @@ def locust_step(host: str, users: int, duration: int, prefix: Path) -> dict:
         raise RuntimeError(f"locust wrote no statistics (exit {r.returncode}):\n{r.stderr[-3000:]}")
     rows = {row["Name"]: row for row in csv.DictReader(stats_file.open())}
     row = rows.get("/predictions/all") or rows["Aggregated"]
+
+    def number(key: str) -> float:  # Locust writes "N/A" for a step in which no request completed
+        return float(row[key]) if row[key] not in ("", "N/A") else float("nan")
+
     return {
         "requests": int(row["Request Count"]),
         "failures": int(row["Failure Count"]),
-        "rps": round(float(row["Requests/s"]), 3),
-        "p50_ms": float(row["50%"]),
-        "p95_ms": float(row["95%"]),
-        "p99_ms": float(row["99%"]),
-        "mean_ms": round(float(row["Average Response Time"]), 1),
-        "max_ms": float(row["Max Response Time"]),
+        "rps": round(number("Requests/s"), 3),
+        "p50_ms": number("50%"),
+        "p95_ms": number("95%"),
+        "p99_ms": number("99%"),
+        "mean_ms": round(number("Average Response Time"), 1),
+        "max_ms": number("Max Response Time"),
         "locust_exit": r.returncode,
     }
 

@@ -32,6 +32,7 @@ def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProc
 def assert_environment(env: dict) -> None:
     assert env["date"][:2] == "20" and env["cpu_cores"] >= 1 and env["versions"]["torch"].startswith("2.")
     assert env["cpu"] and env["torch_threads"] >= 1
+    assert isinstance(env["cpu_isa"], list)  # avx2 / avx512* / amx* as lscpu lists them
 
 
 def test_full_benchmark_quick(tmp_path):
@@ -165,3 +166,32 @@ def test_load_sweep_quick(tmp_path):
     rows = list(csv.DictReader((tmp_path / "sweep.csv").open()))
     assert len(rows) == 2 and rows[0]["queue_ms"]
     assert (tmp_path / "sweep.png").stat().st_size > 5000
+
+
+def test_peers_quick(tmp_path):
+    """The served path over HTTP against ONNX Runtime and OpenVINO running the same networks alone, one run."""
+    run(
+        "run_peers.py",
+        "--optimization",
+        "channels_last",
+        "--requests",
+        "2",
+        "--warmup",
+        "1",
+        "--no-int8",
+        "--out",
+        str(tmp_path),
+        timeout=900,
+    )
+    results = json.loads((tmp_path / "peers_results.json").read_text())
+    assert_environment(results["environment"])
+    assert results["served_as"] == "channels_last"
+    names = list(results["latency_ms"])
+    assert names[0].startswith("served channels_last") and names[1].startswith("baseline")
+    peers = set(names[2:])
+    assert {"onnxruntime (3 sessions) (networks alone)", "openvino f32 (networks alone)"} <= peers
+    for stats in results["latency_ms"].values():
+        assert set(stats) == LATENCY_KEYS and stats["n"] == 2 and stats["p50"] > 0
+    ratios = results["ratios"]
+    assert ratios["fastest_exact_peer"] in peers and ratios["served_vs_fastest_exact_peer"] > 0
+    assert (tmp_path / "peers.png").stat().st_size > 5000

@@ -196,7 +196,8 @@ def mar_paths():
         if name == "baseline":
             continue
         if not cls.supports(device):
-            out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"does not run on {device}: test_gpu")))
+            why = f"does not run on {device}" + (f": needs {cls.requires}" if cls.requires else ": test_gpu")
+            out.append(pytest.param(name, marks=pytest.mark.skip(reason=why)))
         elif device.type in cls.same_as:
             why = f"on {device.type} identical to {cls.same_as[device.type]}"
             out.append(pytest.param(name, marks=pytest.mark.skip(reason=why)))

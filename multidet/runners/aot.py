@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..preprocess import Preprocessor, synthetic_photo
-from .base import LoadedModel, register, weights_stamp
+from .base import LoadedModel, on_device, register, weights_stamp
 from .baseline import BaselineRunner
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def compile_packages(models: Sequence[LoadedModel], artifact_dir: Path, device: 
     for k, model in enumerate(models):
         t0 = time.perf_counter()
         print(f"AOTInductor: compiling {model.name} ({k + 1}/{len(models)}) for {device.type} ...", flush=True)
-        net = model.net.to(device).eval()
+        net = on_device(model.net, device).eval()
         program = torch.export.export(net, (example,), dynamic_shapes={"x": {0: batch}})
         path = Path(
             torch._inductor.aoti_compile_and_package(program, package_path=str(package_path(artifact_dir, model)))

@@ -2,17 +2,22 @@
 answer is the baseline's under its tier's rule (multidet.quality). The measured table goes to the log.
 
 Candidates come from the registry (``Runner.auto_candidate``, less the paths with no fast kernels on
-this device, ``Runner.slow_on``). Each is checked on a small labelled set made in memory
+this device, ``Runner.slow_on``); their build step (ONNX exports, OpenVINO IR, the INT8 quantisation
+when reduced precision is allowed) runs at MAR build (``AutoRunner.build``), so a load only times
+them. Each is checked on a small labelled set made in memory
 (``synthetic.check_set``: six images, every model's objects annotated) against the baseline:
 
 - exact tier: raw outputs within the path's ``raw_tolerance``, detections at the serving threshold
   equal one to one (boxes within 0.5 px, scores within 1e-3), mAP within 0.1 points;
-- reduced tier (bf16/fp16), only with ``allow_reduced`` (model-config ``handler.allow_reduced``,
+- reduced tier (bf16/fp16, OpenVINO bf16/INT8), only with ``allow_reduced`` (model-config ``handler.allow_reduced``,
   ``make mar OPT=auto REDUCED=1``): mAP at most 0.5 points below the baseline's; the mAP measured is
   logged.
 
-Speed: median of three single-image requests, after one warm-up call. On the 2-core development CPU
-this adds 10-20 s to start-up.
+Order, to keep start-up short: every candidate is timed first (median of three single-image calls
+after a warm-up); then the baseline's answer is computed, and the candidates faster than the
+baseline are checked fastest first until one passes. Slower ones could not be chosen, so they are
+not checked (their row says so). The table (ms, mAP@0.5 where checked, why a path was refused) goes
+to the log.
 """
 
 from __future__ import annotations
@@ -53,78 +58,94 @@ class AutoRunner(Runner):
     chooses = True
 
     @classmethod
-    def build(cls, models, artifact_dir):
-        """The candidates' build-time files (the ONNX export), so auto can time them at load."""
-        return [f for name, c in RUNNERS.items() if c.auto_candidate for f in c.build(models, artifact_dir)]
+    def build(cls, models, artifact_dir, allow_reduced: bool = False):
+        """The candidates' build-time files (ONNX exports, OpenVINO IR; INT8 only when reduced precision
+        is allowed), so auto can time them at load without building anything."""
+        return [
+            f
+            for c in RUNNERS.values()
+            if c.auto_candidate and (c.tier == "exact" or allow_reduced)
+            for f in c.build(models, artifact_dir)
+        ]
 
     def __init__(
         self, models, device, max_detections=100, artifact_dir=None, allow_reduced: bool = False, repeats: int = 3
     ):
         super().__init__(models, device, max_detections, artifact_dir)
         self.allow_reduced = allow_reduced
-        pre = Preprocessor()
         bodies, truth = check_set(models=[m.name for m in self.models])
-        batch = pre.prepare_bytes(bodies, self.device)
+        batch = Preprocessor().prepare_bytes(bodies, self.device)
+        one = batch.head(1)
         active = list(range(len(self.models)))
-        self.table, reference, best = [], None, None
+        self.table: list[dict] = []
+        timed: dict[str, tuple[Runner, dict, dict]] = {}  # name -> (runner, raw outputs of one image, row)
+        # 1. every candidate built and timed on one image
         for name in candidates(self.device, allow_reduced):
             cls = RUNNERS[name]
-            rule = RULES[cls.tier]
             t0 = time.perf_counter()
             try:
                 runner = cls(self.models, self.device, max_detections, artifact_dir)
                 with torch.inference_mode():
-                    raw = runner.forward(batch.tensor[:1], active)  # raw outputs of one image; also any lazy init
-                    out = runner.detect(batch)
+                    raw = runner.forward(one.tensor, active)  # warm-up (any lazy init), and the raw outputs
+                    runner.detect(one)
                     times = []
                     for _ in range(repeats):
                         synchronize(self.device)
                         t1 = time.perf_counter()
-                        runner.detect(batch.head(1))
+                        runner.detect(one)
                         synchronize(self.device)
                         times.append((time.perf_counter() - t1) * 1e3)
             except Exception as exc:  # a path that fails here is simply not chosen
                 log.warning("auto: %s failed on %s: %s", name, self.device, exc)
                 self.table.append({"path": name, "tier": cls.tier, "ms": None, "equal": False, "error": str(exc)})
                 continue
-            answer = self._answer(out, batch.letterboxes)
-            maps = {
-                m.name: coco_map(truth[m.name], _coco_results(answer, k, m.name))[0] for k, m in enumerate(self.models)
-            }
             row = {
                 "path": name,
                 "tier": cls.tier,
                 "ms": round(statistics.median(times), 1),
-                "map50": {k: round(v, 4) for k, v in maps.items()},
                 "load_s": round(time.perf_counter() - t0, 1),
             }
-            if reference is None:  # the baseline comes first
-                reference = (raw, answer, maps)
-                row["equal"] = True
-            else:
-                reasons = []
-                if cls.tier == "exact" and cls.raw_tolerance is not None:
-                    diff = max(
-                        raw_difference(reference[0][k][0] + reference[0][k][1], raw[k][0] + raw[k][1]) for k in active
-                    )
-                    row["raw_diff"] = float(f"{diff:.3g}")
-                    if diff > cls.raw_tolerance:
-                        reasons.append(f"raw outputs differ by {diff:.2g} > {cls.raw_tolerance:g}")
-                if rule.box_tol is not None:
-                    checks = [check_detections(r, c, SERVING_THRESHOLD, rule) for r, c in zip(reference[1], answer)]
-                    bad = [c for c in checks if not c.ok(rule)]
-                    if bad:
-                        reasons.append(f"detections differ: {bad[0]}")
-                for m, base_map in reference[2].items():
-                    if not map_ok(base_map, maps[m], rule):
-                        reasons.append(f"{m} mAP@0.5 {maps[m]:.4f} vs baseline {base_map:.4f}")
-                row["equal"] = not reasons
-                if reasons:
-                    row["why"] = "; ".join(reasons)
             self.table.append(row)
-            if row["equal"] and (best is None or row["ms"] < best[0]["ms"]):
-                best = (row, runner)
-        self.chosen = best[1]
+            timed[name] = (runner, raw, row)
+        if "baseline" not in timed:
+            raise RuntimeError(f"auto: the baseline itself failed on {self.device}: {self.table[0].get('error')}")
+        # 2. the baseline's answer on the labelled check set
+        base_runner, base_raw, chosen = timed["baseline"]
+        reference = self._check(base_runner, batch, truth)
+        chosen.update(map50=reference[1], equal=True)
+        # 3. the candidates faster than the baseline, fastest first, until one gives its answer; the
+        #    slower ones cannot be chosen, so they are not checked (start-up time)
+        for name in sorted(timed, key=lambda n: timed[n][2]["ms"]):
+            runner, raw, row = timed[name]
+            if name == "baseline":
+                continue
+            if row["ms"] >= chosen["ms"]:
+                row.update(equal=None, why=f"not faster than {chosen['path']}: not checked")
+                continue
+            answer, maps = self._check(runner, batch, truth)
+            row["map50"] = maps
+            reasons = []
+            cls, rule = RUNNERS[name], RULES[RUNNERS[name].tier]
+            if cls.tier == "exact" and cls.raw_tolerance is not None:
+                diff = max(raw_difference(base_raw[k][0] + base_raw[k][1], raw[k][0] + raw[k][1]) for k in active)
+                row["raw_diff"] = float(f"{diff:.3g}")
+                if diff > cls.raw_tolerance:
+                    reasons.append(f"raw outputs differ by {diff:.2g} > {cls.raw_tolerance:g}")
+            if rule.box_tol is not None:
+                checks = [check_detections(r, c, SERVING_THRESHOLD, rule) for r, c in zip(reference[0], answer)]
+                bad = [c for c in checks if not c.ok(rule)]
+                if bad:
+                    reasons.append(f"detections differ: {bad[0]}")
+            for m, base_map in reference[1].items():
+                if not map_ok(base_map, maps[m], rule):
+                    reasons.append(f"{m} mAP@0.5 {maps[m]:.4f} vs baseline {base_map:.4f}")
+            row["equal"] = not reasons
+            if reasons:
+                row["why"] = "; ".join(reasons)
+            else:
+                chosen = row
+        self.chosen = timed[chosen["path"]][0]
+        timed.clear()  # the runners not chosen are released here
         log.info(
             "auto on %s (reduced precision %s): %s -> %s",
             self.device,
@@ -132,11 +153,22 @@ class AutoRunner(Runner):
             "; ".join(
                 f"{r['path']} {r['ms']} ms"
                 + (f" mAP@0.5 {r['map50']}" if r.get("map50") else "")
-                + ("" if r["equal"] else f" (not equal: {r.get('why', r.get('error'))})")
+                + ("" if r.get("equal") else f" ({r.get('why', r.get('error'))})")
                 for r in self.table
             ),
             self.chosen.name,
         )
+
+    def _check(self, runner: Runner, batch, truth) -> tuple[list[list[dict]], dict[str, float]]:
+        """The path's answer on the check set and its mAP@0.5 per model."""
+        with torch.inference_mode():
+            out = runner.detect(batch)
+        answer = self._answer(out, batch.letterboxes)
+        maps = {
+            m.name: round(coco_map(truth[m.name], _coco_results(answer, k, m.name))[0], 4)
+            for k, m in enumerate(self.models)
+        }
+        return answer, maps
 
     def _answer(self, out: dict[int, torch.Tensor], letterboxes) -> list[list[dict]]:
         """Per image: every model's detections (threshold 0) in original pixels, as a response has them."""

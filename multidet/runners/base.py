@@ -8,6 +8,7 @@ path is compared with the baseline on the same post-processing.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from ..preprocess import Batch
 RawOutput = tuple[list[torch.Tensor], list[torch.Tensor]]  # per level: class logits, box regressions
 
 # CLASS_HEAD (9 anchors x 90/7/20 = 810/63/180 outputs) is the only layer whose shape depends on
-# num_classes: paths that run the three networks as one pad it to the widest and slice each back.
+# num_classes: vmap pads it to the widest (stacked weights need one shape); grouped keeps one conv per model.
 
 
 def class_head_widths(nets: Sequence[torch.nn.Module]) -> list[int]:
@@ -51,11 +52,19 @@ def weights_stamp(models: Sequence[LoadedModel], **extra) -> dict:
     return {"models": digest, **extra}
 
 
+def on_device(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``net`` on ``device`` without moving the shared loaded network (Module.to works in place):
+    itself when it is already there, else a copy."""
+    if next(net.parameters()).device == torch.device(device):
+        return net
+    return copy.deepcopy(net).to(device)
+
+
 @dataclass
 class LoadedModel:
     name: str
     class_names: tuple[str, ...]
-    net: EfficientDet  # eval mode, on CPU as loaded
+    net: EfficientDet  # eval mode, on CPU as loaded; shared by every path, never moved (see on_device)
 
     @property
     def num_classes(self) -> int:
@@ -82,6 +91,7 @@ class Runner(ABC):
     slow_build: ClassVar[bool] = False
     # device type -> the path it is identical to there (e.g. compile_reduce_overhead on CPU is compile)
     same_as: ClassVar[dict[str, str]] = {}
+    requires: ClassVar[str] = ""  # what it needs beyond the device type (said when it is refused)
     separable: ClassVar[bool] = False  # forward(x, [k]) runs model k alone (per-model timings make sense)
 
     def __init__(
@@ -171,7 +181,8 @@ def create_runner(
     except KeyError:
         raise ValueError(f"unknown optimization {name!r}; available: {sorted(RUNNERS)}") from None
     if not cls.supports(device):
-        raise ValueError(f"optimization {name!r} does not run on {device}")
+        need = f": it needs {cls.requires}" if cls.requires else ""
+        raise ValueError(f"optimization {name!r} does not run on {device}{need}")
     if cls.chooses:
         return cls(models, device, max_detections, artifact_dir, allow_reduced=allow_reduced)
     return cls(models, device, max_detections, artifact_dir)

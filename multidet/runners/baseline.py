@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import RawOutput, Runner, register
+from .base import RawOutput, Runner, on_device, register
 
 
 @register
@@ -17,7 +17,7 @@ class BaselineRunner(Runner):
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
-        self.nets = [m.net.to(self.device).eval() for m in self.models]
+        self.nets = [on_device(m.net, self.device).eval() for m in self.models]
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         return {i: self.nets[i](images) for i in active}

@@ -72,4 +72,4 @@ class CudaGraphsRunner(GroupedRunner):
         captured.graph.replay()
         captured.replays += 1
         cls_out, box_out = captured.static_output
-        return split_outputs(cls_out, box_out, self.widths, self.widest, active)
+        return split_outputs(cls_out, box_out, self.widths, active)

@@ -1,11 +1,17 @@
-"""``onnxruntime``: the grouped super-model exported to ONE ONNX graph, run by ONNX Runtime.
+"""``onnxruntime`` / ``onnxruntime_per_model``: the networks exported to ONNX, run by ONNX Runtime.
 
-The export is a build step: ``create_mar.py --optimization onnxruntime`` (``make mar
-OPT=onnxruntime``) writes ``artifacts/grouped.onnx`` plus a JSON stamp naming the checkpoints'
-sha256 it was exported from, and packs both into the MAR. At load the stamp is checked; a missing or
-stale file is re-exported once at load (a warning in the log), never per request. ONNX Runtime's CPU
-execution provider is used, or its CUDA provider on a CUDA device when onnxruntime-gpu is installed.
-Post-processing (top-k/NMS) stays in PyTorch, shared with every other path.
+Two forms, both offered because which is faster depends on the CPU (the ablation measures both, and
+``auto`` times both at load): ``onnxruntime`` runs the grouped super-model as ONE graph (a third of
+the kernel launches, wider convolutions); ``onnxruntime_per_model`` runs three plain graphs, one
+session per network (what a user running the models on ONNX Runtime alone would do).
+
+The export is a build step: ``make mar OPT=onnxruntime`` writes ``artifacts/grouped.onnx`` (or
+``artifacts/onnx/<model>.onnx``) plus a JSON stamp naming the checkpoints' sha256 it was exported
+from, and packs them into the MAR. At load the stamp is checked; a missing or stale file is
+re-exported once at load (a warning in the log), never per request. Sessions use graph optimisation
+level "all" and as many intra-op threads as PyTorch (the cores); ONNX Runtime's CUDA provider is
+used on a CUDA device when onnxruntime-gpu is installed. Post-processing (top-k/NMS) stays in
+PyTorch, shared with every other path.
 """
 
 from __future__ import annotations
@@ -24,23 +30,25 @@ from .grouped import merge_networks, split_outputs
 
 log = logging.getLogger(__name__)
 ONNX_FILE = "grouped.onnx"
+PER_MODEL_DIR = "onnx"
 OPSET = 17
 
 
 def _stamp(models: Sequence[LoadedModel]) -> dict:
-    return weights_stamp(models, opset=OPSET, torch=torch.__version__)
+    # graph: the grouped super-model's layout (v2: one class-head conv per model, no zero padding)
+    return weights_stamp(models, opset=OPSET, torch=torch.__version__, graph=2)
 
 
-def export_onnx(models: Sequence[LoadedModel], path: Path) -> Path:
-    merged, _, _ = merge_networks([m.net for m in models])
+def export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """One network (or the grouped super-model) to ONNX: opset 17, dynamic batch, outputs named
+    class_0..4 then box_0..4 (effdet's level order)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(1, 3, *models[0].net.config.image_size)
     with warnings.catch_warnings():
         # torch 2.14 marks the TorchScript-based exporter deprecated in favour of the torch.export
         # one; for this static graph it is the fast, dependency-free choice (opset 17, dynamic batch)
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            merged,
+            module,
             (example,),
             str(path),
             dynamo=False,
@@ -49,16 +57,54 @@ def export_onnx(models: Sequence[LoadedModel], path: Path) -> Path:
             output_names=[f"class_{i}" for i in range(5)] + [f"box_{i}" for i in range(5)],
             dynamic_axes={"images": {0: "batch"}},
         )
+    return path
+
+
+def export_onnx(models: Sequence[LoadedModel], path: Path) -> Path:
+    """The grouped super-model as one graph, with its stamp."""
+    merged, _ = merge_networks([m.net for m in models])
+    export_graph(merged, torch.zeros(1, 3, *models[0].net.config.image_size), path)
     path.with_suffix(".json").write_text(json.dumps(_stamp(models), indent=2) + "\n")
     return path
 
 
-@register
-class OnnxRuntimeRunner(Runner):
-    name = "onnxruntime"
+def per_model_paths(models: Sequence[LoadedModel], directory: Path) -> list[Path]:
+    return [Path(directory) / PER_MODEL_DIR / f"{m.name}.onnx" for m in models]
+
+
+def export_per_model(models: Sequence[LoadedModel], directory: Path) -> list[Path]:
+    """Each network as its own graph (``<directory>/onnx/<model>.onnx``) plus one stamp."""
+    paths = per_model_paths(models, directory)
+    example = torch.zeros(1, 3, *models[0].net.config.image_size)
+    for m, path in zip(models, paths):
+        export_graph(m.net, example, path)
+    stamp = paths[0].parent / "stamp.json"
+    stamp.write_text(json.dumps(_stamp(models), indent=2) + "\n")
+    return [*paths, stamp]
+
+
+def fresh_per_model(models: Sequence[LoadedModel], directory: Path) -> bool:
+    stamp = Path(directory) / PER_MODEL_DIR / "stamp.json"
+    return (
+        stamp.exists()
+        and json.loads(stamp.read_text()) == _stamp(models)
+        and all(p.exists() for p in per_model_paths(models, directory))
+    )
+
+
+def session(path: Path, device: torch.device):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+class _OrtRunner(Runner):
     auto_candidate = True
     devices = ("cpu", "cuda")
-    build_step = "ONNX export of the grouped super-model"
 
     @classmethod
     def supports(cls, device: torch.device) -> bool:
@@ -71,6 +117,12 @@ class OnnxRuntimeRunner(Runner):
             return "CUDAExecutionProvider" in ort.get_available_providers()
         return super().supports(device)
 
+
+@register
+class OnnxRuntimeRunner(_OrtRunner):
+    name = "onnxruntime"
+    build_step = "ONNX export of the grouped super-model"
+
     @classmethod
     def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
         path = export_onnx(models, Path(artifact_dir) / ONNX_FILE)
@@ -78,10 +130,7 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
-        import onnxruntime as ort
-
-        self.widths = class_head_widths([m.net for m in self.models])
-        self.widest = max(self.widths)  # the exported graph pads every class head to this width
+        self.widths = class_head_widths([m.net for m in self.models])  # the graph's class outputs, concatenated
         path = (self.artifact_dir or Path("artifacts")) / ONNX_FILE
         stamp_file = path.with_suffix(".json")
         fresh = path.exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == _stamp(self.models)
@@ -92,17 +141,41 @@ class OnnxRuntimeRunner(Runner):
                 path,
             )
             export_onnx(self.models, path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if self.device.type == "cuda"
-            else ["CPUExecutionProvider"]
-        )
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.session = session(path, self.device)
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         outputs = self.session.run(None, {"images": np.ascontiguousarray(images.detach().cpu().numpy())})
         tensors = [torch.from_numpy(o).to(self.device) for o in outputs]
-        return split_outputs(tensors[:5], tensors[5:], self.widths, self.widest, active)
+        return split_outputs(tensors[:5], tensors[5:], self.widths, active)
+
+
+@register
+class OnnxRuntimePerModelRunner(_OrtRunner):
+    name = "onnxruntime_per_model"
+    build_step = "ONNX export of each network"
+    separable = True
+
+    @classmethod
+    def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
+        return export_per_model(models, Path(artifact_dir))
+
+    def __init__(self, models, device, max_detections=100, artifact_dir=None):
+        super().__init__(models, device, max_detections, artifact_dir)
+        directory = self.artifact_dir or Path("artifacts")
+        if not fresh_per_model(self.models, directory):
+            log.warning(
+                "per-model ONNX graphs in %s missing or from other weights: exporting now "
+                "(build them with `make mar OPT=%s`)",
+                directory,
+                self.name,
+            )
+            export_per_model(self.models, directory)
+        self.sessions = [session(p, self.device) for p in per_model_paths(self.models, directory)]
+
+    def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
+        x = {"images": np.ascontiguousarray(images.detach().cpu().numpy())}
+        out = {}
+        for k in active:
+            tensors = [torch.from_numpy(o).to(self.device) for o in self.sessions[k].run(None, x)]
+            out[k] = (tensors[:5], tensors[5:])
+        return out
