@@ -77,16 +77,20 @@ def select_detections(
 
 def _candidates(class_out: Sequence[torch.Tensor], i: int, cut: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Flat (anchor x class) indices, in effdet's flattened order, of image ``i``'s logits >= ``cut``,
-    found level by level on the NCHW outputs: no [anchors, classes] copy of the whole class tensor
-    (4.4 M floats for the 90-class head). Channel ch = a * C + c, so the flat index over (h, w, a, c)
-    is offset + (h * W + w) * A * C + ch."""
+    found level by level on the NCHW outputs without an [anchors, classes] copy of the whole class
+    tensor (4.4 M floats for the 90-class head): first the pixels whose largest logit reaches the cut
+    (one reduction over channels), then the channels of those pixels only. Channel ch = a * C + c,
+    so the flat index over (h, w, a, c) is offset + (h * W + w) * A * C + ch."""
     found, offset = [], 0
     for level in class_out:
         channels, height, width = level.shape[1:]
-        ch, y, x = (level[i] >= cut).nonzero(as_tuple=True)
-        found.append(offset + (y * width + x) * channels + ch)
+        plane = level[i].reshape(channels, height * width)
+        pixels = (plane.amax(0) >= cut).nonzero().squeeze(1)
+        if pixels.numel():
+            ch, p = (plane[:, pixels] >= cut).nonzero(as_tuple=True)
+            found.append(offset + pixels[p] * channels + ch)
         offset += channels * height * width
-    return torch.cat(found)
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=class_out[0].device)
 
 
 def _select_prefiltered(

@@ -4,20 +4,20 @@ answer is the baseline's under its tier's rule (multidet.quality). The measured 
 Candidates come from the registry (``Runner.auto_candidate``, less the paths with no fast kernels on
 this device, ``Runner.slow_on``); their build step (ONNX exports, OpenVINO IR, the INT8 quantisation
 when reduced precision is allowed) runs at MAR build (``AutoRunner.build``), so a load only times
-them. Each is checked on a small labelled set made in memory
-(``synthetic.check_set``: six images, every model's objects annotated) against the baseline:
+them. Each is checked on a small labelled set made in memory (``synthetic.check_set``: six images,
+every model's objects annotated) against the baseline:
 
 - exact tier: raw outputs within the path's ``raw_tolerance``, detections at the serving threshold
   equal one to one (boxes within 0.5 px, scores within 1e-3), mAP within 0.1 points;
-- reduced tier (bf16/fp16, OpenVINO bf16/INT8), only with ``allow_reduced`` (model-config ``handler.allow_reduced``,
-  ``make mar OPT=auto REDUCED=1``): mAP at most 0.5 points below the baseline's; the mAP measured is
-  logged.
+- reduced tier (bf16/fp16, OpenVINO bf16/INT8), only with ``allow_reduced`` (model-config
+  ``handler.allow_reduced``, ``make mar OPT=auto REDUCED=1``): mAP at most 0.5 points below the
+  baseline's; the mAP measured is logged.
 
-Order, to keep start-up short: every candidate is timed first (median of three single-image calls
-after a warm-up); then the baseline's answer is computed, and the candidates faster than the
-baseline are checked fastest first until one passes. Slower ones could not be chosen, so they are
-not checked (their row says so). The table (ms, mAP@0.5 where checked, why a path was refused) goes
-to the log.
+Order, to keep start-up short: every candidate is timed first (after two warm-up calls, five rounds
+of one single-image call per candidate, interleaved, the median kept); then the baseline's answer
+is computed, and the candidates faster than the baseline are checked fastest first until one
+passes. Slower ones could not be chosen, so they are not checked (their row says so). The table
+(ms, mAP@0.5 where checked, why a path was refused) goes to the log.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ from ..synthetic import check_set
 from .base import RUNNERS, RawOutput, Runner, register
 
 log = logging.getLogger(__name__)
+# between timed calls: ONNX Runtime's and OpenVINO's worker threads spin for a moment after a call;
+# without a pause they would slow down whichever path is timed next
+PAUSE_S = 0.02
 
 
 def candidates(device: torch.device, allow_reduced: bool) -> list[str]:
@@ -69,7 +72,7 @@ class AutoRunner(Runner):
         ]
 
     def __init__(
-        self, models, device, max_detections=100, artifact_dir=None, allow_reduced: bool = False, repeats: int = 3
+        self, models, device, max_detections=100, artifact_dir=None, allow_reduced: bool = False, repeats: int = 5
     ):
         super().__init__(models, device, max_detections, artifact_dir)
         self.allow_reduced = allow_reduced
@@ -79,34 +82,37 @@ class AutoRunner(Runner):
         active = list(range(len(self.models)))
         self.table: list[dict] = []
         timed: dict[str, tuple[Runner, dict, dict]] = {}  # name -> (runner, raw outputs of one image, row)
-        # 1. every candidate built and timed on one image
+        # 1. every candidate built and warmed up (any lazy init, a runtime's first-call allocations) ...
         for name in candidates(self.device, allow_reduced):
             cls = RUNNERS[name]
             t0 = time.perf_counter()
             try:
                 runner = cls(self.models, self.device, max_detections, artifact_dir)
                 with torch.inference_mode():
-                    raw = runner.forward(one.tensor, active)  # warm-up (any lazy init), and the raw outputs
+                    raw = runner.forward(one.tensor, active)  # also the raw outputs for the check
                     runner.detect(one)
-                    times = []
-                    for _ in range(repeats):
-                        synchronize(self.device)
-                        t1 = time.perf_counter()
-                        runner.detect(one)
-                        synchronize(self.device)
-                        times.append((time.perf_counter() - t1) * 1e3)
+                    runner.detect(one)
             except Exception as exc:  # a path that fails here is simply not chosen
                 log.warning("auto: %s failed on %s: %s", name, self.device, exc)
                 self.table.append({"path": name, "tier": cls.tier, "ms": None, "equal": False, "error": str(exc)})
                 continue
-            row = {
-                "path": name,
-                "tier": cls.tier,
-                "ms": round(statistics.median(times), 1),
-                "load_s": round(time.perf_counter() - t0, 1),
-            }
+            row = {"path": name, "tier": cls.tier, "load_s": round(time.perf_counter() - t0, 1)}
             self.table.append(row)
             timed[name] = (runner, raw, row)
+        # ... then timed on one image in interleaved rounds (a noisy moment hits every path alike)
+        times: dict[str, list[float]] = {name: [] for name in timed}
+        names = list(timed)
+        for r in range(repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                time.sleep(PAUSE_S)
+                with torch.inference_mode():
+                    synchronize(self.device)
+                    t1 = time.perf_counter()
+                    timed[name][0].detect(one)
+                    synchronize(self.device)
+                times[name].append((time.perf_counter() - t1) * 1e3)
+        for name, ms in times.items():
+            timed[name][2]["ms"] = round(statistics.median(ms), 1)
         if "baseline" not in timed:
             raise RuntimeError(f"auto: the baseline itself failed on {self.device}: {self.table[0].get('error')}")
         # 2. the baseline's answer on the labelled check set
