@@ -137,6 +137,21 @@ def raw_difference(reference: Sequence[torch.Tensor], candidate: Sequence[torch.
     return worst
 
 
+def coco_results(answer: Sequence[Sequence[dict]], model: str) -> list[dict]:
+    """Per-image response detections (image i has id i + 1) -> one model's COCO results for coco_map."""
+    return [
+        {
+            "image_id": i + 1,
+            "category_id": d["class_id"],
+            "score": d["score"],
+            "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
+        }
+        for i, dets in enumerate(answer)
+        for d in dets
+        if d["model"] == model
+    ]
+
+
 def coco_map(coco_gt: dict, results: list[dict]) -> tuple[float, float]:
     """(mAP@0.5, mAP@[.5:.95]) of ``results`` (COCO result dicts) against ground truth ``coco_gt``."""
     from pycocotools.coco import COCO

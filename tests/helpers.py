@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from multidet.config import MODEL_NAMES, Settings
-from multidet.quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, map_ok
+from multidet.quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, coco_results, map_ok
 from multidet.server import BIN, free_ports, start_torchserve  # noqa: F401  (re-exported for the tests)
 from multidet.tsconfig import read_properties  # noqa: F401  (re-exported for the tests)
 
@@ -32,21 +32,7 @@ def answers(detector, bodies, **kw) -> list[list[dict]]:
 
 def map50(answer: list[list[dict]], truth: dict[str, dict]) -> dict[str, float]:
     """mAP@0.5 per model of per-image answers against ``synthetic.check_set`` ground truth."""
-    out = {}
-    for model, gt in truth.items():
-        results = [
-            {
-                "image_id": i + 1,
-                "category_id": d["class_id"],
-                "score": d["score"],
-                "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
-            }
-            for i, dets in enumerate(answer)
-            for d in dets
-            if d["model"] == model
-        ]
-        out[model] = coco_map(gt, results)[0]
-    return out
+    return {model: coco_map(gt, coco_results(answer, model))[0] for model, gt in truth.items()}
 
 
 def assert_same_answer(

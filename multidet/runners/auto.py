@@ -32,7 +32,7 @@ import torch
 from ..device import synchronize
 from ..postprocess import detections_for
 from ..preprocess import Preprocessor
-from ..quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, map_ok, raw_difference
+from ..quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, coco_results, map_ok, raw_difference
 from ..synthetic import check_set
 from .base import RUNNERS, RawOutput, Runner, register
 
@@ -171,7 +171,7 @@ class AutoRunner(Runner):
             out = runner.detect(batch)
         answer = self._answer(out, batch.letterboxes)
         maps = {
-            m.name: round(coco_map(truth[m.name], _coco_results(answer, k, m.name))[0], 4)
+            m.name: round(coco_map(truth[m.name], coco_results(answer, m.name))[0], 4)
             for k, m in enumerate(self.models)
         }
         return answer, maps
@@ -189,17 +189,3 @@ class AutoRunner(Runner):
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         return self.chosen.forward(images, active)
-
-
-def _coco_results(answer: list[list[dict]], k: int, model: str) -> list[dict]:
-    return [
-        {
-            "image_id": i + 1,
-            "category_id": d["class_id"],
-            "score": d["score"],
-            "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
-        }
-        for i, dets in enumerate(answer)
-        for d in dets
-        if d["model"] == model
-    ]
