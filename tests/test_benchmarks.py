@@ -80,7 +80,7 @@ def test_ablation_quick(tmp_path):
     run(
         "run_ablation.py",
         "--paths",
-        "baseline,channels_last,bf16",
+        "baseline,channels_last,openvino_int8",
         "--requests",
         "3",
         "--warmup",
@@ -97,7 +97,7 @@ def test_ablation_quick(tmp_path):
     results = json.loads((tmp_path / "ablation_results.json").read_text())
     assert_environment(results["meta"]["environment"])
     rows = {r["path"]: r for r in results["paths"]}
-    assert list(rows) == ["baseline", "channels_last", "bf16"]
+    assert list(rows) == ["baseline", "channels_last", "openvino_int8"]
     for r in rows.values():
         assert set(r["latency_ms"]) == LATENCY_KEYS and r["speedup_p50"] > 0
         q = r["quality"]
@@ -106,7 +106,7 @@ def test_ablation_quick(tmp_path):
     base = rows["baseline"]["quality"]
     assert base["same_answer"] and base["delta_map50_points"] == 0.0 and base["max_box_diff_px"] == 0.0
     assert base["map50_mean"] > 0.3 and rows["baseline"]["speedup_p50"] == 1.0  # the trained models find things
-    assert rows["channels_last"]["quality"]["same_answer"] and rows["bf16"]["tier"] == "reduced"
+    assert rows["channels_last"]["quality"]["same_answer"] and rows["openvino_int8"]["tier"] == "reduced"
     assert (tmp_path / "ablation.png").stat().st_size > 5000
     report = (tmp_path / "ablation_report.txt").read_text()
     assert "fastest exact path with the baseline's answer" in report and "mAP@.5" in report

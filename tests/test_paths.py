@@ -84,13 +84,7 @@ def random_reference(detector, random_batch):
         return detector.runner.forward(random_batch, [0, 1, 2])
 
 
-def raw_reason(name):
-    if name == "compile":
-        return "minutes of compilation: judged on the trained weights (test_exact_path_gives_baselines_answer)"
-    return not_on_cpu(name)
-
-
-@pytest.mark.parametrize("name", params(RAW, raw_reason))
+@pytest.mark.parametrize("name", params(RAW, not_on_cpu))
 def test_raw_outputs_match_baseline_on_random_weights(name, detector, random_batch, random_reference, tmp_path):
     """Class logits and box regressions of all three networks, every level, within the path's
     declared tolerance of the baseline's (relative to the largest output of each tensor)."""
