@@ -13,8 +13,8 @@ every model's objects annotated) against the baseline:
   ``handler.allow_reduced``, ``make mar OPT=auto REDUCED=1``): mAP at most 0.5 points below the
   baseline's; the mAP measured is logged.
 
-Order, to keep start-up short: every candidate is timed first (after two warm-up calls, five rounds
-of one single-image call per candidate, interleaved, the median kept); then the baseline's answer
+Order, to keep start-up short: every candidate is timed first (after a warm-up, three rounds of one
+single-image call per candidate, interleaved, the median kept); then the baseline's answer
 is computed, and the candidates faster than the baseline are checked fastest first until one
 passes. Slower ones could not be chosen, so they are not checked (their row says so). The table
 (ms, mAP@0.5 where checked, why a path was refused) goes to the log.
@@ -72,7 +72,7 @@ class AutoRunner(Runner):
         ]
 
     def __init__(
-        self, models, device, max_detections=100, artifact_dir=None, allow_reduced: bool = False, repeats: int = 5
+        self, models, device, max_detections=100, artifact_dir=None, allow_reduced: bool = False, repeats: int = 3
     ):
         super().__init__(models, device, max_detections, artifact_dir)
         self.allow_reduced = allow_reduced
@@ -90,7 +90,6 @@ class AutoRunner(Runner):
                 runner = cls(self.models, self.device, max_detections, artifact_dir)
                 with torch.inference_mode():
                     raw = runner.forward(one.tensor, active)  # also the raw outputs for the check
-                    runner.detect(one)
                     runner.detect(one)
             except Exception as exc:  # a path that fails here is simply not chosen
                 log.warning("auto: %s failed on %s: %s", name, self.device, exc)
