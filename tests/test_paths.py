@@ -151,7 +151,9 @@ def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled
     runner = det.runner
     table = {row["path"]: row for row in runner.table}
     assert set(table) == {
-        n for n in list_runners(device=CPU, tier="exact", auto_candidate=True) if "cpu" not in RUNNERS[n].slow_on
+        n
+        for n in list_runners(device=CPU, tier="exact", auto_candidate=True)
+        if "cpu" not in RUNNERS[n].slow_on + RUNNERS[n].not_faster_on
     }
     assert table["baseline"]["equal"] and all(r["map50"] for r in table.values() if r.get("equal") is not None)
     chosen = runner.chosen.name
@@ -175,7 +177,9 @@ def test_auto_considers_reduced_precision_only_when_allowed(trained, tmp_path, c
         det = Detector.from_checkpoints(WEIGHTS, Settings(optimization="auto", allow_reduced=True), CPU, tmp_path)
     table = {row["path"]: row for row in det.runner.table}
     reduced = [
-        n for n in list_runners(device=CPU, tier="reduced", auto_candidate=True) if "cpu" not in RUNNERS[n].slow_on
+        n
+        for n in list_runners(device=CPU, tier="reduced", auto_candidate=True)
+        if "cpu" not in RUNNERS[n].slow_on + RUNNERS[n].not_faster_on
     ]
     assert set(reduced) <= set(table) and "reduced precision allowed" in caplog.text
     if not reduced:  # e.g. an AVX2-only CPU: bf16 is emulated there (slow_on), fp16 everywhere on CPU

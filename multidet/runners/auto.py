@@ -2,10 +2,11 @@
 answer is the baseline's under its tier's rule (multidet.quality). The measured table goes to the log.
 
 Candidates come from the registry (``Runner.auto_candidate``, less the paths with no fast kernels on
-this device, ``Runner.slow_on``); their build step (ONNX exports, OpenVINO IR, the INT8 quantisation
-when reduced precision is allowed) runs at MAR build (``AutoRunner.build``), so a load only times
-them. Each is checked on a small labelled set made in memory (``synthetic.check_set``: six images,
-every model's objects annotated) against the baseline:
+this device, ``Runner.slow_on``, or measured no faster than the baseline there, ``not_faster_on``);
+their build step (ONNX exports, OpenVINO IR, the INT8 quantisation when reduced precision is
+allowed) runs at MAR build (``AutoRunner.build``), so a load only times them. Each is checked on a
+small labelled set made in memory (``synthetic.check_set``: six images, every model's objects
+annotated) against the baseline:
 
 - exact tier: raw outputs within the path's ``raw_tolerance``, detections at the serving threshold
   equal one to one (boxes within 0.5 px, scores within 1e-3), mAP within 0.1 points;
@@ -50,6 +51,7 @@ def candidates(device: torch.device, allow_reduced: bool) -> list[str]:
         if cls.auto_candidate
         and cls.supports(device)
         and device.type not in cls.slow_on
+        and device.type not in cls.not_faster_on
         and (cls.tier == "exact" or allow_reduced)
     ]
     return sorted(names, key=lambda n: n != "baseline")

@@ -83,6 +83,8 @@ class Runner(ABC):
     # has no fast kernels (auto leaves it out there: e.g. fp16 on CPU takes seconds per image)
     auto_candidate: ClassVar[bool] = False
     slow_on: ClassVar[tuple[str, ...]] = ()
+    # device types where it measured no faster than the baseline: auto does not time it there (start-up)
+    not_faster_on: ClassVar[tuple[str, ...]] = ()
     chooses: ClassVar[bool] = False  # picks among other paths at load (auto); gets the reduced-precision switch
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "mps")  # device types it runs on (``supports`` may narrow)
     # what ``build`` makes at MAR build time (None: nothing), and whether it is slow enough (minutes, with

@@ -221,7 +221,7 @@ class GroupedRunner(Runner):
     # in eager PyTorch on a CPU, oneDNN's grouped convolutions are no faster than three plain ones
     # (0.97x the baseline on the 2-core EPYC, 2026-11-29; 0.88x on 11-28): auto leaves it out there.
     # Its graph is what onnxruntime runs, where it is the fastest path.
-    slow_on = ("cpu",)
+    not_faster_on = ("cpu",)
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)

@@ -71,7 +71,7 @@ class StackedNetwork(torch.nn.Module):
 @register
 class VmapBackboneRunner(Runner):
     name = "vmap_backbone"
-    slow_on = ("cpu",)  # 0.36x the baseline on the 2-core EPYC (docs/benchmarks.md): auto skips it there
+    not_faster_on = ("cpu",)  # 0.36x the baseline on the 2-core EPYC (docs/benchmarks.md): auto skips it there
     auto_candidate = True
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
