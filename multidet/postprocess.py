@@ -75,7 +75,7 @@ def select_detections(
     )
 
 
-def _candidates(class_out: Sequence[torch.Tensor], i: int, cut: torch.Tensor, num_classes: int) -> torch.Tensor:
+def _candidates(class_out: Sequence[torch.Tensor], i: int, cut: torch.Tensor) -> torch.Tensor:
     """Flat (anchor x class) indices, in effdet's flattened order, of image ``i``'s logits >= ``cut``,
     found level by level on the NCHW outputs without an [anchors, classes] copy of the whole class
     tensor (4.4 M floats for the 90-class head): first the pixels whose largest logit reaches the cut
@@ -109,7 +109,7 @@ def _select_prefiltered(
     cls_all = None  # the flattened class tensor, only where effdet's own top-k is needed
     out = []
     for i in range(batch):
-        keep = _candidates(class_out, i, cuts[i], num_classes) if thresholds[i] > 0 else None
+        keep = _candidates(class_out, i, cuts[i]) if thresholds[i] > 0 else None
         if keep is None or keep.numel() > max_detection_points:
             if cls_all is None:
                 cls_all = torch.cat([c.permute(0, 2, 3, 1).reshape(batch, -1) for c in class_out], 1)

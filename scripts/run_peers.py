@@ -45,11 +45,10 @@ from multidet.device import native_bf16
 from multidet.packaging import REPO_ROOT, WEIGHTS, MarOptions
 from multidet.pipeline import Detector
 from multidet.runners import LoadedModel
+from multidet.runners.auto import PAUSE_S  # between timed calls (runtimes' spinning threads)
 from multidet.runners.onnx import export_onnx, export_per_model, per_model_paths, session
 from multidet.runners.openvino import OpenVinoInt8Runner, OpenVinoRunner
 from multidet.server import start_torchserve
-
-PAUSE_S = 0.02  # between timed calls: lets one runtime's spinning threads settle before the next runs
 
 
 def load_models() -> list[LoadedModel]:
