@@ -1,4 +1,5 @@
-# Three EfficientDet-D0 detectors on TorchServe. `make serve` and `make test` work from a fresh clone.
+# Several EfficientDet detectors (a model set: models.yaml) on one TorchServe endpoint.
+# `make serve` and `make test` work from a fresh clone.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -6,25 +7,27 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OPT ?= auto
+MODELS ?= models.yaml
+RECIPE ?= training.yaml
 BATCH ?= 1
 DELAY ?= 50
 IMG ?= docs/example.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints dataset train eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks peers gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean
+.PHONY: help install java-check checkpoints dataset train eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean
 
 help:
-	@echo "make serve [OPT=auto] [BATCH=1]      install, generate checkpoints, build the MAR, start TorchServe"
+	@echo "make serve [OPT=auto] [MODELS=models.yaml] [BATCH=1]  install, build the MAR of a model set, start TorchServe"
 	@echo "make serve-secure                   the same with token authorisation on (keys in key_file.json)"
 	@echo "make stop                           stop TorchServe"
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
 	@echo "make soak [DURATION=600]            sustained good+bad load against the server, worker memory"
 	@echo "make load [USERS=2] [LOAD_TIME=60s] Locust, headless, against the server; CSV in outputs/load/"
-	@echo "make bench | ablation | overhead | sweep | peers   measurements -> outputs/{benchmark,...,peers}/"
+	@echo "make bench | ablation | overhead | sweep | peers | scaling   measurements -> outputs/{benchmark,...}/"
 	@echo "make benchmarks                     all five (docs/benchmarks.md explains them); ARGS=... passes flags"
 	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint"
-	@echo "make dataset | train | eval [OPT=baseline] | annotate   labelled data, the trained weights/, their mAP"
+	@echo "make dataset | train | eval [OPT=baseline] | annotate   recipe (training.yaml): data, weights/, mAP"
 	@echo "make lint                           ruff check + ruff format --check (make test runs it)"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
 
@@ -43,52 +46,24 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 checkpoints: install
 	$(PY) scripts/generate_checkpoints.py
 
-# Labelled synthetic data (multidet/synthetic.py), the trained checkpoints in weights/, their mAP.
-DATA := data
-SEED ?= 0
-TRAIN_COUNT_efficientdet_d0_coco := 2000
-TRAIN_COUNT_efficientdet_d0_aquarium := 1000
-TRAIN_COUNT_efficientdet_d0_vehicles := 1500
-VAL_COUNT := 200
-MODELS := efficientdet_d0_coco efficientdet_d0_aquarium efficientdet_d0_vehicles
-DATASETS := $(foreach m,$(MODELS),$(DATA)/$(m)/train/annotations.json $(DATA)/$(m)/val/annotations.json)
+# Labelled synthetic data, training and evaluation of the model set, from the recipe (training.yaml:
+# per model its data, its start and its steps). Resumable: an interrupted `make train` continues.
+dataset: install
+	$(PY) scripts/recipe.py dataset --model-set $(MODELS) --recipe $(RECIPE)
 
-dataset: install $(DATASETS)
+train: install
+	$(PY) scripts/recipe.py train --model-set $(MODELS) --recipe $(RECIPE)
 
-$(DATA)/%/train/annotations.json: multidet/synthetic.py
-	$(PY) scripts/make_dataset.py --model $* --split train --count $(TRAIN_COUNT_$*) --seed $(SEED) --out $(DATA)/$*/train
-$(DATA)/%/val/annotations.json: multidet/synthetic.py
-	$(PY) scripts/make_dataset.py --model $* --split val --count $(VAL_COUNT) --seed $(SEED) --out $(DATA)/$*/val
-
-# The COCO-subset model from scratch at 256 px, then the other two from it (class layer re-initialised).
-# Resumable: an interrupted `make train` continues where it stopped. Wall time: docs/training.md.
-COCO_STEPS ?= 2400
-HEAD_STEPS ?= 300
-train: dataset
-	$(PY) scripts/finetune.py --model efficientdet_d0_coco --train $(DATA)/efficientdet_d0_coco/train \
-		--val $(DATA)/efficientdet_d0_coco/val --steps $(COCO_STEPS) --image-size 256 --eval-every 400 \
-		--out outputs/train/coco
-	for m in aquarium vehicles; do \
-		$(PY) scripts/finetune.py --model efficientdet_d0_$$m --train $(DATA)/efficientdet_d0_$$m/train \
-			--val $(DATA)/efficientdet_d0_$$m/val --init outputs/train/coco --init-model efficientdet_d0_coco \
-			--steps $(HEAD_STEPS) --image-size 256 --eval-every 150 --out outputs/train/$$m || exit 1; \
-	done
-	mkdir -p weights
-	for m in coco aquarium vehicles; do cp outputs/train/$$m/efficientdet_d0_$$m.{safetensors,json} weights/; done
-	@echo "trained checkpoints in weights/ (commit them to ship them)"
-
-eval: dataset
-	for m in $(MODELS); do \
-		$(PY) scripts/evaluate.py --data $(DATA)/$$m/val --model $$m --optimization $(if $(filter auto,$(OPT)),baseline,$(OPT)) \
-			--json outputs/eval/$$m.$(if $(filter auto,$(OPT)),baseline,$(OPT)).json || exit 1; \
-	done
+eval: install
+	$(PY) scripts/recipe.py eval --model-set $(MODELS) --recipe $(RECIPE) --optimization $(if $(filter auto,$(OPT)),baseline,$(OPT))
 
 annotate: install
-	$(PY) scripts/annotate.py $(IMG) --out docs/example_detections.png
+	$(PY) scripts/annotate.py $(IMG) --model-set $(MODELS) --out docs/example_detections.png
 
-# the trained models in weights/ (shipped); REDUCED=1 lets auto serve bf16/fp16 where its mAP holds
+# MODELS: the model set file (default models.yaml: the trained models in weights/); REDUCED=1 lets auto
+# serve bf16/fp16/INT8 where its mAP holds
 mar: install
-	$(PY) scripts/create_mar.py --optimization $(OPT) --batch-size $(BATCH) --max-batch-delay $(DELAY) \
+	$(PY) scripts/create_mar.py --model-set $(MODELS) --optimization $(OPT) --batch-size $(BATCH) --max-batch-delay $(DELAY) \
 		$(if $(filter 1,$(REDUCED)),--allow-reduced)
 
 serve: mar
@@ -104,7 +79,7 @@ status: install
 	$(PY) scripts/serve.py status
 
 predict: install
-	$(PY) scripts/predict.py $(IMG) --optimization $(OPT)
+	$(PY) scripts/predict.py $(IMG) --model-set $(MODELS) --optimization $(OPT)
 
 soak: serve
 	$(PY) scripts/soak.py --duration $(DURATION)
@@ -135,7 +110,11 @@ sweep: install
 peers: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_peers.py $(ARGS)
 
-benchmarks: bench ablation overhead sweep peers
+# p50 in-process and over HTTP for sets of 1..8 models, per path (multidet.scaling)
+scaling: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_scaling.py $(ARGS)
+
+benchmarks: bench ablation overhead sweep peers scaling
 
 # Wheels a bare GPU image (Python 3.12) lacks, for scripts/gpu_check.sh there (see that script).
 GPU_WHEEL_PLATFORMS := $(foreach n,2_28 2_27 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64

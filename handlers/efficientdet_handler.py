@@ -1,4 +1,4 @@
-"""TorchServe handler for /predictions/all: three EfficientDet-D0 models answer every request.
+"""TorchServe handler for /predictions/all: every model of the archive's model set answers every request.
 
 Thin by design: it turns TorchServe's requests and context into multidet calls and back. All
 image and model logic lives in the ``multidet`` package (packed into the MAR beside this file).
@@ -29,8 +29,8 @@ class EfficientDetHandler(BaseHandler):
         settings = Settings.from_mapping((context.model_yaml_config or {}).get("handler"))
         device = select_device(settings.device, props.get("gpu_id"))
         model_dir = Path(props["model_dir"])
-        self.detector = Detector.from_checkpoints(
-            model_dir / settings.checkpoint_dir, settings, device, model_dir / settings.artifact_dir
+        self.detector = Detector.from_model_set(
+            model_dir / settings.model_set, settings, device, model_dir / settings.artifact_dir
         )
         warm = self.detector.warmup() if settings.warmup else None
         self.initialized = True
@@ -38,7 +38,7 @@ class EfficientDetHandler(BaseHandler):
             "loaded %s on %s with optimization=%s in %.1f s (warm request %s ms)",
             ",".join(self.detector.model_names),
             device,
-            self.detector.runner.description,
+            self.detector.description,
             time.perf_counter() - t0,
             f"{warm:.0f}" if warm is not None else "skipped",
         )

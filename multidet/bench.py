@@ -23,10 +23,8 @@ import torch
 
 from .decode import decode_image
 from .device import synchronize
-from .packaging import PHOTOS
 from .pipeline import Detector, RequestOptions
 
-PHOTO_DIR = PHOTOS
 # Figures of the seed project's report, compared in docs/benchmarks.md where ours correspond.
 SEED = {
     "cpu_baseline_ms": 1020.0,
@@ -37,7 +35,7 @@ SEED = {
 }
 
 
-def photos(directory: Path = PHOTO_DIR) -> dict[str, bytes]:
+def photos(directory: Path) -> dict[str, bytes]:
     found = {p.stem: p.read_bytes() for p in sorted(directory.glob("*.jpg"))}
     if not found:
         raise FileNotFoundError(f"no JPEG photos in {directory}")
@@ -181,26 +179,27 @@ def model_breakdown(detector: Detector, body: bytes, threshold: float | None = N
     then per model its network and its top-k/NMS, in milliseconds. For paths that run the models
     separately (baseline, channels_last, mock); fused paths only have a total."""
     device = detector.device
-    runner = detector.runner
     threshold = detector.settings.threshold if threshold is None else threshold
     t0 = time.perf_counter()
     image = decode_image(body, detector.settings.max_image_pixels)
     t1 = time.perf_counter()
-    batch = detector.preprocessor.prepare([image], device)
+    batches = detector.prepare([image])
     thresholds = torch.tensor([threshold], device=device)
     synchronize(device)
     t2 = time.perf_counter()
     out = {"decode": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3}
-    for k, model in enumerate(detector.models):
-        synchronize(device)
-        t3 = time.perf_counter()
-        raw = runner.forward(batch.tensor, [k])[k]
-        synchronize(device)
-        t4 = time.perf_counter()
-        runner.select(k, raw, batch, thresholds).cpu()
-        t5 = time.perf_counter()
-        out[f"{model.name}.network"] = (t4 - t3) * 1e3
-        out[f"{model.name}.nms"] = (t5 - t4) * 1e3
+    for group in detector.groups:
+        batch = batches[group.preprocessor.key]
+        for j, k in enumerate(group.indices):
+            synchronize(device)
+            t3 = time.perf_counter()
+            raw = group.runner.forward(batch.tensor, [j])[j]
+            synchronize(device)
+            t4 = time.perf_counter()
+            group.runner.select(j, raw, batch, thresholds).cpu()
+            t5 = time.perf_counter()
+            out[f"{detector.models[k].name}.network"] = (t4 - t3) * 1e3
+            out[f"{detector.models[k].name}.nms"] = (t5 - t4) * 1e3
     return out
 
 

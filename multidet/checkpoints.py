@@ -1,9 +1,10 @@
-"""Checkpoints: effdet's own state_dict, each with a JSON metadata file beside it.
+"""Checkpoints: effdet's own state_dict, for any effdet architecture, optionally with the project's
+JSON metadata beside it.
 
-    weights/efficientdet_d0_coco.safetensors  trained, shipped in git (safetensors: tensors only)
-    checkpoints/efficientdet_d0_coco.pth      seeded random, generated (torch.save(state_dict))
-    <dir>/efficientdet_d0_coco.json           {name, architecture, image_size, num_classes, class_names,
-                                               seed, source, sha256, format, training}
+    <dir>/<name>.safetensors   trained (the shipped ones: weights/), or a user's (safetensors: tensors only)
+    <dir>/<name>.pth           seeded random (make checkpoints), or a user's (bare state_dict or train.py's dict)
+    <dir>/<name>.json          the project's metadata: {name, architecture, image_size, num_classes,
+                               class_names, seed, source, sha256, format, training}
 
 ``format`` names the weights file (``pth`` or ``safetensors``); ``training`` records how a trained
 checkpoint was made (dataset, seed, steps, val mAP). Loading verifies the sha256 first, reads .pth
@@ -18,7 +19,7 @@ import json
 import os
 import pickle
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,10 +27,7 @@ import torch
 from effdet import get_efficientdet_config
 from effdet.efficientdet import EfficientDet
 
-from .config import ARCHITECTURE, IMAGE_SIZE, ModelSpec
-
 FORMATS = ("pth", "safetensors")
-NUM_ANCHORS = 9  # num_scales (3) x aspect ratios (3) for efficientdet_d0
 CLASS_HEAD = "class_net.predict.conv_pw"  # the only layer whose shape depends on num_classes
 
 
@@ -77,22 +75,34 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_config(num_classes: int, image_size: int = IMAGE_SIZE):
-    config = get_efficientdet_config(ARCHITECTURE)
+def model_config(architecture: str, num_classes: int, image_size: int | None = None):
+    """effdet's config of ``architecture`` with ``num_classes``; its own input size unless ``image_size``."""
+    try:
+        config = get_efficientdet_config(architecture)
+    except KeyError:
+        raise CheckpointError(f"unknown effdet architecture {architecture!r}") from None
     config.num_classes = num_classes
-    config.image_size = (image_size, image_size)
+    if image_size is not None:
+        config.image_size = (image_size, image_size)
     return config
 
 
-def build_network(num_classes: int, image_size: int = IMAGE_SIZE) -> EfficientDet:
-    """An EfficientDet-D0 with randomly initialised weights; never touches the network.
+def num_anchors(architecture: str) -> int:
+    """Anchors per feature-map position (num_scales x aspect ratios): the class layer has this many x classes."""
+    config = model_config(architecture, 1)
+    return config.num_scales * len(config.aspect_ratios)
 
-    The BiFPN's resampling is built for ``image_size``; the weights do not depend on it, so weights
-    trained at one size load into a network built for another (training runs smaller, serving at 512)."""
-    return EfficientDet(model_config(num_classes, image_size), pretrained_backbone=False)
+
+def build_network(architecture: str, num_classes: int, image_size: int | None = None) -> EfficientDet:
+    """An ``architecture`` network with randomly initialised weights; never touches the network.
+
+    The BiFPN's resampling is built for ``image_size`` (default: the architecture's own); the weights
+    do not depend on it, so weights trained at one size load into a network built for another."""
+    return EfficientDet(model_config(architecture, num_classes, image_size), pretrained_backbone=False)
 
 
 def generate_state_dict(
+    architecture: str,
     num_classes: int,
     seed: int,
     calibration: torch.Tensor | None = None,
@@ -105,7 +115,7 @@ def generate_state_dict(
     real activations, as after training, so outputs have a realistic spread. Still untrained.
     """
     torch.manual_seed(seed)
-    net = build_network(num_classes)
+    net = build_network(architecture, num_classes)
     if calibration is not None:
         calibrate_batchnorm(net, calibration)
     return net.state_dict()
@@ -126,15 +136,16 @@ def calibrate_batchnorm(net: torch.nn.Module, images: torch.Tensor) -> None:
             m.momentum = 0.01  # effdet's norm_kwargs
 
 
-def pretrained_state_dict(num_classes: int, seed: int) -> OrderedDict[str, torch.Tensor]:
-    """effdet's pretrained COCO weights; for other class counts the class head is re-initialised."""
+def pretrained_state_dict(architecture: str, num_classes: int, seed: int) -> OrderedDict[str, torch.Tensor]:
+    """effdet's pretrained COCO weights of ``architecture``; for other class counts the class head is
+    re-initialised. Needs the network: fails with a clear CheckpointError offline."""
     from effdet import create_model
 
     try:
-        net = create_model(ARCHITECTURE, bench_task="", num_classes=90, pretrained=True)
+        net = create_model(architecture, bench_task="", num_classes=90, pretrained=True)
     except Exception as exc:  # urllib/hub errors vary by version; all mean the same to the user
         raise CheckpointError(
-            f"could not download effdet's pretrained {ARCHITECTURE} weights ({type(exc).__name__}: {exc}); "
+            f"could not download effdet's pretrained {architecture} weights ({type(exc).__name__}: {exc}); "
             "this machine may be offline. Run without --pretrained to generate seeded checkpoints, "
             "or pass --from PATH with a checkpoint you have."
         ) from exc
@@ -144,15 +155,16 @@ def pretrained_state_dict(num_classes: int, seed: int) -> OrderedDict[str, torch
     return net.state_dict()
 
 
-def import_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
-    """A user's effdet checkpoint: bare state_dict, or effdet train.py's dict with
-    ``state_dict_ema`` (preferred) / ``state_dict``. ``module.``/``model.`` prefixes are removed."""
-    obj = safe_torch_load(Path(path))
+def read_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
+    """A weights file: safetensors, or a torch file holding a bare state_dict or effdet train.py's dict
+    with ``state_dict_ema`` (preferred) / ``state_dict``. ``module.``/``model.`` prefixes are removed."""
+    path = Path(path)
+    obj = load_safetensors(path) if path.suffix.lower() == ".safetensors" else safe_torch_load(path)
     if isinstance(obj, Mapping) and "state_dict_ema" in obj and obj["state_dict_ema"]:
         obj = obj["state_dict_ema"]
     elif isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no effdet state_dict")
     out = OrderedDict()
     for key, value in obj.items():
@@ -163,14 +175,18 @@ def import_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
     return out
 
 
-def num_classes_of(state_dict: Mapping[str, torch.Tensor]) -> int:
+import_state_dict = read_state_dict  # a user's checkpoint (scripts/generate_checkpoints.py --from)
+
+
+def num_classes_of(state_dict: Mapping[str, torch.Tensor], architecture: str) -> int:
     key = f"{CLASS_HEAD}.weight"
     if key not in state_dict:
-        raise CheckpointError(f"not an {ARCHITECTURE} state_dict: {key} is missing")
+        raise CheckpointError(f"not an effdet state_dict: {key} is missing")
     out_channels = state_dict[key].shape[0]
-    if out_channels % NUM_ANCHORS:
-        raise CheckpointError(f"{key} has {out_channels} outputs, not a multiple of {NUM_ANCHORS} anchors")
-    return out_channels // NUM_ANCHORS
+    anchors = num_anchors(architecture)
+    if out_channels % anchors:
+        raise CheckpointError(f"{key} has {out_channels} outputs, not a multiple of {architecture}'s {anchors} anchors")
+    return out_channels // anchors
 
 
 def safe_torch_load(path: Path):
@@ -181,7 +197,7 @@ def safe_torch_load(path: Path):
             f"{path} was refused by torch.load(weights_only=True): it contains code or objects "
             f"other than tensors ({str(exc).splitlines()[0]})"
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
 
 
@@ -195,16 +211,16 @@ def load_safetensors(path: Path) -> OrderedDict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def check_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int) -> EfficientDet:
+def check_architecture(state_dict: Mapping[str, torch.Tensor], architecture: str, num_classes: int) -> EfficientDet:
     """Build the network and load ``state_dict`` strictly; every key and shape must match."""
-    net = build_network(num_classes)
+    net = build_network(architecture, num_classes)
     expected = net.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong = sorted(k for k in expected if k in state_dict and expected[k].shape != state_dict[k].shape)
     if missing or unexpected or wrong:
         raise CheckpointError(
-            f"weights do not match {ARCHITECTURE} with {num_classes} classes: "
+            f"weights do not match {architecture} with {num_classes} classes: "
             f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
             f"(e.g. {unexpected[:2]}), {len(wrong)} with other shapes (e.g. {wrong[:2]})"
         )
@@ -214,7 +230,9 @@ def check_architecture(state_dict: Mapping[str, torch.Tensor], num_classes: int)
 
 def save_checkpoint(
     out_dir: Path,
-    spec: ModelSpec,
+    name: str,
+    architecture: str,
+    class_names: Sequence[str],
     state_dict: Mapping[str, torch.Tensor],
     *,
     seed: int | None,
@@ -222,28 +240,29 @@ def save_checkpoint(
     fmt: str = "pth",
     training: dict | None = None,
 ) -> CheckpointMeta:
-    num_classes = num_classes_of(state_dict)
-    if num_classes != spec.num_classes:
-        raise CheckpointError(f"{spec.name} needs {spec.num_classes} classes, the weights have {num_classes}")
+    """Write ``<out_dir>/<name>.<fmt>`` and its metadata ``<name>.json`` (checked before writing)."""
+    num_classes = num_classes_of(state_dict, architecture)
+    if num_classes != len(class_names):
+        raise CheckpointError(f"{name} has {len(class_names)} class names, the weights have {num_classes} classes")
     if fmt not in FORMATS:
         raise CheckpointError(f"format must be one of {FORMATS}, got {fmt!r}")
-    check_architecture(state_dict, num_classes)
+    net = check_architecture(state_dict, architecture, num_classes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path, tmp = out_dir / f"{spec.name}.{fmt}", out_dir / f".{spec.name}.{fmt}.tmp"
+    path, tmp = out_dir / f"{name}.{fmt}", out_dir / f".{name}.{fmt}.tmp"
     tensors = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state_dict.items())
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        save_file(tensors, str(tmp), metadata={"name": spec.name, "architecture": ARCHITECTURE})
+        save_file(tensors, str(tmp), metadata={"name": name, "architecture": architecture})
     else:
         torch.save(tensors, tmp)
     meta = CheckpointMeta(
-        name=spec.name,
-        architecture=ARCHITECTURE,
-        image_size=IMAGE_SIZE,
+        name=name,
+        architecture=architecture,
+        image_size=net.config.image_size[0],
         num_classes=num_classes,
-        class_names=list(spec.class_names),
+        class_names=list(class_names),
         seed=seed,
         source=source,
         sha256=sha256_file(tmp),
@@ -251,36 +270,162 @@ def save_checkpoint(
         training=training,
     )
     for other in FORMATS:  # one weights file per model: a stale one in the other format would confuse
-        if other != fmt and (out_dir / f"{spec.name}.{other}").exists():
-            (out_dir / f"{spec.name}.{other}").unlink()
+        if other != fmt and (out_dir / f"{name}.{other}").exists():
+            (out_dir / f"{name}.{other}").unlink()
     os.chmod(tmp, 0o644)  # safetensors writes 0600; checkpoints are read by other users (containers)
     os.replace(tmp, path)
-    (out_dir / f"{spec.name}.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
     return meta
 
 
-def load_checkpoint(ckpt_dir: Path, name: str) -> tuple[CheckpointMeta, EfficientDet]:
-    """Verify and load one checkpoint; returns its metadata and the eval-mode network on CPU."""
+@dataclass
+class LoadedModel:
+    """One model of the set, loaded: what every path runs."""
+
+    name: str
+    class_names: tuple[str, ...]
+    net: EfficientDet  # eval mode, on CPU as loaded; shared by every path, never moved (runners.base.on_device)
+    threshold: float | None = None  # the model's own default score threshold (None: the service's)
+    # the class ids its training data used, where its metadata records them (labelled check sets)
+    trained_ids: tuple[int, ...] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def architecture(self) -> str:
+        return self.net.config.name
+
+
+def load_entry(entry) -> LoadedModel:
+    """One model-set entry (multidet.modelset.ModelEntry) verified and loaded, on CPU in eval mode.
+
+    The weights' sha256 is checked against the entry's, else against the project metadata beside the
+    weights (``<stem>.json``) when there is one; torch files are read with ``weights_only=True``; the
+    class count and every key and shape are checked against the architecture."""
+    from .modelset import sidecar
+
+    weights = Path(entry.weights)
+    if not weights.is_file():
+        raise CheckpointError(f"weights file {weights} not found")
+    meta = sidecar(weights)
+    expected = entry.sha256 or (meta or {}).get("sha256")
+    if expected:
+        actual = sha256_file(weights)
+        if actual != expected:
+            raise CheckpointError(
+                f"{weights} failed its integrity check: sha256 {actual[:16]}... does not match "
+                f"the recorded {expected[:16]}...; the file was changed or corrupted"
+            )
+    if meta and meta.get("architecture") not in (None, entry.architecture):
+        raise CheckpointError(f"{weights} was saved as {meta['architecture']}, the entry says {entry.architecture}")
+    state_dict = read_state_dict(weights)
+    num_classes = num_classes_of(state_dict, entry.architecture)
+    try:
+        classes = entry.class_names
+    except ValueError as exc:
+        raise CheckpointError(f"{exc}; the weights have {num_classes} classes") from None
+    if len(classes) != num_classes:
+        raise CheckpointError(f"{len(classes)} class names, but the weights have {num_classes} classes")
+    net = check_architecture(state_dict, entry.architecture, num_classes)
+    trained = ((meta or {}).get("training") or {}).get("class_ids")
+    return LoadedModel(
+        name=entry.name,
+        class_names=tuple(classes),
+        net=net,
+        threshold=entry.threshold,
+        trained_ids=tuple(int(c) for c in trained) if trained else None,
+    )
+
+
+def entry_of_checkpoint(ckpt_dir: Path, name: str):
+    """The model-set entry of a project checkpoint folder's ``<name>.json`` + weights."""
+    from .modelset import ModelEntry
+
     ckpt_dir = Path(ckpt_dir)
     meta = CheckpointMeta.read(ckpt_dir / f"{name}.json")
-    pth = ckpt_dir / meta.weights_file
     if meta.name != name:
         raise CheckpointError(f"{ckpt_dir / (name + '.json')} describes {meta.name!r}, not {name!r}")
-    if meta.architecture != ARCHITECTURE or meta.image_size != IMAGE_SIZE:
-        raise CheckpointError(
-            f"{name} is {meta.architecture} at {meta.image_size}px; this service runs {ARCHITECTURE} at {IMAGE_SIZE}px"
-        )
-    if not pth.exists():
-        raise CheckpointError(f"{pth} not found: run `make checkpoints` first")
-    actual = sha256_file(pth)
-    if actual != meta.sha256:
-        raise CheckpointError(
-            f"{pth} failed its integrity check: sha256 {actual[:16]}... does not match "
-            f"the metadata's {meta.sha256[:16]}...; the file was changed or corrupted"
-        )
-    state_dict = load_safetensors(pth) if meta.format == "safetensors" else safe_torch_load(pth)
-    if not isinstance(state_dict, Mapping):
-        raise CheckpointError(f"{pth} holds no state_dict")
+    return ModelEntry(name=name, architecture=meta.architecture, weights=(ckpt_dir / meta.weights_file).resolve())
+
+
+def load_checkpoint(ckpt_dir: Path, name: str) -> tuple[CheckpointMeta, EfficientDet]:
+    """Verify and load one project checkpoint of a folder; returns its metadata and the eval-mode network."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = CheckpointMeta.read(ckpt_dir / f"{name}.json")
     if len(meta.class_names) != meta.num_classes:
         raise CheckpointError(f"{name}: {len(meta.class_names)} class names for {meta.num_classes} classes")
-    return meta, check_architecture(state_dict, meta.num_classes)
+    return meta, load_entry(entry_of_checkpoint(ckpt_dir, name)).net
+
+
+def calibration_batch(photos: Sequence[bytes], architecture: str) -> torch.Tensor:
+    """Photos letterboxed as for inference at ``architecture``'s input size, plus their mirror images:
+    what a generated model's BatchNorm statistics are set from."""
+    from .preprocess import Preprocessor
+
+    if not photos:
+        raise CheckpointError("no calibration photos")
+    batch = Preprocessor(architecture).prepare_bytes(list(photos), "cpu", 10**9).tensor
+    return torch.cat([batch, batch.flip(-1)])
+
+
+def generate_model_set(
+    specs: Sequence[tuple[str, str, Sequence[str]]],
+    out_dir: Path,
+    photos: Sequence[bytes],
+    seed: int = 0,
+    thresholds: Mapping[str, float] | None = None,
+    force: bool = False,
+    progress=None,
+):
+    """Seeded random checkpoints for ``specs`` ((name, architecture, class names) each; model k gets
+    ``seed + k``) in ``out_dir``, and ``out_dir/models.yaml`` listing them: a model set that behaves like
+    trained weights arithmetically (BatchNorm calibrated on ``photos``) but detects nothing real.
+    Up-to-date checkpoints (same seed, architecture, classes; verified) are kept. Returns the ModelSet."""
+    from .modelset import MODELS_FILE, ModelEntry, ModelSet
+
+    out_dir = Path(out_dir)
+    calibration: dict[str, torch.Tensor] = {}
+    entries = []
+    for k, (name, architecture, class_names) in enumerate(specs):
+        entry = ModelEntry(
+            name=name,
+            architecture=architecture,
+            weights=(out_dir / f"{name}.pth").resolve(),
+            threshold=(thresholds or {}).get(name),
+        )
+        prefix = f"[{k + 1}/{len(specs)}] {name}"
+        if not force and _up_to_date(out_dir, name, architecture, list(class_names), seed + k):
+            if progress:
+                progress(f"{prefix}: up to date ({architecture}, seed {seed + k})")
+        else:
+            if progress:
+                progress(f"{prefix}: building {architecture} with {len(class_names)} classes (seed {seed + k})...")
+            if architecture not in calibration:
+                calibration[architecture] = calibration_batch(photos, architecture)
+            state = generate_state_dict(architecture, len(class_names), seed + k, calibration[architecture])
+            meta = save_checkpoint(out_dir, name, architecture, class_names, state, seed=seed + k, source="generated")
+            if progress:
+                size = entry.weights.stat().st_size / 1e6
+                progress(f"{prefix}: wrote {entry.weights} ({size:.1f} MB, sha256 {meta.sha256[:16]}...)")
+        entries.append(entry)
+    model_set = ModelSet(tuple(entries), out_dir / MODELS_FILE)
+    model_set.write(out_dir / MODELS_FILE)
+    return model_set
+
+
+def _up_to_date(out_dir: Path, name: str, architecture: str, class_names: list[str], seed: int) -> bool:
+    try:
+        meta = CheckpointMeta.read(Path(out_dir) / f"{name}.json")
+        if (meta.seed, meta.source, meta.architecture, meta.class_names) != (
+            seed,
+            "generated",
+            architecture,
+            class_names,
+        ):
+            return False
+        load_entry(entry_of_checkpoint(out_dir, name))  # verifies sha256 and architecture
+        return True
+    except CheckpointError:
+        return False

@@ -1,36 +1,15 @@
-"""Configuration as data: the three model specs and one Settings object read once and passed down."""
+"""Settings: one object read once (model-config.yaml's ``handler:`` section or CLI flags) and passed down.
+
+Which models answer is data too: the model set file (multidet.modelset), named by ``model_set``."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
-from .labels import AQUARIUM_CLASSES, COCO_CLASSES, VEHICLE_CLASSES
-
-ARCHITECTURE = "efficientdet_d0"
-IMAGE_SIZE = 512
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    class_names: tuple[str, ...]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-MODEL_SPECS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("efficientdet_d0_coco", COCO_CLASSES),
-        ModelSpec("efficientdet_d0_aquarium", AQUARIUM_CLASSES),
-        ModelSpec("efficientdet_d0_vehicles", VEHICLE_CLASSES),
-    )
-}
-MODEL_NAMES: tuple[str, ...] = tuple(MODEL_SPECS)
+_NAME = re.compile(r"^[a-z0-9_]+$")
 
 
 class ConfigError(ValueError):
@@ -46,9 +25,9 @@ class Settings:
     threshold: float = 0.5  # default score threshold, per request overridable
     max_detections: int = 100  # per model and image, after NMS
     max_image_pixels: int = 40_000_000  # larger images are refused from their header
-    checkpoint_dir: str = "checkpoints"  # relative to the model directory
+    model_set: str = "models.yaml"  # the model set file, relative to the model directory
     artifact_dir: str = "artifacts"  # build-time files of a path (ONNX), relative too
-    models: tuple[str, ...] = field(default=MODEL_NAMES)
+    models: tuple[str, ...] = ()  # a subset of the set's names, in any order (empty: all of them)
     warmup: bool = True
     allow_reduced: bool = False  # auto may serve a reduced-precision path (bf16/fp16/INT8)
     profile: bool = False  # read by TorchServe itself (ts.handler_utils.timer): ts_handler_* timing metrics
@@ -60,9 +39,9 @@ class Settings:
             raise ConfigError(f"max_detections must be >= 1, got {self.max_detections}")
         if self.max_image_pixels < 1:
             raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
-        unknown = [m for m in self.models if m not in MODEL_SPECS]
-        if unknown or not self.models:
-            raise ConfigError(f"models must be a non-empty subset of {list(MODEL_NAMES)}, got {list(self.models)}")
+        bad = [m for m in self.models if not isinstance(m, str) or not _NAME.match(m)]
+        if bad or len(set(self.models)) != len(self.models):
+            raise ConfigError(f"models must be distinct model names ([a-z0-9_]+), got {list(self.models)}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> Settings:
@@ -74,10 +53,11 @@ class Settings:
             raise ConfigError(f"unknown setting(s) {unknown}; known: {sorted(known)}")
         kwargs: dict[str, Any] = {}
         for key, raw in values.items():
-            default = getattr(cls, key) if key != "models" else MODEL_NAMES
+            default = getattr(cls, key)
             try:
                 if key == "models":
-                    kwargs[key] = tuple(raw.split(",")) if isinstance(raw, str) else tuple(raw)
+                    items = raw.split(",") if isinstance(raw, str) else list(raw or ())
+                    kwargs[key] = tuple(str(m).strip() for m in items if str(m).strip())
                 elif isinstance(default, bool):
                     kwargs[key] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
                 else:

@@ -21,9 +21,6 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from .config import Settings
-from .packaging import HANDLER, REPO_ROOT
-
-DEFAULT_HANDLER = HANDLER
 
 
 @dataclass
@@ -43,7 +40,7 @@ class EmbeddedResponse:
         return self.body
 
 
-def load_handler_class(path: Path = DEFAULT_HANDLER):
+def load_handler_class(path: Path):
     spec = importlib.util.spec_from_file_location("efficientdet_handler", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -54,9 +51,9 @@ class EmbeddedService:
     def __init__(
         self,
         settings: Settings,
-        model_dir: Path | str = REPO_ROOT,
+        model_dir: Path | str,
+        handler_path: Path,
         batch_size: int = 1,
-        handler_path: Path = DEFAULT_HANDLER,
         model_name: str = "all",
     ):
         metrics = MetricsCacheYamlImpl(

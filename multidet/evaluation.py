@@ -89,7 +89,7 @@ def evaluate(
     map50, map_ = coco_map(coco_gt, results)
     return EvalResult(
         model=model,
-        optimization=detector.runner.description,
+        optimization=detector.description,
         map50=map50,
         map=map_,
         images=len(images),

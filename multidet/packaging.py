@@ -1,11 +1,13 @@
-"""Packaging: one model archive (MAR) for one optimisation path, and where a source checkout keeps
-what goes into it.
+"""Packaging: one model archive (MAR) for one optimisation path. Where the handler, the model set
+and the calibration photos are is the caller's to say (``MarOptions``): the package knows no checkout.
 
-A MAR holds the handler file, this package, the three checkpoints (by default the trained ones in
-``weights/``), the path's build-time files (an ONNX export, AOT packages, an Inductor cache, made
-here by ``Runner.build``) and a ``model-config.yaml``: TorchServe's per-model worker settings plus
-the ``handler:`` section, which is ``Settings`` (multidet.config). ``build_mar`` is what
-``scripts/create_mar.py`` (``make mar``), the Dockerfiles and ``multidet.server`` all call.
+A MAR holds the handler file, this package, the model set (a ``models.yaml`` and each model's
+weights under ``models/``, with its classes and sha256 written out, so every load verifies them;
+by default the repository's ``models.yaml``: the trained weights in ``weights/``), the path's
+build-time files (an ONNX export, AOT packages, an Inductor cache, made here by ``Runner.build``)
+and a ``model-config.yaml``: TorchServe's per-model worker settings plus the ``handler:`` section,
+which is ``Settings`` (multidet.config). ``build_mar`` is what ``scripts/create_mar.py`` (``make mar``),
+the Dockerfiles and ``multidet.server`` all call.
 """
 
 from __future__ import annotations
@@ -21,15 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoints import load_checkpoint
-from .config import Settings
-
-# a source checkout's layout (the defaults of the scripts, the tests and the benchmarks)
-REPO_ROOT = Path(__file__).resolve().parents[1]
-HANDLER = REPO_ROOT / "handlers" / "efficientdet_handler.py"
-WEIGHTS = REPO_ROOT / "weights"  # the trained checkpoints
-CONFIG = REPO_ROOT / "config.properties"
-PHOTOS = REPO_ROOT / "load_tests" / "images"  # sample photos (benchmarks; backgrounds of the synthetic data)
+from .config import ConfigError, Settings
+from .modelset import MODELS_FILE, ModelSet, load_models, pinned, read_model_set, sidecar
 
 
 @dataclass(frozen=True)
@@ -37,7 +32,9 @@ class MarOptions:
     """What one MAR is built from: the handler's Settings and TorchServe's worker settings."""
 
     settings: Settings = field(default_factory=Settings)
-    checkpoints: Path = WEIGHTS  # read from here, packed under settings.checkpoint_dir
+    model_set: Path | None = None  # the models file (or a folder with models.yaml); settings.models selects
+    handler: Path | None = None  # the TorchServe handler file (handlers/efficientdet_handler.py)
+    calibration_photos: Path | None = None  # INT8 calibration backgrounds
     model_name: str = "all"  # the endpoint: /predictions/<model_name>
     workers: int = 1
     batch_size: int = 1
@@ -64,27 +61,27 @@ class MarOptions:
             "responseTimeout": self.response_timeout,
             "startupTimeout": self.startup_timeout,
             **({"deviceIds": list(self.device_ids)} if self.device_ids else {}),
-            "handler": self.settings.to_mapping(),
+            # the archive holds exactly the selected models: its handler loads all of its own set
+            "handler": {**self.settings.to_mapping(), "model_set": MODELS_FILE, "models": []},
         }
 
 
-def build_mar(
-    options: MarOptions, export_path: Path, handler: Path = HANDLER, log: Callable[[str], None] = print
-) -> Path:
-    """Write ``<export_path>/<model_name>.mar``. Checkpoints are verified (sha256, architecture)
-    before packing; raises ConfigError / CheckpointError (a user's mistake) or the path's build error."""
-    from .runners import RUNNERS, LoadedModel  # the registry imports torch and every path
+def build_mar(options: MarOptions, export_path: Path, log: Callable[[str], None] = print) -> Path:
+    """Write ``<export_path>/<model_name>.mar``. Every model of the set is checked before packing (the
+    file's form, each weights file: integrity, no code, architecture, class count); raises ConfigError
+    (a user's mistake, naming the entry) or the path's build error."""
+    from .runners import RUNNERS, BuildContext, build_path  # the registry imports torch and every path
 
     settings = options.settings
     if settings.optimization not in RUNNERS or RUNNERS[settings.optimization].benchmark_only:
-        from .config import ConfigError
-
         raise ConfigError(f"no MAR for optimization {settings.optimization!r}")
-    models, files = [], []
-    for name in settings.models:
-        meta, net = load_checkpoint(options.checkpoints, name)
-        models.append(LoadedModel(name, tuple(meta.class_names), net))
-        files += [options.checkpoints / meta.weights_file, options.checkpoints / f"{name}.json"]
+    if options.model_set is None or options.handler is None:
+        raise ConfigError("MarOptions needs model_set and handler (the command line resolves them)")
+    handler = Path(options.handler)
+    model_set = read_model_set(options.model_set).select(settings.models or None)
+    models = load_models(model_set)
+    packed = pinned(model_set, models)
+    log(f"model set {model_set.source}: " + ", ".join(f"{m.name} ({m.architecture}, {m.num_classes})" for m in models))
 
     t0 = time.perf_counter()
     export_path = Path(export_path)
@@ -92,12 +89,9 @@ def build_mar(
         extra = Path(tmp) / "extra"
         package = Path(__file__).resolve().parent
         shutil.copytree(package, extra / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        (extra / settings.checkpoint_dir).mkdir(parents=True)
-        for path in files:
-            shutil.copy2(path, extra / settings.checkpoint_dir)
-        runner = RUNNERS[settings.optimization]
-        kwargs = {"allow_reduced": settings.allow_reduced} if runner.chooses else {}
-        for path in dict.fromkeys(runner.build(models, extra / settings.artifact_dir, **kwargs)):
+        write_model_set(packed, extra)
+        context = BuildContext(settings.allow_reduced, options.calibration_photos, log)
+        for path in dict.fromkeys(build_path(settings.optimization, models, extra / settings.artifact_dir, context)):
             log(f"built {path.name} for {settings.optimization} ({path.stat().st_size / 1e6:.1f} MB)")
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(options.model_config(), sort_keys=False))
@@ -118,11 +112,28 @@ def build_mar(
     return mar
 
 
-def build_mar_isolated(options: MarOptions, export_path: Path, handler: Path = HANDLER) -> Path:
+def write_model_set(model_set: ModelSet, folder: Path) -> Path:
+    """Copy each entry's weights (and the project metadata beside them, if any) to ``folder/models/`` and
+    write ``folder/models.yaml`` pointing at the copies."""
+    from dataclasses import replace
+
+    target = Path(folder) / "models"
+    target.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for e in model_set.entries:
+        copy = target / f"{e.name}{Path(e.weights).suffix}"
+        shutil.copy2(e.weights, copy)
+        if sidecar(e.weights) is not None:
+            shutil.copy2(Path(e.weights).with_suffix(".json"), copy.with_suffix(".json"))
+        entries.append(replace(e, weights=copy.resolve()))
+    return ModelSet(tuple(entries)).write(Path(folder) / MODELS_FILE)
+
+
+def build_mar_isolated(options: MarOptions, export_path: Path) -> Path:
     """``build_mar`` in a fresh interpreter: a build step (torch.compile's cache, an AOT compile) then
     sees only its own work, never what the calling process compiled before. Errors come back raised."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(build_mar, options, Path(export_path), Path(handler)).result()
+        return pool.submit(build_mar, options, Path(export_path)).result()

@@ -1,5 +1,9 @@
 """The whole data path for a batch of requests: decode -> preprocess -> run -> postprocess -> JSON.
 
+The models may be of several effdet architectures: each image is letterboxed once per distinct
+input size, and each architecture's models run on one runner of the chosen path (``Group``), so
+paths that stack models (vmap, grouped, the grouped ONNX graph) stack the models of one architecture.
+
 ``Detector.predict`` takes raw image bytes with per-request options and returns, per request,
 either the response dict (schema in README) or the ``InputError`` that request caused. One bad
 request never affects the others in its batch.
@@ -10,26 +14,38 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoints import load_checkpoint
-from .config import MODEL_SPECS, Settings
+from .config import Settings
 from .decode import decode_image
 from .device import synchronize
 from .envelopes import RequestOptions
 from .errors import InputError, ProcessingFailed
+from .modelset import ModelSet, load_models, read_model_set
 from .postprocess import detections_for, merge
-from .preprocess import Preprocessor
-from .runners import LoadedModel, create_runner
+from .preprocess import Batch, Letterbox, Preprocessor
+from .runners import LoadedModel, Runner, architecture_groups, create_runner, group_artifact_dir
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Group:
+    """The models of one architecture: one letterbox size, one runner of the chosen path."""
+
+    architecture: str
+    indices: list[int]  # positions in Detector.models
+    preprocessor: Preprocessor
+    runner: Runner
+
+
 class Detector:
-    """Three (or a configured subset of) EfficientDet-D0 models behind one runner."""
+    """The models of a model set (or a subset of it) behind one runner per architecture."""
 
     def __init__(
         self, models: Sequence[LoadedModel], settings: Settings, device: torch.device, artifact_dir: Path | None = None
@@ -37,37 +53,89 @@ class Detector:
         self.settings = settings
         self.device = torch.device(device)
         self.models = list(models)
+        if not self.models:
+            raise ValueError("a Detector needs at least one model")
         self.model_names = tuple(m.name for m in self.models)
-        self.preprocessor = Preprocessor()
-        self.runner = create_runner(
-            settings.optimization,
-            self.models,
-            self.device,
-            settings.max_detections,
-            artifact_dir,
-            allow_reduced=settings.allow_reduced,
-        )
+        if len(set(self.model_names)) != len(self.model_names):
+            raise ValueError(f"model names must be unique, got {list(self.model_names)}")
+        groups = architecture_groups(self.models)
+        preprocessors: dict[tuple, Preprocessor] = {}
+        self.groups: list[Group] = []
+        for arch, idx in groups:
+            pre = Preprocessor(self.models[idx[0]].net.config)
+            pre = preprocessors.setdefault(pre.key, pre)  # one letterbox per distinct input size
+            runner = create_runner(
+                settings.optimization,
+                [self.models[k] for k in idx],
+                self.device,
+                settings.max_detections,
+                group_artifact_dir(artifact_dir, arch, len(groups)),
+                allow_reduced=settings.allow_reduced,
+            )
+            self.groups.append(Group(arch, idx, pre, runner))
+        self.preprocessors = list(preprocessors.values())
 
     @classmethod
-    def from_checkpoints(
+    def from_model_set(
         cls,
-        checkpoint_dir: Path | str,
+        model_set: ModelSet | Path | str,
         settings: Settings,
         device: torch.device,
         artifact_dir: Path | str | None = None,
     ) -> Detector:
-        models = []
-        for name in settings.models:
-            meta, net = load_checkpoint(Path(checkpoint_dir), name)
-            if meta.num_classes != MODEL_SPECS[name].num_classes:
-                log.warning(
-                    "%s: checkpoint has %d classes, the built-in spec %d; using the checkpoint's names",
-                    name,
-                    meta.num_classes,
-                    MODEL_SPECS[name].num_classes,
-                )
-            models.append(LoadedModel(name=name, class_names=tuple(meta.class_names), net=net))
+        """Load the set's models (a ModelSet, a models file, or a folder holding ``models.yaml``),
+        the subset ``settings.models`` where given."""
+        if not isinstance(model_set, ModelSet):
+            model_set = read_model_set(model_set)
+        models = load_models(model_set, settings.models or None)
         return cls(models, settings, device, Path(artifact_dir) if artifact_dir is not None else None)
+
+    # -- one architecture (the usual set): its runner and letterbox ---------------------------------
+    @property
+    def runner(self) -> Runner:
+        """The runner of a one-architecture set (a mixed set has one per group: ``groups``)."""
+        if len(self.groups) != 1:
+            raise AttributeError(f"this set has {len(self.groups)} architectures: use Detector.groups")
+        return self.groups[0].runner
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        if len(self.preprocessors) != 1:
+            raise AttributeError(f"this set has {len(self.preprocessors)} input sizes: use Detector.groups")
+        return self.preprocessors[0]
+
+    @property
+    def description(self) -> str:
+        """What the response's "optimization" field says: the path, or per architecture where they differ."""
+        names = [g.runner.description for g in self.groups]
+        if len(set(names)) == 1:
+            return names[0]
+        return ",".join(f"{g.architecture}={n}" for g, n in zip(self.groups, names))
+
+    def threshold_for(self, options: RequestOptions, model: LoadedModel) -> float:
+        """The request's threshold, else the model's own, else the service's."""
+        if options.threshold is not None:
+            return options.threshold
+        return model.threshold if model.threshold is not None else self.settings.threshold
+
+    def detect(
+        self, batches: dict[tuple, Batch], active: Sequence[int], thresholds: dict[int, torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Per active model index (into ``models``): its [B, max_det, 6] detections in network pixels.
+        ``batches``: one Batch per preprocessor key (``prepare``)."""
+        wanted, out = set(active), {}
+        for g in self.groups:
+            local = [j for j, k in enumerate(g.indices) if k in wanted]
+            if not local:
+                continue
+            per_model = None if thresholds is None else {j: thresholds[g.indices[j]] for j in local}
+            for j, dets in g.runner.detect(batches[g.preprocessor.key], local, per_model).items():
+                out[g.indices[j]] = dets
+        return out
+
+    def prepare(self, images: Sequence[Image.Image]) -> dict[tuple, Batch]:
+        """Decoded images -> one Batch per distinct input size, on the device."""
+        return {pre.key: pre.prepare(images, self.device) for pre in self.preprocessors}
 
     # -- the data path ---------------------------------------------------------------------------
     def predict(
@@ -78,13 +146,14 @@ class Detector:
         options = list(options) if options is not None else [RequestOptions()] * len(bodies)
         results: list[dict | InputError] = [None] * len(bodies)  # type: ignore[list-item]
         timings = [dict() for _ in bodies]
-        ok, letterboxed = [], []
+        ok: list[int] = []
+        letterboxed: dict[tuple, list[tuple[np.ndarray, Letterbox]]] = {pre.key: [] for pre in self.preprocessors}
         for idx, body in enumerate(bodies):
             t0 = time.perf_counter()
             try:
                 image = decode_image(body, self.settings.max_image_pixels)
                 t1 = time.perf_counter()
-                letterboxed.append(self.preprocessor.letterbox(image))
+                boxes = {pre.key: pre.letterbox(image) for pre in self.preprocessors}
             except InputError as err:
                 results[idx] = err
                 continue
@@ -92,6 +161,8 @@ class Detector:
                 log.exception("preprocessing request %d failed", idx)
                 results[idx] = ProcessingFailed(f"could not process this image ({type(exc).__name__}: {exc})")
                 continue
+            for key, item in boxes.items():
+                letterboxed[key].append(item)
             t2 = time.perf_counter()
             timings[idx].update(decode=(t1 - t0) * 1e3, preprocess=(t2 - t1) * 1e3)
             ok.append(idx)
@@ -101,26 +172,34 @@ class Detector:
         wanted = {name for i in ok for name in (options[i].models or self.model_names)}
         active = [k for k, name in enumerate(self.model_names) if name in wanted]
         t0 = time.perf_counter()
-        batch = self.preprocessor.collate(letterboxed, self.device)
-        thresholds = torch.tensor([self._threshold(options[i]) for i in ok], device=self.device)
+        batches = {pre.key: pre.collate(letterboxed[pre.key], self.device) for pre in self.preprocessors}
+        thresholds = {
+            k: torch.tensor([self.threshold_for(options[i], self.models[k]) for i in ok], device=self.device)
+            for k in active
+        }
         t1 = time.perf_counter()
-        detections = self.runner.detect(batch, active, thresholds)
+        detections = self.detect(batches, active, thresholds)
         detections = {k: v.cpu() for k, v in detections.items()}
         synchronize(self.device)
         t2 = time.perf_counter()
         share = (t1 - t0) * 1e3 / len(ok)  # batch normalisation is preprocessing, split evenly
+        key_of = {k: g.preprocessor.key for g in self.groups for k in g.indices}
         for pos, idx in enumerate(ok):
             t3 = time.perf_counter()
-            opts, letterbox = options[idx], batch.letterboxes[pos]
-            threshold = self._threshold(opts)
+            opts = options[idx]
             per_model = {}
             for k in active:
                 model = self.models[k]
                 if opts.models is None or model.name in opts.models:
                     per_model[model.name] = detections_for(
-                        detections[k][pos], letterbox, model.name, model.class_names, threshold
+                        detections[k][pos],
+                        batches[key_of[k]].letterboxes[pos],
+                        model.name,
+                        model.class_names,
+                        self.threshold_for(opts, model),
                     )
             dets, summary = merge(per_model, {m.name: m.num_classes for m in self.models})
+            letterbox = batches[self.preprocessors[0].key].letterboxes[pos]
             t = timings[idx]
             t["preprocess"] += share
             t["inference"] = (t2 - t1) * 1e3
@@ -128,16 +207,13 @@ class Detector:
             t["total"] = t["decode"] + t["preprocess"] + t["inference"] + t["postprocess"]
             results[idx] = {
                 "image": {"width": letterbox.width, "height": letterbox.height},
-                "optimization": self.runner.description,
+                "optimization": self.description,
                 "device": str(self.device),
                 "detections": dets,
                 "models": summary,
                 "timing_ms": {k: round(v, 3) for k, v in t.items()},
             }
         return results
-
-    def _threshold(self, options: RequestOptions) -> float:
-        return self.settings.threshold if options.threshold is None else options.threshold
 
     def predict_one(self, body: bytes, options: RequestOptions | None = None) -> dict:
         result = self.predict([body], [options or RequestOptions()])[0]

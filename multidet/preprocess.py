@@ -1,6 +1,7 @@
-"""Step 2: RGB image -> letterboxed 512x512 tensor, exactly as effdet's own eval pipeline does it.
+"""Step 2: RGB image -> letterboxed tensor at an architecture's input size (512 for D0, 640 for D1, ...),
+exactly as effdet's own eval pipeline does it.
 
-effdet evaluates with ``transforms_coco_eval`` (ResizePad: resize so the image fits 512x512 keeping
+effdet evaluates with ``transforms_coco_eval`` (ResizePad: resize so the image fits the input keeping
 its aspect ratio, paste at the top-left corner on a mean-coloured canvas) and then normalises on the
 device in its PrefetchLoader: ``x.float().sub_(mean * 255).div_(std * 255)``. We call the same
 transform with the same resolved input config, and normalise the same way on the model's device.
@@ -19,7 +20,6 @@ from effdet.data import resolve_input_config
 from effdet.data.transforms import transforms_coco_eval
 from PIL import Image
 
-from .config import ARCHITECTURE
 from .decode import decode_image
 
 
@@ -55,9 +55,14 @@ class Batch:
 
 
 class Preprocessor:
-    def __init__(self, architecture: str = ARCHITECTURE):
-        cfg = resolve_input_config({}, get_efficientdet_config(architecture))
+    """effdet's eval letterbox + normalisation for one architecture (or an effdet config)."""
+
+    def __init__(self, architecture):
+        config = get_efficientdet_config(architecture) if isinstance(architecture, str) else architecture
+        cfg = resolve_input_config({}, config)
         self.input_size: tuple[int, int] = tuple(cfg["input_size"][-2:])
+        # architectures with the same key share one letterbox per image (Detector)
+        self.key = (self.input_size, cfg["interpolation"], tuple(cfg["mean"]), tuple(cfg["std"]), cfg["fill_color"])
         self._transform = transforms_coco_eval(
             self.input_size,
             interpolation=cfg["interpolation"],
@@ -111,12 +116,3 @@ def _fit_short_side(img: Image.Image, input_size: tuple[int, int], fill: tuple[i
     padded = Image.new("RGB", (max(width, min_side), max(height, min_side)), fill)
     padded.paste(img)
     return padded
-
-
-def synthetic_photo(size: int = 640) -> Image.Image:
-    """A deterministic, photo-like test image (smooth gradients and shapes; no file needed)."""
-    y, x = np.mgrid[0 : size * 3 // 4, 0:size].astype(np.float32)
-    r = 127 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)
-    g = 127 + 100 * np.cos((x + y) / 51.0)
-    b = 127 + 100 * np.sin(np.hypot(x - size / 2, y - size / 3) / 29.0)
-    return Image.fromarray(np.stack([r, g, b], -1).clip(0, 255).astype(np.uint8), "RGB")

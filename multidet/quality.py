@@ -28,8 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .compare import iou
-
 SERVING_THRESHOLD = 0.5
 TIE = 1e-5  # two scores this close are a tie to fp32 paths that reassociate sums (measured ~1e-6)
 
@@ -72,6 +70,34 @@ class DetectionCheck:
         )
 
 
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def match(reference: Sequence[dict], candidate: Sequence[dict], min_iou: float = 0.5) -> list[tuple[int, int, float]]:
+    """The one matcher: (reference index, candidate index, IoU) pairs, one to one, same model and label,
+    greedily in the reference's score order; each takes the free candidate of highest IoU >= ``min_iou``
+    (the first of equals)."""
+    used: set[int] = set()
+    pairs = []
+    for i in sorted(range(len(reference)), key=lambda i: -reference[i]["score"]):
+        r, best, best_iou = reference[i], None, min_iou
+        for j, c in enumerate(candidate):
+            if j in used or c["model"] != r["model"] or c["class_id"] != r["class_id"]:
+                continue
+            overlap = iou(r["box"], c["box"])
+            if overlap > best_iou or (best is None and overlap >= best_iou):
+                best, best_iou = j, overlap
+        if best is not None:
+            used.add(best)
+            pairs.append((i, best, best_iou))
+    return pairs
+
+
 def check_detections(
     reference: Sequence[dict],
     candidate: Sequence[dict],
@@ -80,43 +106,78 @@ def check_detections(
 ) -> DetectionCheck:
     """Compare two answers (response "detections" lists) at ``threshold`` under ``rule``."""
     box_tol = rule.box_tol if rule.box_tol is not None else float("inf")
-    ref = sorted((d for d in reference if d["score"] >= threshold - rule.score_tol), key=lambda d: -d["score"])
+    ref = [d for d in reference if d["score"] >= threshold - rule.score_tol]
     cand = [d for d in candidate if d["score"] >= threshold - rule.score_tol]
     border = lambda d: abs(d["score"] - threshold) <= rule.score_tol  # noqa: E731
-    used: set[int] = set()
-    missing = matched = swaps = 0
+    pairs = match(ref, cand)
+    matched_ref, matched_cand = {i for i, _, _ in pairs}, {j for _, j, _ in pairs}
+    swaps = 0
     box_diff = score_diff = 0.0
-    for r in ref:
-        best, best_iou = None, 0.5
-        for j, c in enumerate(cand):
-            if j in used or c["model"] != r["model"] or c["class_id"] != r["class_id"]:
-                continue
-            overlap = iou(r["box"], c["box"])
-            if overlap >= best_iou:
-                best, best_iou = j, overlap
-        if best is None:
-            missing += 0 if border(r) else 1
-            continue
-        used.add(best)
-        c = cand[best]
-        matched += 1
+    for i, j, overlap in pairs:
+        r, c = ref[i], cand[j]
         ds = abs(r["score"] - c["score"])
         db = max(abs(a - b) for a, b in zip(r["box"], c["box"]))
         score_diff = max(score_diff, ds)
-        if db > box_tol and best_iou >= 0.8 and ds <= TIE:
+        if db > box_tol and overlap >= 0.8 and ds <= TIE:
             swaps += 1
         else:
             box_diff = max(box_diff, db)
-    extra = sum(1 for j, c in enumerate(cand) if j not in used and not border(c))
     return DetectionCheck(
         reference=len(ref),
         candidate=len(cand),
-        matched=matched,
-        missing=missing,
-        extra=extra,
+        matched=len(pairs),
+        missing=sum(1 for i, r in enumerate(ref) if i not in matched_ref and not border(r)),
+        extra=sum(1 for j, c in enumerate(cand) if j not in matched_cand and not border(c)),
         max_box_diff=box_diff,
         max_score_diff=score_diff,
         swaps=swaps,
+    )
+
+
+@dataclass
+class Agreement:
+    """How close two answers are at every score (the ablation's and the tests' statistics)."""
+
+    reference: int  # detections in the reference
+    candidate: int  # detections in the candidate
+    matched: int  # pairs with the same model + label and IoU >= min_iou
+    max_box_diff: float  # px, over matched pairs
+    max_score_diff: float
+    mean_iou: float  # over matched pairs
+    box_mse: float
+    score_mse: float
+
+    @property
+    def label_agreement(self) -> float:
+        return self.matched / max(self.reference, self.candidate, 1)
+
+    def exact(self, box_tol: float = 1e-3, score_tol: float = 1e-4) -> bool:
+        """Identical up to float noise: for the same path served two ways (in-process, HTTP, batched)."""
+        return (
+            self.reference == self.candidate == self.matched
+            and self.max_box_diff <= box_tol
+            and self.max_score_diff <= score_tol
+        )
+
+
+def agreement(reference: Sequence[dict], candidate: Sequence[dict], min_iou: float = 0.5) -> Agreement:
+    pairs = match(reference, candidate, min_iou)
+    box_diffs, score_diffs, box_sq = [], [], []
+    for i, j, _ in pairs:
+        diffs = [abs(x - y) for x, y in zip(reference[i]["box"], candidate[j]["box"])]
+        box_diffs.append(max(diffs))
+        box_sq.extend(d * d for d in diffs)
+        score_diffs.append(abs(reference[i]["score"] - candidate[j]["score"]))
+    n = len(pairs)
+    return Agreement(
+        reference=len(reference),
+        candidate=len(candidate),
+        matched=n,
+        max_box_diff=max(box_diffs, default=0.0),
+        max_score_diff=max(score_diffs, default=0.0),
+        mean_iou=sum(o for _, _, o in pairs) / n if n else (1.0 if not reference and not candidate else 0.0),
+        box_mse=sum(box_sq) / len(box_sq) if box_sq else 0.0,
+        score_mse=sum(d * d for d in score_diffs) / n if n else 0.0,
     )
 
 

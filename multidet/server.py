@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from .packaging import CONFIG, MarOptions, build_mar_isolated
+from .packaging import MarOptions, build_mar_isolated
 from .tsconfig import PORT_KEYS, derived, read_properties, write_properties
 
 BIN = Path(sys.executable).parent
@@ -110,20 +110,21 @@ class TorchServe:
 
 def start_torchserve(
     workdir: Path,
-    mar: MarOptions | None = None,
+    mar: MarOptions,
+    properties: Path,
     extra_properties: dict | None = None,
     token: bool = False,
     timeout: float = 300,
 ) -> TorchServe:
-    """Build a MAR into ``workdir`` and start TorchServe from the repo's config.properties on free ports."""
+    """Build a MAR into ``workdir`` and start TorchServe from ``properties`` (a config.properties) on free ports."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     store = workdir / "model_store"
     t0 = time.monotonic()
-    build_mar_isolated(mar or MarOptions(), store)
+    build_mar_isolated(mar, store)
     build_s = time.monotonic() - t0
     ports = dict(zip(PORT_KEYS, free_ports(len(PORT_KEYS))))
-    props = derived(read_properties(CONFIG), ports=ports, model_store=str(store))
+    props = derived(read_properties(properties), ports=ports, model_store=str(store))
     props.update(extra_properties or {})
     config = write_properties(props, workdir / "config.properties")
     (workdir / "tmp").mkdir(exist_ok=True)

@@ -6,11 +6,11 @@ Objects vary in size (16 px to most of the image), aspect, rotation, shading, ov
 on varied backgrounds (noise, gradients, stripes, crops of the public-domain photos in
 ``load_tests/images``), in images of varied size and aspect ratio (so the letterbox is exercised).
 
+Data is made for one model's classes (``DataSpec``: its name, class names and the class ids the data
+uses; by default every named class, ``N/A`` placeholders left out; a training recipe may name a subset).
 Class ids are the model's own 1-based ids, so a dataset's ``annotations.json`` (COCO format) can be
-scored against that model's detections directly. The COCO model uses the 24 COCO category ids in
-``COCO_SUBSET`` (real COCO leaves 10 of its 90 ids unused too); the aquarium (7) and vehicles (20)
-models use all their classes. Class k of every model (in that model's class order) is kind k, so
-the three models share what they learn and fine-tuning one from another converges quickly.
+scored against that model's detections directly. Class k of every model (the k-th id its data
+uses) is kind k, so models share what they learn and fine-tuning one from another converges quickly.
 
 Same (model, split, count, seed) -> byte-identical files: every random draw comes from one
 ``numpy.random.Generator`` seeded from (seed, split, image index), and JPEGs are written with
@@ -29,15 +29,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .config import MODEL_SPECS
-
 SHAPES = ("circle", "square", "triangle", "star", "plus", "ring", "hexagon", "crescent")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (35, 70, 225), "yellow": (240, 210, 25)}
 
-# 24 of COCO's 90 category ids (the first 25 used ids, less 'person' whose photos are too varied
-# to stand for one kind): what the COCO model is trained and evaluated on.
-COCO_SUBSET = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 28)
 SPLITS = ("train", "val")
+PLACEHOLDER = "N/A"  # a class id a label set leaves unused (COCO's 90 ids name 80 classes)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Whose data: a model's name (it seeds the splits), its class names, and the 1-based class ids
+    the data uses (None: every class not named ``N/A``)."""
+
+    name: str
+    class_names: tuple[str, ...]
+    class_ids: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, model) -> DataSpec:
+        """The spec of a loaded model (its metadata's recorded training ids, where there are any)."""
+        return cls(model.name, tuple(model.class_names), getattr(model, "trained_ids", None))
 
 
 @dataclass(frozen=True)
@@ -64,17 +75,26 @@ def _kinds() -> tuple[Kind, ...]:
 KINDS = _kinds()
 
 
-def class_ids(model: str) -> tuple[int, ...]:
-    """The 1-based class ids a model's dataset uses (class k of this tuple is ``KINDS[k]``)."""
-    spec = MODEL_SPECS[model]
-    ids = COCO_SUBSET if spec.num_classes == 90 else tuple(range(1, spec.num_classes + 1))
+def class_ids(spec: DataSpec, cap: bool = False) -> tuple[int, ...]:
+    """The 1-based class ids a model's data uses (class k of this tuple is ``KINDS[k]``). More than the
+    generator's kinds is an error, or with ``cap`` the first ones (a check set of a large label set)."""
+    n = len(spec.class_names)
+    if spec.class_ids is not None:
+        ids = tuple(int(c) for c in spec.class_ids)
+        bad = [c for c in ids if not 1 <= c <= n]
+        if bad or len(set(ids)) != len(ids):
+            raise ValueError(f"{spec.name}: class ids {list(ids)} must be distinct, within 1..{n}")
+    else:
+        ids = tuple(i for i, name in enumerate(spec.class_names, 1) if name != PLACEHOLDER)
     if len(ids) > len(KINDS):
-        raise ValueError(f"{model} has {len(ids)} classes; the generator has {len(KINDS)} object kinds")
+        if cap:
+            return ids[: len(KINDS)]
+        raise ValueError(f"{spec.name} has {len(ids)} classes; the generator has {len(KINDS)} object kinds")
     return ids
 
 
-def kind_table(model: str) -> dict[int, Kind]:
-    return dict(zip(class_ids(model), KINDS))
+def kind_table(spec: DataSpec, cap: bool = False) -> dict[int, Kind]:
+    return dict(zip(class_ids(spec, cap), KINDS))
 
 
 # -- drawing ---------------------------------------------------------------------------------------
@@ -251,24 +271,23 @@ def load_photos(folder: Path | None) -> list[np.ndarray]:
 
 
 def render_split(
-    model: str, split: str, count: int, seed: int = 0, photos_dir: Path | None = Path("load_tests/images")
+    spec: DataSpec, split: str, count: int, seed: int = 0, photos_dir: Path | None = None, cap: bool = False
 ) -> Iterator[tuple[Image.Image, list[dict]]]:
     """The images of a split, as ``make_dataset`` writes them (image i is the same for the same seed),
-    without files: e.g. INT8 calibration on the training split at MAR build time."""
-    kinds, photos = kind_table(model), load_photos(photos_dir)
-    split_key = zlib.crc32(f"{model}/{split}".encode())
+    without files: e.g. INT8 calibration on the training split at MAR build time. ``photos_dir``:
+    photos whose crops are some of the backgrounds (None: generated backgrounds only)."""
+    kinds, photos = kind_table(spec, cap), load_photos(photos_dir)
+    split_key = zlib.crc32(f"{spec.name}/{split}".encode())
     for i in range(count):
         yield render_image(np.random.default_rng([seed, split_key, i]), kinds, photos)
 
 
-def calibration_images(
-    model: str, count: int, seed: int = 0, photos_dir: Path | None = Path("load_tests/images")
-) -> list[Image.Image]:
-    """The first ``count`` training images of ``model``, JPEG-round-tripped as the files are."""
+def calibration_images(spec: DataSpec, count: int, seed: int, photos_dir: Path | None) -> list[Image.Image]:
+    """The first ``count`` training images of ``spec``'s model, JPEG-round-tripped as the files are."""
     import io
 
     out = []
-    for img, _ in render_split(model, "train", count, seed, photos_dir):
+    for img, _ in render_split(spec, "train", count, seed, photos_dir, cap=True):
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90, optimize=False, subsampling=0)
         out.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
@@ -276,24 +295,22 @@ def calibration_images(
 
 
 def make_dataset(
-    model: str,
+    spec: DataSpec,
     split: str,
     count: int,
     seed: int,
     out: Path,
-    photos_dir: Path | None = Path("load_tests/images"),
+    photos_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Write ``out/images/*.jpg`` and ``out/annotations.json``; returns the annotation dict."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if model not in MODEL_SPECS:
-        raise ValueError(f"unknown model {model!r}; choose from {sorted(MODEL_SPECS)}")
-    spec, kinds = MODEL_SPECS[model], kind_table(model)
+    kinds = kind_table(spec)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
-    for i, (img, objects) in enumerate(render_split(model, split, count, seed, photos_dir)):
+    for i, (img, objects) in enumerate(render_split(spec, split, count, seed, photos_dir)):
         file_name = f"{split}_{i:05d}.jpg"
         img.save(out / "images" / file_name, format="JPEG", quality=90, optimize=False, subsampling=0)
         images.append({"id": i + 1, "file_name": file_name, "width": img.width, "height": img.height})
@@ -313,8 +330,8 @@ def make_dataset(
             progress(i + 1, count)
     coco = {
         "info": {
-            "description": f"multidet synthetic {model} {split}",
-            "model": model,
+            "description": f"multidet synthetic {spec.name} {split}",
+            "model": spec.name,
             "split": split,
             "count": count,
             "seed": seed,
@@ -330,19 +347,17 @@ def make_dataset(
     return coco
 
 
-def check_set(
-    count: int = 6, seed: int = 1234, models: Sequence[str] = tuple(MODEL_SPECS)
-) -> tuple[list[bytes], dict[str, dict]]:
+def check_set(count: int = 6, seed: int = 1234, specs: Sequence[DataSpec] = ()) -> tuple[list[bytes], dict[str, dict]]:
     """A small labelled set made in memory (no files, no photos), for checks at load time (``auto``).
 
-    The images hold kinds of the COCO model's class set (all 24 kinds the generator gives it); every
-    model's ground truth is the objects of its own kinds, with its own class ids (class k = kind k).
-    Returns the JPEG bytes and, per model, COCO ground truth for ``evaluation.coco_map``."""
+    The images hold as many kinds as the largest label set uses; every model's ground truth is the
+    objects of its own kinds, with its own class ids (class k = kind k). Returns the JPEG bytes and,
+    per model, COCO ground truth for ``quality.coco_map``."""
     import io
 
-    coco_model = next(m for m in MODEL_SPECS if MODEL_SPECS[m].num_classes == 90)
-    kinds = kind_table(coco_model)
-    kind_index = {cid: k for k, cid in enumerate(kinds)}
+    ids = {spec.name: class_ids(spec, cap=True) for spec in specs}
+    width = max((len(v) for v in ids.values()), default=len(KINDS))
+    kinds = dict(zip(range(1, width + 1), KINDS))  # kind k drawn with category k + 1
     bodies, objects_per_image = [], []
     for i in range(count):
         img, objects = render_image(np.random.default_rng([seed, i]), kinds)
@@ -351,28 +366,28 @@ def check_set(
         bodies.append(buf.getvalue())
         objects_per_image.append((img.width, img.height, objects))
     truth = {}
-    for model in models:
-        ids = class_ids(model)
+    for spec in specs:
+        own = ids[spec.name]
         images, annotations = [], []
         for i, (w, h, objects) in enumerate(objects_per_image):
             images.append({"id": i + 1, "file_name": f"check_{i}.jpg", "width": w, "height": h})
             for obj in objects:
-                k = kind_index[obj["category_id"]]
-                if k < len(ids):
+                k = obj["category_id"] - 1
+                if k < len(own):
                     x, y, bw, bh = obj["bbox"]
                     annotations.append(
                         {
                             "id": len(annotations) + 1,
                             "image_id": i + 1,
-                            "category_id": ids[k],
+                            "category_id": own[k],
                             "bbox": obj["bbox"],
                             "area": bw * bh,
                             "iscrowd": 0,
                         }
                     )
-        truth[model] = {
+        truth[spec.name] = {
             "images": images,
             "annotations": annotations,
-            "categories": [{"id": c, "name": MODEL_SPECS[model].class_names[c - 1]} for c in ids],
+            "categories": [{"id": c, "name": spec.class_names[c - 1]} for c in own],
         }
     return bodies, truth

@@ -8,7 +8,9 @@ the CPU has native bf16 (AMX / AVX-512 BF16) or on CUDA, periodic COCO evaluatio
 through the whole serving path (``evaluation.evaluate`` at the service's 512 px), and a resumable
 state file written every ``save_every`` steps.
 
-Start from scratch, or from a project checkpoint: with another class count its last class layer
+Any effdet architecture and label set (``TrainConfig.architecture``, ``class_names``). Start from
+scratch, or from a model of a model set (``init``: a models file, or a folder holding ``models.yaml``
+such as another run's output): with another class count its last class layer
 (``class_net.predict``) is re-initialised and everything else is kept, as when fine-tuning a COCO
 detector to a new label set. Training may run at a smaller input size than the service (the network
 is fully convolutional; anchors follow the size): fast, then a short pass at 512 px adapts it.
@@ -35,21 +37,32 @@ from effdet.data.parsers.parser_coco import CocoParser
 from effdet.data.parsers.parser_config import CocoParserCfg
 from effdet.data.transforms import transforms_coco_train
 
-from .checkpoints import CLASS_HEAD, CheckpointMeta, build_network, load_checkpoint, save_checkpoint, sha256_file
-from .config import MODEL_SPECS, ModelSpec, Settings
+from .checkpoints import (
+    CLASS_HEAD,
+    CheckpointMeta,
+    LoadedModel,
+    build_network,
+    load_entry,
+    save_checkpoint,
+    sha256_file,
+)
+from .config import Settings
 from .device import native_bf16
+from .modelset import MODELS_FILE, ModelEntry, ModelSet, read_model_set
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainConfig:
-    model: str  # which of the service's models (its class names, head size)
+    model: str  # the model's name (its checkpoint is <out_dir>/<model>.safetensors)
+    class_names: tuple[str, ...]  # its classes, by 1-based class id (the dataset's category ids)
     train_dir: Path  # COCO-format dataset: images/ + annotations.json
+    architecture: str = "efficientdet_d0"  # any effdet config name
     val_dir: Path | None = None  # evaluated every eval_every steps and at the end
     out_dir: Path = Path("outputs/train")  # the trained checkpoint + the resumable state
-    init: Path | None = None  # a project checkpoint folder to start from (None: scratch)
-    init_model: str | None = None  # which checkpoint in ``init`` (default: ``model``)
+    init: Path | None = None  # a model set (file, or folder with models.yaml) to start from (None: scratch)
+    init_model: str | None = None  # which model of ``init`` (default: ``model``)
     steps: int = 1000
     batch_size: int = 8
     lr: float = 2e-3
@@ -66,7 +79,9 @@ class TrainConfig:
     save_every: int = 50
 
     def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        out["class_names"] = list(self.class_names)
+        return out
 
 
 @dataclass
@@ -92,22 +107,25 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     return device.type == "cpu" and native_bf16()
 
 
-def initial_network(cfg: TrainConfig, spec: ModelSpec):
-    """A fresh network for ``spec``; with ``cfg.init`` every weight but a mismatched class layer is
-    taken from that checkpoint. Returns (network, description of the start)."""
+def initial_network(cfg: TrainConfig):
+    """A fresh network for ``cfg``'s model; with ``cfg.init`` every weight but a mismatched class layer
+    is taken from that model. Returns (network, description of the start)."""
     torch.manual_seed(cfg.seed)
-    net = build_network(spec.num_classes, cfg.image_size)
+    net = build_network(cfg.architecture, len(cfg.class_names), cfg.image_size)
     if cfg.init is None:
         return net, "scratch"
     source = cfg.init_model or cfg.model
-    meta, src = load_checkpoint(Path(cfg.init), source)
-    state = src.state_dict()
+    entry = read_model_set(cfg.init)[source]
+    if entry.architecture != cfg.architecture:
+        raise ValueError(f"{source} is {entry.architecture}; this model is {cfg.architecture}")
+    state = load_entry(entry).net.state_dict()
     own = net.state_dict()
     reset = [k for k in own if k.startswith(CLASS_HEAD.rsplit(".", 1)[0]) and own[k].shape != state[k].shape]
     for k in reset:
         state[k] = own[k]  # effdet's prior-probability init of the class layer
     net.load_state_dict(state, strict=True)
-    return net, f"{source}@{meta.sha256[:12]}" + (" (class layer re-initialised)" if reset else "")
+    digest = sha256_file(entry.weights)[:12]
+    return net, f"{source}@{digest}" + (" (class layer re-initialised)" if reset else "")
 
 
 class _Batches:
@@ -175,38 +193,35 @@ def _seed_worker(worker_id: int) -> None:
 
 def evaluate_weights(
     state: dict,
-    spec: ModelSpec,
+    cfg: TrainConfig,
     val_dir: Path,
     device: torch.device,
     limit: int | None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """COCO mAP of ``state`` through the whole serving path (512 px letterbox, NMS, original pixels)."""
+    """COCO mAP of ``state`` through the whole serving path (the architecture's letterbox, NMS, original pixels)."""
     from .evaluation import evaluate
     from .pipeline import Detector
-    from .runners import LoadedModel
 
-    net = build_network(spec.num_classes)
+    net = build_network(cfg.architecture, len(cfg.class_names))
     net.load_state_dict(state)
-    detector = Detector(
-        [LoadedModel(spec.name, spec.class_names, net.eval())],
-        Settings(optimization="baseline", models=(spec.name,)),
-        device,
-    )
-    return evaluate(detector, val_dir, spec.name, limit=limit, progress=progress).summary()
+    detector = Detector([LoadedModel(cfg.model, tuple(cfg.class_names), net.eval())], Settings(), device)
+    return evaluate(detector, val_dir, cfg.model, limit=limit, progress=progress).summary()
 
 
 def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train (or resume) and write ``cfg.out_dir/<model>.safetensors`` + ``.json``."""
-    spec = MODEL_SPECS[cfg.model]
+    """Train (or resume) and write ``cfg.out_dir/<model>.safetensors`` + ``.json``, and
+    ``cfg.out_dir/models.yaml``: the result is a one-model set, served or merged into another set as is."""
+    if not cfg.class_names:
+        raise ValueError("class_names: the model's classes are needed (one per 1-based class id)")
     device = resolve_device(cfg.device)
     bf16 = use_bf16(cfg.amp, device)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / f"{cfg.model}.train.pt"
 
-    net, start = initial_network(cfg, spec)
-    batches = _Batches(cfg, net, spec.num_classes)
+    net, start = initial_network(cfg)
+    batches = _Batches(cfg, net, len(cfg.class_names))
     bench = DetBenchTrain(net, create_labeler=False).to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -224,7 +239,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
         mismatch = {
             k: (saved["config"].get(k), v)
             for k, v in cfg.to_json().items()
-            if k in ("model", "steps", "batch_size", "lr", "image_size", "seed", "train_dir")
+            if k in ("model", "architecture", "steps", "batch_size", "lr", "image_size", "seed", "train_dir")
             and saved["config"].get(k) != v
         }
         if mismatch:
@@ -265,7 +280,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     def run_eval(limit: int | None) -> dict | None:
         if cfg.val_dir is None:
             return None
-        return evaluate_weights(weights(), spec, Path(cfg.val_dir), device, limit)
+        return evaluate_weights(weights(), cfg, Path(cfg.val_dir), device, limit)
 
     data = batches.iterate(step)
     t_last = time.perf_counter()
@@ -293,6 +308,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
         t_last = now
         row = {
             "step": step,
+            "of": cfg.steps,
             "loss": round(loss.item(), 4),
             "class_loss": round(out["class_loss"].item(), 4),
             "box_loss": round(out["box_loss"].item(), 5),
@@ -312,9 +328,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     final = run_eval(None)
     if progress and final:
         progress({"step": step, "final": final})
+    annotations = Path(cfg.train_dir) / "annotations.json"
     training = {
         "dataset": str(cfg.train_dir),
-        "dataset_sha256": sha256_file(Path(cfg.train_dir) / "annotations.json"),
+        "dataset_sha256": sha256_file(annotations),
+        # the class ids its data used (class k = the k-th): labelled check sets of the same kinds
+        "class_ids": [c["id"] for c in json.loads(annotations.read_text()).get("categories", [])],
         "images": len(batches),
         "val_dataset": str(cfg.val_dir) if cfg.val_dir else None,
         "start": start,
@@ -332,7 +351,17 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
         "loss_last": sum(r["loss"] for r in history[-20:]) / max(len(history[-20:]), 1) if history else None,
     }
     meta = save_checkpoint(
-        out_dir, spec, weights(), seed=cfg.seed, source="trained", fmt="safetensors", training=training
+        out_dir,
+        cfg.model,
+        cfg.architecture,
+        cfg.class_names,
+        weights(),
+        seed=cfg.seed,
+        source="trained",
+        fmt="safetensors",
+        training=training,
     )
+    entry = ModelEntry(cfg.model, cfg.architecture, (out_dir / meta.weights_file).resolve())
+    ModelSet((entry,)).write(out_dir / MODELS_FILE)
     (out_dir / f"{cfg.model}.history.json").write_text(json.dumps(history) + "\n")
     return TrainResult(out_dir, meta, history)

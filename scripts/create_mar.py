@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""Build model_store/all.mar: the handler, the multidet package, the three checkpoints (by default
-the trained ones in weights/) and a model-config.yaml for one optimisation variant.
+"""Build model_store/all.mar: the handler, the multidet package, a model set (by default models.yaml:
+the trained models in weights/) and a model-config.yaml for one optimisation variant.
 
     python scripts/create_mar.py --optimization baseline
+    python scripts/create_mar.py --optimization auto --model-set my_models.yaml
     python scripts/create_mar.py --optimization baseline --batch-size 4 --max-batch-delay 20
+
+Every model of the set is checked first (names, architectures, weights' integrity and shapes, class
+counts); an error names the file and the entry and exits with 2.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from paths import HANDLER, MODEL_SET, PHOTOS, ROOT
+
 from multidet.checkpoints import CheckpointError
-from multidet.config import MODEL_NAMES, ConfigError, Settings
-from multidet.packaging import REPO_ROOT, WEIGHTS, MarOptions, build_mar
+from multidet.config import ConfigError, Settings
+from multidet.packaging import MarOptions, build_mar
 from multidet.runners import SERVABLE
 
 
@@ -22,18 +28,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimization", default="baseline", choices=SERVABLE)
     p.add_argument("--model-name", default="all", help="endpoint name: /predictions/NAME (default all)")
-    p.add_argument("--export-path", type=Path, default=REPO_ROOT / "model_store")
+    p.add_argument("--export-path", type=Path, default=ROOT / "model_store")
     p.add_argument(
-        "--checkpoints",
+        "--model-set",
         type=Path,
-        default=WEIGHTS,
-        help="default: weights (the trained models); checkpoints = the seeded random ones",
+        default=MODEL_SET,
+        help="models file (default: models.yaml, the trained models; checkpoints/models.yaml: seeded random)",
+    )
+    p.add_argument(
+        "--calibration-photos", type=Path, default=PHOTOS, help="INT8 calibration backgrounds (load_tests/images)"
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--threshold", type=float, default=Settings.threshold)
     p.add_argument("--max-detections", type=int, default=Settings.max_detections)
     p.add_argument("--max-image-pixels", type=int, default=Settings.max_image_pixels)
-    p.add_argument("--models", default=",".join(MODEL_NAMES))
+    p.add_argument("--models", default="", help="comma-separated subset of the set's models (default: all)")
     p.add_argument(
         "--allow-reduced",
         action="store_true",
@@ -59,13 +68,15 @@ def main(argv=None) -> int:
             threshold=args.threshold,
             max_detections=args.max_detections,
             max_image_pixels=args.max_image_pixels,
-            models=tuple(args.models.split(",")),
+            models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
             allow_reduced=args.allow_reduced,
             profile=args.profile,
         )
         options = MarOptions(
             settings=settings,
-            checkpoints=args.checkpoints,
+            model_set=args.model_set,
+            handler=HANDLER,
+            calibration_photos=args.calibration_photos,
             model_name=args.model_name,
             workers=args.workers,
             batch_size=args.batch_size,
@@ -75,7 +86,7 @@ def main(argv=None) -> int:
             device_ids=tuple(int(i) for i in args.device_ids.split(",")) if args.device_ids else (),
         )
         build_mar(options, args.export_path, log=lambda line: print(line, flush=True))
-    except (ConfigError, CheckpointError) as exc:
+    except (ConfigError, CheckpointError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

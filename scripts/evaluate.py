@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """COCO mAP of one model through the whole data path (decode -> letterbox -> runner -> NMS -> boxes).
 
-    python scripts/evaluate.py --data data/efficientdet_d0_coco/val --model efficientdet_d0_coco --optimization baseline
-    python scripts/evaluate.py --data my_export/valid --model efficientdet_d0_vehicles --json outputs/eval/vehicles.json
+    python scripts/evaluate.py --data data/NAME/val --model NAME --optimization baseline
+    python scripts/evaluate.py --data my_export/valid --model pets --model-set my.yaml --json outputs/eval/pets.json
 
 Prints (and with --json writes) {"model", "optimization", "map50", "map", "images"}; map50 is AP at
 IoU 0.5, map the COCO AP over IoU 0.5:0.95, both in 0..1. Every path the registry serves can be
@@ -16,24 +16,23 @@ import json
 import sys
 from pathlib import Path
 
+from paths import MODEL_SET, PHOTOS, ROOT
 from tqdm import tqdm
 
 from multidet.checkpoints import CheckpointError
-from multidet.config import MODEL_NAMES, Settings
+from multidet.config import Settings
 from multidet.device import select_device
 from multidet.evaluation import evaluate
 from multidet.pipeline import Detector
-from multidet.runners import RUNNERS, SERVABLE
-
-ROOT = Path(__file__).resolve().parents[1]
+from multidet.runners import SERVABLE, BuildContext, build_path
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="dataset folder: images/ + annotations.json (COCO)")
-    p.add_argument("--model", required=True, choices=MODEL_NAMES)
+    p.add_argument("--model", required=True, help="a model of --model-set")
     p.add_argument("--optimization", default="baseline", choices=SERVABLE)
-    p.add_argument("--checkpoints", type=Path, default=ROOT / "weights", help="default: weights (the trained models)")
+    p.add_argument("--model-set", type=Path, default=MODEL_SET, help="models file (default: models.yaml)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
@@ -45,10 +44,10 @@ def main(argv=None) -> int:
     try:
         settings = Settings(optimization=args.optimization, models=(args.model,))
         if args.optimization != "baseline":  # its build step, as `make mar` runs it (most paths have none)
-            base = Detector.from_checkpoints(args.checkpoints, Settings(models=(args.model,)), "cpu")
-            RUNNERS[args.optimization].build(base.models, args.artifacts)
-        detector = Detector.from_checkpoints(args.checkpoints, settings, device, args.artifacts)
-    except (CheckpointError, ValueError) as exc:
+            base = Detector.from_model_set(args.model_set, Settings(models=(args.model,)), "cpu")
+            build_path(args.optimization, base.models, args.artifacts, BuildContext(calibration_photos=PHOTOS))
+        detector = Detector.from_model_set(args.model_set, settings, device, args.artifacts)
+    except (CheckpointError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with tqdm(desc=f"eval {args.model} {args.optimization}", unit="img") as bar:

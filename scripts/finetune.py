@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""Fine-tune one of the service's detectors on a COCO-format dataset (effdet's DetBenchTrain).
+"""Fine-tune a detector on a COCO-format dataset (effdet's DetBenchTrain): any name, architecture and classes.
 
-    # from scratch on the synthetic COCO-subset data, then at the service's 512 px
-    python scripts/finetune.py --model efficientdet_d0_coco --train data/efficientdet_d0_coco/train \\
-        --val data/efficientdet_d0_coco/val --steps 2000 --image-size 256 --out outputs/train/coco
-    # a new label set from an existing checkpoint: its class layer is re-initialised
-    python scripts/finetune.py --model efficientdet_d0_aquarium --init weights --init-model efficientdet_d0_coco \\
-        --train my_roboflow_export/train --val my_roboflow_export/valid --steps 500 --out outputs/train/aquarium
+    # your own model, from one of the shipped ones (its class layer is re-initialised)
+    python scripts/finetune.py --model pets --architecture efficientdet_d0 --classes-file classes.txt \\
+        --train my_export/train --val my_export/valid --init models.yaml --init-model efficientdet_d0_coco \\
+        --steps 1000 --out outputs/train/pets
+    # a model of a model set (its architecture and classes from that file), from scratch
+    python scripts/finetune.py --model efficientdet_d0_coco --model-set models.yaml \\
+        --train data/efficientdet_d0_coco/train --val data/efficientdet_d0_coco/val --steps 2000 --image-size 256
 
 A dataset folder holds images/ and annotations.json (COCO; category ids are the model's 1-based class
-ids). Interrupted? Run the same command again: it resumes from OUT/<model>.train.pt. The result,
-OUT/<model>.safetensors + .json, is a checkpoint the service loads (copy both into weights/).
+ids). Interrupted? Run the same command again: it resumes from OUT/<model>.train.pt. The result is a
+one-model set: OUT/models.yaml (one entry, serve it with `make serve MODELS=OUT/models.yaml`, or copy
+the entry into your own models file) and OUT/<model>.safetensors + .json.
 """
 
 from __future__ import annotations
@@ -22,19 +24,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from multidet.config import MODEL_NAMES
+from multidet.config import ConfigError
+from multidet.modelset import read_model_set
 from multidet.training import TrainConfig, train
 
 
 def main(argv=None) -> int:
     d = TrainConfig.__dataclass_fields__
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=MODEL_NAMES)
+    p.add_argument("--model", required=True, help="the model's name ([a-z0-9_]+)")
+    p.add_argument("--model-set", type=Path, help="take --model's architecture and classes from this models file")
+    p.add_argument("--architecture", help="any effdet config name (default: the set's entry, else efficientdet_d0)")
+    p.add_argument("--classes-file", type=Path, help="the class names, one a line, by class id")
     p.add_argument("--train", type=Path, required=True, help="training dataset folder (images/, annotations.json)")
     p.add_argument("--val", type=Path, help="validation dataset folder, evaluated with pycocotools")
     p.add_argument("--out", type=Path, default=d["out_dir"].default)
-    p.add_argument("--init", type=Path, help="checkpoint folder to start from (default: from scratch)")
-    p.add_argument("--init-model", help="which model's checkpoint in --init (default: --model)")
+    p.add_argument("--init", type=Path, help="a model set (models file or a folder with models.yaml) to start from")
+    p.add_argument("--init-model", help="which model of --init (default: --model)")
     for name in (
         "steps",
         "batch_size",
@@ -60,8 +66,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    try:
+        architecture, classes = identity(args)
+    except (ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     cfg = TrainConfig(
         model=args.model,
+        architecture=architecture,
+        class_names=classes,
         train_dir=args.train,
         val_dir=args.val,
         out_dir=args.out,
@@ -115,10 +128,27 @@ def main(argv=None) -> int:
             bar.close()
     meta = result.meta
     print(
-        f"wrote {result.checkpoint_dir / meta.weights_file} (sha256 {meta.sha256[:16]}...) after "
-        f"{meta.training['steps']} steps, {meta.training['wall_s']:.0f} s"
+        f"wrote {result.checkpoint_dir / meta.weights_file} (sha256 {meta.sha256[:16]}...) and "
+        f"{result.checkpoint_dir / 'models.yaml'} after {meta.training['steps']} steps, {meta.training['wall_s']:.0f} s"
     )
     return 0
+
+
+def identity(args) -> tuple[str, tuple[str, ...]]:
+    """The model's architecture and class names: flags first, else its entry in --model-set."""
+    architecture, classes = args.architecture, None
+    if args.classes_file:
+        classes = tuple(line.strip() for line in args.classes_file.read_text().splitlines() if line.strip())
+    if args.model_set and (architecture is None or classes is None):
+        model_set = read_model_set(args.model_set)
+        if args.model not in model_set.names:
+            raise ConfigError(f"{args.model} is not in {args.model_set} {list(model_set.names)}")
+        entry = model_set[args.model]
+        architecture = architecture or entry.architecture
+        classes = classes or entry.class_names
+    if not classes:
+        raise ConfigError("the model's classes: give --classes-file, or --model-set with the model in it")
+    return architecture or "efficientdet_d0", classes
 
 
 if __name__ == "__main__":

@@ -27,12 +27,9 @@ assert torch.cuda.is_available(), "no CUDA device visible to PyTorch"
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}, effdet {effdet.__version__}")
 PY
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-[ -f checkpoints/efficientdet_d0_vehicles.json ] || "$PY" scripts/generate_checkpoints.py || exit 1
+"$PY" scripts/generate_checkpoints.py >/dev/null || exit 1  # seeded random weights of models.yaml's set
 VAL=${VAL_IMAGES:-50}  # labelled val images per model for the ablation's mAP (data/ is not carried)
-for m in efficientdet_d0_coco efficientdet_d0_aquarium efficientdet_d0_vehicles; do
-  [ -f "data/$m/val/annotations.json" ] || "$PY" scripts/make_dataset.py --model "$m" --split val --count "$VAL" \
-    --out "data/$m/val" >/dev/null || exit 1
-done
+"$PY" scripts/recipe.py dataset --splits val --val-count "$VAL" >/dev/null || exit 1
 
 status=0
 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" || status=1

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Print the server's JSON for one image, computed in-process (embedded mode, same handler path).
 
-python scripts/predict.py load_tests/images/coffee.jpg --threshold 0 --models efficientdet_d0_coco
+python scripts/predict.py load_tests/images/coffee.jpg --threshold 0 [--models NAME,NAME] [--model-set my.yaml]
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
+from paths import HANDLER, MODEL_SET
+
 from multidet.config import ConfigError, Settings
 from multidet.embedded import EmbeddedService
-from multidet.packaging import REPO_ROOT
 from multidet.runners import SERVABLE
 
 
@@ -25,23 +26,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threshold", help="score threshold 0..1 (default: the model config's)")
     p.add_argument("--models", help="comma-separated subset of the model names")
-    p.add_argument("--model-dir", type=Path, default=REPO_ROOT, help="folder holding the checkpoint folder")
     p.add_argument(
-        "--checkpoints",
-        default="weights",
-        help="checkpoint folder inside --model-dir (default: weights, the trained models; "
-        "checkpoints = the seeded random ones)",
+        "--model-set",
+        type=Path,
+        default=MODEL_SET,
+        help="models file (default: models.yaml, the trained models; checkpoints/models.yaml: the seeded random ones)",
     )
     args = p.parse_args(argv)
 
     try:
         settings = Settings(
-            optimization=args.optimization, device=args.device, warmup=False, checkpoint_dir=args.checkpoints
+            optimization=args.optimization, device=args.device, warmup=False, model_set=args.model_set.name
         )
     except ConfigError as exc:
         p.error(str(exc))
     logging.getLogger("ts.torch_handler.base_handler").setLevel(logging.ERROR)  # optional-backend notices
-    service = EmbeddedService(settings, model_dir=args.model_dir)
+    service = EmbeddedService(settings, args.model_set.resolve().parent, HANDLER)
     params = {k: v for k, v in (("threshold", args.threshold), ("models", args.models)) if v is not None}
     response = service.predict_one(args.image.read_bytes(), params)
     print(json.dumps(response.body, indent=2))

@@ -26,15 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-from multidet.bench import environment, photos, summarize, timed_predict, write_outputs
-from multidet.config import MODEL_NAMES, Settings
-from multidet.device import select_device
+from paths import MODEL_SET, PHOTOS, ROOT
+
+from multidet.bench import environment, photos, summarize, write_outputs
+from multidet.config import Settings
+from multidet.device import select_device, synchronize
 from multidet.evaluation import EvalResult, evaluate
 from multidet.pipeline import Detector
 from multidet.quality import RULES, SERVING_THRESHOLD, check_detections, map_ok
-from multidet.runners import RUNNERS, SERVABLE, list_runners
-
-ROOT = Path(__file__).resolve().parents[1]
+from multidet.runners import RUNNERS, SERVABLE, BuildContext, build_path, list_runners
+from multidet.timing import interleaved
 
 
 def map_quality(reference: dict[str, EvalResult], results: dict[str, EvalResult], tier: str) -> dict:
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown path(s) {unknown}; available: {SERVABLE}")
     names = ["baseline"] + [n for n in names if n != "baseline" and RUNNERS[n].supports(device)]
-    images = photos()
+    images = photos(PHOTOS)
     bodies = list(images.values())
 
     detectors, load_s, build_s = {}, {}, {}
@@ -193,15 +194,15 @@ def main(argv=None) -> int:
     for name in names:
         t0 = time.perf_counter()
         if name != "baseline":
-            RUNNERS[name].build(detectors["baseline"].models, artifacts)
+            build_path(name, detectors["baseline"].models, artifacts, BuildContext(calibration_photos=PHOTOS))
         build_s[name] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        det = Detector.from_checkpoints(ROOT / "weights", Settings(optimization=name), device, artifacts)
+        det = Detector.from_model_set(MODEL_SET, Settings(optimization=name), device, artifacts)
         for i in range(args.warmup):
             det.predict_one(bodies[i % len(bodies)])
         detectors[name], load_s[name] = det, time.perf_counter() - t0
         print(
-            f"{name}: built in {build_s[name]:.1f} s, loaded as {det.runner.description} in {load_s[name]:.1f} s "
+            f"{name}: built in {build_s[name]:.1f} s, loaded as {det.description} in {load_s[name]:.1f} s "
             f"(incl. {args.warmup} warm-up requests)",
             flush=True,
         )
@@ -209,27 +210,26 @@ def main(argv=None) -> int:
     evals = {}
     for name, det in detectors.items():
         t0 = time.perf_counter()
-        evals[name] = {m: evaluate(det, args.val / m / "val", m, limit=args.val_images) for m in MODEL_NAMES}
+        evals[name] = {m: evaluate(det, args.val / m / "val", m, limit=args.val_images) for m in det.model_names}
         print(
             f"mAP {name}: "
-            + "  ".join(
-                f"{m.removeprefix('efficientdet_d0_')} {r.map50:.3f}/{r.map:.3f}" for m, r in evals[name].items()
-            )
+            + "  ".join(f"{m} {r.map50:.3f}/{r.map:.3f}" for m, r in evals[name].items())
             + f" ({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-    times: dict[str, list[float]] = {n: [] for n in names}
     t_start = time.perf_counter()
-    for i in range(args.requests):
-        for name, det in detectors.items():
-            times[name].append(timed_predict(det, bodies[i % len(bodies)])[0])
-        if (i + 1) % max(1, args.requests // 6) == 0 or i + 1 == args.requests:
+
+    def progress(done: int, times: dict) -> None:
+        if done % max(1, args.requests // 6) == 0 or done == args.requests:
             print(
-                f"{i + 1}/{args.requests} ({time.perf_counter() - t_start:.0f} s): "
+                f"{done}/{args.requests} ({time.perf_counter() - t_start:.0f} s): "
                 + "  ".join(f"{n} {statistics.median(v):.0f}" for n, v in times.items())
                 + " ms p50",
                 flush=True,
             )
+
+    calls = {name: (lambda i, det=det: det.predict_one(bodies[i % len(bodies)])) for name, det in detectors.items()}
+    times = interleaved(calls, args.requests, sync=lambda: synchronize(device), progress=progress).ms
 
     base = summarize(times["baseline"])
     rows = []
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         rows.append(
             {
                 "path": name,
-                "runs_as": det.runner.description,
+                "runs_as": det.description,
                 "tier": RUNNERS[name].tier,
                 "latency_ms": lat,
                 "speedup_p50": round(base["p50"] / lat["p50"], 3),

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from paths import MODEL_SET, PHOTOS, ROOT
 
 from multidet.bench import (
     SEED,
@@ -31,14 +32,14 @@ from multidet.bench import (
     photos,
     summarize,
     timed_batch,
-    timed_predict,
     write_outputs,
 )
 from multidet.config import Settings
+from multidet.device import synchronize
 from multidet.pipeline import Detector
 from multidet.runners import RUNNERS
+from multidet.timing import interleaved
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("decode", "preprocess", "inference", "postprocess")
 
 
@@ -46,7 +47,7 @@ def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], 
     configs = {}
     for name in paths:
         t0 = time.perf_counter()
-        det = Detector.from_checkpoints(ROOT / "weights", Settings(optimization=name), device)
+        det = Detector.from_model_set(MODEL_SET, Settings(optimization=name), device)
         for i in range(args.warmup):
             det.predict_one(bodies[i % len(bodies)])
         configs[name] = det
@@ -54,22 +55,20 @@ def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], 
             f"[{device}] loaded {name} + {args.warmup} warm-up requests in {time.perf_counter() - t0:.1f} s", flush=True
         )
 
-    latency = {n: [] for n in configs}
-    stages = {n: {s: [] for s in STAGES} for n in configs}
     t_start = time.perf_counter()
-    for i in range(args.requests):
-        body = bodies[i % len(bodies)]
-        for name, det in configs.items():
-            ms, result = timed_predict(det, body)
-            latency[name].append(ms)
-            for s in STAGES:
-                stages[name][s].append(result["timing_ms"][s])
-        if (i + 1) % max(1, args.requests // 5) == 0 or i + 1 == args.requests:
+
+    def progress(done: int, latency: dict) -> None:
+        if done % max(1, args.requests // 5) == 0 or done == args.requests:
             print(
-                f"[{device}] {i + 1}/{args.requests} requests per config ({time.perf_counter() - t_start:.0f} s): "
+                f"[{device}] {done}/{args.requests} requests per config ({time.perf_counter() - t_start:.0f} s): "
                 + ", ".join(f"{n} p50 {statistics.median(v):.1f} ms" for n, v in latency.items()),
                 flush=True,
             )
+
+    calls = {name: (lambda i, det=det: det.predict_one(bodies[i % len(bodies)])) for name, det in configs.items()}
+    timings = interleaved(calls, args.requests, sync=lambda: synchronize(device), keep_results=True, progress=progress)
+    latency = timings.ms
+    stages = {n: {s: [r["timing_ms"][s] for r in timings.results[n]] for s in STAGES} for n in configs}
 
     batch_ms = {n: [] for n in configs}
     batch_calls = max(1, args.requests // (2 * args.batch_size))
@@ -85,7 +84,7 @@ def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], 
 
     breakdown = {}
     for name, det in configs.items():
-        if not det.runner.separable:
+        if not all(g.runner.separable for g in det.groups):
             continue
         runs = [model_breakdown(det, bodies[i % len(bodies)]) for i in range(args.breakdown)]
         breakdown[name] = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
@@ -104,7 +103,7 @@ def measure_device(device: torch.device, paths: list[str], bodies: list[bytes], 
             },
             "stages_ms_mean": {s: round(statistics.fmean(v), 3) for s, v in stages[name].items()},
             "breakdown_ms_p50": breakdown.get(name),
-            "description": configs[name].runner.description,
+            "description": configs[name].description,
         }
     return out
 
@@ -189,7 +188,7 @@ def main(argv=None) -> int:
     unknown = [n for n in paths if n not in RUNNERS]
     if unknown:
         p.error(f"unknown path(s) {unknown}; available: {sorted(RUNNERS)}")
-    images = photos()
+    images = photos(PHOTOS)
     results = {
         "environment": environment(devices),
         "requests": args.requests,

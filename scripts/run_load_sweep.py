@@ -30,13 +30,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import requests
+from paths import CONFIG, PHOTOS, ROOT, mar_options
 
 from multidet.bench import available_devices, backend_metrics, counter_delta, environment, photos, scrape_metrics
-from multidet.packaging import MarOptions
 from multidet.runners import SERVABLE
 from multidet.server import BIN, start_torchserve
 
-ROOT = Path(__file__).resolve().parents[1]
 SATURATION_GAIN = 1.10
 
 
@@ -179,7 +178,7 @@ def main(argv=None) -> int:
     if not set(configs) <= {"off", "on", "external"}:
         p.error("--batching takes off, on or off,on")
     args.out.mkdir(parents=True, exist_ok=True)
-    images = photos()
+    images = photos(PHOTOS)
     results = {
         "environment": environment(available_devices()),
         "optimization": args.optimization,
@@ -201,10 +200,10 @@ def main(argv=None) -> int:
             else:
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"sweep-{config}-")))
                 t0 = time.perf_counter()
-                mar = MarOptions.of(optimization=args.optimization)
+                mar = mar_options(optimization=args.optimization)
                 if config == "on":
                     mar = replace(mar, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay)
-                server = stack.enter_context(start_torchserve(tmp, mar, timeout=600))
+                server = stack.enter_context(start_torchserve(tmp, mar, CONFIG, timeout=600))
                 host, metrics_url, ts_log = server.inference, server.metrics, server.workdir / "logs" / "ts_log.log"
                 print(f"[{label}] TorchServe ready in {time.perf_counter() - t0:.0f} s at {host}", flush=True)
             for _ in range(args.warmup):

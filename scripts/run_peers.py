@@ -37,26 +37,28 @@ from pathlib import Path
 import numpy as np
 import requests
 import torch
+from paths import CONFIG, MODEL_SET, PHOTOS, ROOT, mar_options
 
 from multidet.bench import environment, photos, summarize, timed_predict, write_outputs
-from multidet.checkpoints import load_checkpoint
-from multidet.config import MODEL_NAMES, Settings
+from multidet.config import Settings
 from multidet.device import native_bf16
-from multidet.packaging import REPO_ROOT, WEIGHTS, MarOptions
+from multidet.modelset import load_models as load_set
+from multidet.modelset import read_model_set
 from multidet.pipeline import Detector
 from multidet.runners import LoadedModel
 from multidet.runners.auto import PAUSE_S  # between timed calls (runtimes' spinning threads)
 from multidet.runners.onnx import export_onnx, export_per_model, per_model_paths, session
 from multidet.runners.openvino import OpenVinoInt8Runner, OpenVinoRunner
 from multidet.server import start_torchserve
+from multidet.timing import interleaved
 
 
 def load_models() -> list[LoadedModel]:
-    out = []
-    for name in MODEL_NAMES:
-        meta, net = load_checkpoint(WEIGHTS, name)
-        out.append(LoadedModel(name, tuple(meta.class_names), net))
-    return out
+    """The default model set's models; the peers run one architecture's networks (a mixed set has several)."""
+    models = load_set(read_model_set(MODEL_SET))
+    if len({m.architecture for m in models}) != 1:
+        raise SystemExit(f"{MODEL_SET}: peers compare the networks of one architecture; this set mixes several")
+    return models
 
 
 def peers(models: list[LoadedModel], work: Path, int8: bool) -> dict:
@@ -129,13 +131,13 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=40, help="timed calls per entry")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-int8", action="store_true", help="skip the OpenVINO INT8 peer (NNCF takes minutes)")
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "peers")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "peers")
     args = p.parse_args(argv)
 
-    images = photos()
+    images = photos(PHOTOS)
     bodies = list(images.values())
     models = load_models()
-    baseline = Detector.from_checkpoints(WEIGHTS, Settings(), torch.device("cpu"))
+    baseline = Detector(models, Settings(), torch.device("cpu"))
     arrays = [np.ascontiguousarray(baseline.preprocessor.prepare_bytes([b], "cpu").tensor.numpy()) for b in bodies]
 
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
@@ -145,8 +147,8 @@ def main(argv=None) -> int:
         print(
             f"peers ready in {time.perf_counter() - t0:.0f} s; starting TorchServe ({args.optimization})...", flush=True
         )
-        mar = MarOptions.of(optimization=args.optimization, allow_reduced=args.allow_reduced)
-        with start_torchserve(Path(tmp) / "ts", mar, timeout=900) as server, requests.Session() as http:
+        mar = mar_options(optimization=args.optimization, allow_reduced=args.allow_reduced)
+        with start_torchserve(Path(tmp) / "ts", mar, CONFIG, timeout=900) as server, requests.Session() as http:
             url = f"{server.inference}/predictions/all"
             served_as = http.put(url, data=bodies[0], timeout=300).json()["optimization"]
             print(
@@ -169,24 +171,18 @@ def main(argv=None) -> int:
             for name, (tier, fn) in runtimes.items():
                 entries[f"{name} (networks alone)"] = (lambda f: lambda i: f(arrays[i]))(fn)
                 tiers[f"{name} (networks alone)"] = tier
-            for fn in entries.values():
-                for i in range(args.warmup):
-                    fn(i % len(bodies))
-            times = {name: [] for name in entries}
-            names = list(entries)
-            for r in range(args.requests):
-                order = names[r % len(names) :] + names[: r % len(names)]  # rotate who goes first
-                for name in order:
-                    time.sleep(PAUSE_S)
-                    t = time.perf_counter()
-                    entries[name](r % len(bodies))
-                    times[name].append((time.perf_counter() - t) * 1e3)
-                if (r + 1) % 10 == 0 or r + 1 == args.requests:
+
+            def progress(done: int, times: dict) -> None:
+                if done % 10 == 0 or done == args.requests:
                     print(
-                        f"{r + 1}/{args.requests}: "
+                        f"{done}/{args.requests}: "
                         + ", ".join(f"{n.split(' (')[0]} {statistics.median(v):.0f}" for n, v in times.items()),
                         flush=True,
                     )
+
+            calls = {name: (lambda i, fn=fn: fn(i % len(bodies))) for name, fn in entries.items()}
+            names = list(entries)
+            times = interleaved(calls, args.requests, warmup=args.warmup, pause_s=PAUSE_S, progress=progress).ms
 
     stats = {name: summarize(v) for name, v in times.items()}
     served_name = names[0]

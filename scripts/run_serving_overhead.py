@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import requests
+from paths import CONFIG, HANDLER, MODEL_SET, PHOTOS, ROOT, mar_options
 
 from multidet.bench import (
     SEED,
@@ -37,23 +38,22 @@ from multidet.bench import (
 from multidet.config import Settings
 from multidet.device import select_device
 from multidet.embedded import EmbeddedService
-from multidet.packaging import MarOptions
 from multidet.pipeline import Detector
 from multidet.runners import SERVABLE
 from multidet.server import start_torchserve
+from multidet.timing import interleaved
 
-ROOT = Path(__file__).resolve().parents[1]
 MODES = ("core", "embedded", "http")
 
 
 def measure_path(name: str, device, images: list[bytes], args) -> dict:
     t0 = time.perf_counter()
-    core = Detector.from_checkpoints(ROOT / "weights", Settings(optimization=name), device)
-    embedded = EmbeddedService(Settings(optimization=name, checkpoint_dir="weights"))
+    core = Detector.from_model_set(MODEL_SET, Settings(optimization=name), device)
+    embedded = EmbeddedService(Settings(optimization=name), MODEL_SET.parent, HANDLER)
     print(f"[{name}] core + embedded loaded in {time.perf_counter() - t0:.0f} s; starting TorchServe ...", flush=True)
     with (
         tempfile.TemporaryDirectory(prefix=f"overhead-{name}-") as tmp,
-        start_torchserve(Path(tmp), MarOptions.of(optimization=name), timeout=args.server_timeout) as server,
+        start_torchserve(Path(tmp), mar_options(optimization=name), CONFIG, timeout=args.server_timeout) as server,
         requests.Session() as http,
     ):
         print(
@@ -82,27 +82,22 @@ def measure_path(name: str, device, images: list[bytes], args) -> dict:
             return (time.perf_counter() - t) * 1e3, response.json()["timing_ms"]["total"]
 
         run = {"core": via_core, "embedded": via_embedded, "http": via_http}
-        for mode in MODES:  # warm-up, not timed
-            for body in images[: args.warmup]:
-                run[mode](body)
+        calls = {m: (lambda i, fn=run[m]: fn(images[i % len(images)])) for m in MODES}
+
+        def progress(done: int, times: dict) -> None:
+            if done % len(images) == 0 or done == args.requests:
+                print(
+                    f"[{name}] {done}/{args.requests}: "
+                    + ", ".join(f"{m} {sorted(v)[len(v) // 2]:.1f} ms" for m, v in times.items()),
+                    flush=True,
+                )
+
         before = scrape_metrics(server.metrics)
-        times = {m: [] for m in MODES}
-        outside = {m: [] for m in MODES}  # per request: wall clock minus the pipeline's own timing_ms.total
-        rounds = max(1, -(-args.requests // len(images)))
-        for r in range(rounds):
-            order = MODES[r % 3 :] + MODES[: r % 3]
-            for mode in order:
-                for body in images:
-                    if len(times[mode]) < args.requests:
-                        wall, inner = run[mode](body)
-                        times[mode].append(wall)
-                        outside[mode].append(wall - inner)
-            print(
-                f"[{name}] round {r + 1}/{rounds}: "
-                + ", ".join(f"{m} {sorted(v)[len(v) // 2]:.1f} ms" for m, v in times.items()),
-                flush=True,
-            )
+        timings = interleaved(calls, args.requests, warmup=args.warmup, keep_results=True, progress=progress)
         after = scrape_metrics(server.metrics)
+        times = {m: [wall for wall, _ in timings.results[m]] for m in MODES}
+        # per request: wall clock minus the pipeline's own timing_ms.total
+        outside = {m: [wall - inner for wall, inner in timings.results[m]] for m in MODES}
 
     served = counter_delta(before, after, "ts_inference_requests_total")
     stats = {m: summarize(v) for m, v in times.items()}
@@ -113,7 +108,7 @@ def measure_path(name: str, device, images: list[bytes], args) -> dict:
         return {"ms": round(ms, 2), "pct_of_core": round(100 * ms / core_p50, 2)}
 
     return {
-        "runs_as": core.runner.description,
+        "runs_as": core.description,
         "torchserve_startup": startup,
         "latency_ms": stats,
         "overhead_p50": {
@@ -188,7 +183,7 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown path(s) {bad}; available: {SERVABLE}")
     device = select_device(args.device)
-    images = photos()
+    images = photos(PHOTOS)
     results = {
         "environment": environment([device]),
         "device": str(device),

@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from paths import ROOT
+
 from multidet import server
 from multidet.tsconfig import PORT_KEYS, derived, read_properties, write_properties
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def auth(kind: str) -> dict:

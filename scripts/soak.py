@@ -25,12 +25,11 @@ from pathlib import Path
 
 import psutil
 import requests
+from paths import ROOT
 from PIL import Image
 
 from multidet.bench import environment, percentile
 from multidet.tsconfig import read_properties
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def request_mix(images: list[Path]) -> list[tuple[str, bytes, dict, int]]:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import CHECKPOINTS, IMAGES, PHOTOS, WEIGHTS, answers
-from multidet.config import MODEL_NAMES, Settings
-from multidet.packaging import MarOptions
+from helpers import IMAGES, PHOTOS, RANDOM, SHIPPED, answers, mar_options, start
+from multidet.config import Settings
 from multidet.pipeline import Detector
-from multidet.server import start_torchserve
 
 
 @pytest.fixture(scope="session")
@@ -22,24 +20,24 @@ def photos() -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def detector() -> Detector:
     """The seeded random checkpoints: for tests of arithmetic (raw outputs, effdet equality), not answers."""
-    if not (CHECKPOINTS / f"{MODEL_NAMES[0]}.json").exists():
+    if not RANDOM.exists():
         pytest.fail("checkpoints missing: run `make checkpoints` (make test does it)")
-    return Detector.from_checkpoints(CHECKPOINTS, Settings(), torch.device("cpu"))
+    return Detector.from_model_set(RANDOM, Settings(), torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
 def trained() -> Detector:
     """The shipped trained checkpoints (weights/): their detections are confident, so answers compare."""
-    return Detector.from_checkpoints(WEIGHTS, Settings(), torch.device("cpu"))
+    return Detector.from_model_set(SHIPPED, Settings(), torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
-def labelled():
+def labelled(trained):
     """Eight labelled images made in memory (multidet.synthetic.check_set): (JPEG bytes, ground truth
     per model), every model's objects annotated with its own class ids."""
-    from multidet.synthetic import check_set
+    from multidet.synthetic import DataSpec, check_set
 
-    return check_set(count=8, seed=7)
+    return check_set(count=8, seed=7, specs=[DataSpec.of(m) for m in trained.models])
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +51,9 @@ def labelled_reference(trained, labelled):
 def server(tmp_path_factory):
     """The suite's main TorchServe (baseline). batchSize 4: single requests and concurrent batches
     are both exercised by the same server."""
-    ts = start_torchserve(
+    ts = start(
         tmp_path_factory.mktemp("torchserve"),
-        MarOptions.of(optimization="baseline", batch_size=4, max_batch_delay=200),
+        mar_options(optimization="baseline", batch_size=4, max_batch_delay=200),
     )
     yield ts
     ts.stop()

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import io
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
 
-from multidet.config import MODEL_NAMES, Settings
+from multidet.config import Settings
+from multidet.embedded import EmbeddedService
+from multidet.modelset import read_model_set
+from multidet.packaging import MarOptions
 from multidet.quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, coco_results, map_ok
 from multidet.server import BIN, free_ports, start_torchserve  # noqa: F401  (re-exported for the tests)
 from multidet.tsconfig import read_properties  # noqa: F401  (re-exported for the tests)
@@ -17,9 +21,38 @@ from multidet.tsconfig import read_properties  # noqa: F401  (re-exported for th
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "load_tests" / "images"
 PHOTOS = sorted(IMAGES.glob("*.jpg"))
-CHECKPOINTS = ROOT / "checkpoints"  # seeded random checkpoints (make checkpoints): arithmetic tests
-WEIGHTS = ROOT / "weights"  # the trained checkpoints, shipped in git
-TRAINED = Settings(checkpoint_dir="weights")  # EmbeddedService(TRAINED): what `make serve` serves
+HANDLER = ROOT / "handlers" / "efficientdet_handler.py"
+CONFIG = ROOT / "config.properties"
+SHIPPED = ROOT / "models.yaml"  # the default model set: the trained models, shipped in git (weights/)
+WEIGHTS = ROOT / "weights"
+CHECKPOINTS = ROOT / "checkpoints"  # the same models with seeded random weights (make checkpoints)
+RANDOM = CHECKPOINTS / "models.yaml"  # arithmetic tests
+NAMES = read_model_set(SHIPPED).names  # the default set's model names, in order
+TRAINED = Settings()  # what `make serve` serves (the default set)
+
+
+def data_spec(name: str):
+    """What the training recipe (training.yaml) makes labelled data of for the default set's model ``name``."""
+    from multidet.recipe import data_spec as spec
+    from multidet.recipe import read_recipe
+
+    model_set = read_model_set(SHIPPED)
+    return spec(read_recipe(ROOT / "training.yaml", model_set), model_set, name)
+
+
+def mar_options(**values) -> MarOptions:
+    """MarOptions.of(...) for this checkout: its handler, the default model set, the calibration photos."""
+    return MarOptions.of(**{"handler": HANDLER, "model_set": SHIPPED, "calibration_photos": IMAGES, **values})
+
+
+def start(workdir, mar: MarOptions | None = None, extra: dict | None = None, **kw):
+    """A real TorchServe from the repo's config.properties, serving ``mar`` (default: the shipped set, baseline)."""
+    return start_torchserve(workdir, mar or mar_options(), CONFIG, extra, **kw)
+
+
+def embedded(settings: Settings = TRAINED, model_set: Path = SHIPPED, **kw) -> EmbeddedService:
+    """The handler in-process on ``model_set`` (default: the shipped set)."""
+    return EmbeddedService(replace(settings, model_set=model_set.name), model_set.parent, HANDLER, **kw)
 
 
 def answers(detector, bodies, **kw) -> list[list[dict]]:
@@ -58,7 +91,7 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 SCHEMA_KEYS = {"image", "optimization", "device", "detections", "models", "timing_ms"}
 
 
-def assert_schema(result: dict, models=MODEL_NAMES) -> None:
+def assert_schema(result: dict, models=NAMES) -> None:
     """The response schema of the README, checked field by field."""
     assert set(result) == SCHEMA_KEYS
     w, h = result["image"]["width"], result["image"]["height"]

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT
-from multidet.config import MODEL_NAMES
+from helpers import IMAGES, NAMES, PHOTOS, RANDOM, ROOT, data_spec
 
 LATENCY_KEYS = {"p50", "p90", "p95", "p99", "mean", "std", "min", "max", "n"}
 
@@ -59,13 +58,13 @@ def test_full_benchmark_quick(tmp_path):
         assert r_["throughput_img_s"] > 0 and r_["batch"]["throughput_img_s"] > 0
         assert set(r_["stages_ms_mean"]) == {"decode", "preprocess", "inference", "postprocess"}
         assert set(r_["breakdown_ms_p50"]) == {"decode", "preprocess"} | {
-            f"{m}.{part}" for m in MODEL_NAMES for part in ("network", "nms")
+            f"{m}.{part}" for m in NAMES for part in ("network", "nms")
         }
     # sanity, not a timing assertion: running three networks costs more than returning constants
     assert cpu["mock"]["latency_ms"]["p50"] < cpu["baseline"]["latency_ms"]["p50"]
     assert (
-        cpu["mock"]["breakdown_ms_p50"][f"{MODEL_NAMES[0]}.network"]
-        < cpu["baseline"]["breakdown_ms_p50"][f"{MODEL_NAMES[0]}.network"]
+        cpu["mock"]["breakdown_ms_p50"][f"{NAMES[0]}.network"]
+        < cpu["baseline"]["breakdown_ms_p50"][f"{NAMES[0]}.network"]
     )
     text = (tmp_path / "benchmark_report.txt").read_text()
     assert "mock lower bound" in text and "Seed report" in text
@@ -75,8 +74,8 @@ def test_full_benchmark_quick(tmp_path):
 def test_ablation_quick(tmp_path):
     from multidet.synthetic import make_dataset
 
-    for m in MODEL_NAMES:
-        make_dataset(m, "val", 4, 0, tmp_path / "data" / m / "val")
+    for m in NAMES:
+        make_dataset(data_spec(m), "val", 4, 0, tmp_path / "data" / m / "val", IMAGES)
     run(
         "run_ablation.py",
         "--paths",
@@ -101,7 +100,7 @@ def test_ablation_quick(tmp_path):
     for r in rows.values():
         assert set(r["latency_ms"]) == LATENCY_KEYS and r["speedup_p50"] > 0
         q = r["quality"]
-        assert set(q["map50"]) == set(q["map"]) == set(MODEL_NAMES) and q["images"] == 12
+        assert set(q["map50"]) == set(q["map"]) == set(NAMES) and q["images"] == 12
         assert 0 <= q["map_mean"] <= q["map50_mean"] <= 1 and isinstance(q["same_answer"], bool)
     base = rows["baseline"]["quality"]
     assert base["same_answer"] and base["delta_map50_points"] == 0.0 and base["max_box_diff_px"] == 0.0
@@ -195,3 +194,23 @@ def test_peers_quick(tmp_path):
     ratios = results["ratios"]
     assert ratios["fastest_exact_peer"] in peers and ratios["served_vs_fastest_exact_peer"] > 0
     assert (tmp_path / "peers.png").stat().st_size > 5000
+
+
+def test_scaling_in_process_on_tiny_sets(tmp_path):
+    """multidet.scaling in-process (its HTTP half is the same loop against servers: make scaling)."""
+    from multidet.bench import environment
+    from multidet.modelset import load_models, read_model_set
+    from multidet.scaling import ScalingResult, cycled, plot, report, run_in_process
+
+    base = load_models(read_model_set(RANDOM))
+    four = cycled(base, 4)
+    assert [m.name for m in four] == ["m0", "m1", "m2", "m3"] and four[3].net is base[0].net
+    lines = []
+    table = run_in_process(
+        base, [1, 2], ["baseline", "grouped"], [PHOTOS[0].read_bytes()], 2, tmp_path, say=lines.append
+    )
+    assert set(table) == {"baseline", "grouped"} and all(set(row) == {1, 2} for row in table.values())
+    assert all(ms > 0 for row in table.values() for ms in row.values()) and any("built" in x for x in lines)
+    result = ScalingResult([1, 2], ["baseline", "grouped"], 2, table, environment=environment())
+    assert "speed-up vs baseline" in report(result) and result.to_json()["in_process_ms_per_model"]["baseline"][2]
+    assert plot(result, tmp_path / "scaling.png").stat().st_size > 5000

@@ -7,16 +7,16 @@ import sys
 
 import pytest
 
-from helpers import ROOT, assert_schema
-from multidet.compare import compare
+from helpers import NAMES, RANDOM, ROOT, assert_schema, embedded
 from multidet.config import Settings
-from multidet.embedded import EmbeddedRequest, EmbeddedService
+from multidet.embedded import EmbeddedRequest
 from multidet.pipeline import RequestOptions
+from multidet.quality import agreement
 
 
 @pytest.fixture(scope="module")
 def service():
-    return EmbeddedService(Settings(), batch_size=4)
+    return embedded(Settings(), RANDOM, batch_size=4)
 
 
 def without_timing(result: dict) -> dict:
@@ -30,17 +30,15 @@ def test_handler_equals_core_package(service, detector, photos):
         assert_schema(got.body)
         want = detector.predict_one(body, RequestOptions(threshold=0.0))
         assert without_timing(got.body) == without_timing(want), name
-        assert compare(want["detections"], got.body["detections"]).exact()
+        assert agreement(want["detections"], got.body["detections"]).exact()
 
 
 def test_options_from_headers_and_form_fields(service, photos):
-    by_header = service.predict_one(
-        photos["coffee"], headers={"X-Threshold": "0.2", "X-Models": "efficientdet_d0_coco"}
-    )
-    by_field = service.predict_one(photos["coffee"], {"threshold": "0.2", "models": "efficientdet_d0_coco"})
+    by_header = service.predict_one(photos["coffee"], headers={"X-Threshold": "0.2", "X-Models": NAMES[0]})
+    by_field = service.predict_one(photos["coffee"], {"threshold": "0.2", "models": NAMES[0]})
     assert by_header.status == by_field.status == 200
     assert without_timing(by_header.body) == without_timing(by_field.body)
-    assert [m["name"] for m in by_header.body["models"]] == ["efficientdet_d0_coco"]
+    assert [m["name"] for m in by_header.body["models"]] == [NAMES[0]]
     assert all(d["score"] >= 0.2 for d in by_header.body["detections"])
     # /invocations' routing parameter is not an option
     assert service.predict_one(photos["coffee"], {"model_name": "all"}).status == 200
@@ -93,7 +91,7 @@ def test_predict_script_prints_the_server_json(photos):
             "--threshold",
             "0.3",
             "--models",
-            "efficientdet_d0_coco,efficientdet_d0_aquarium",
+            f"{NAMES[0]},{NAMES[1]}",
         ],
         capture_output=True,
         text=True,
@@ -102,7 +100,7 @@ def test_predict_script_prints_the_server_json(photos):
     import json
 
     result = json.loads(out.stdout)
-    assert_schema(result, models=("efficientdet_d0_coco", "efficientdet_d0_aquarium"))
+    assert_schema(result, models=(NAMES[0], NAMES[1]))
     assert all(d["score"] >= 0.3 for d in result["detections"])
 
 
@@ -111,7 +109,7 @@ def test_handler_profile_turns_on_torchserves_handler_timings(photos):
     ts_handler_preprocess/inference/postprocess metrics; without it there are none."""
     names = {}
     for profile in (False, True):
-        svc = EmbeddedService(Settings(profile=profile, warmup=False))
+        svc = embedded(Settings(profile=profile, warmup=False), RANDOM)
         assert svc.predict_one(photos["coffee"]).status == 200
         names[profile] = str(svc.context.metrics.cache)
     for step in ("preprocess", "inference", "postprocess"):

@@ -6,6 +6,7 @@ import base64
 
 import pytest
 
+from helpers import NAMES
 from multidet.envelopes import (
     KServeV1Envelope,
     MultipartEnvelope,
@@ -16,7 +17,7 @@ from multidet.envelopes import (
 )
 from multidet.errors import BadRequest, InputError, UnsupportedImage
 
-LOADED = ("efficientdet_d0_coco", "efficientdet_d0_aquarium", "efficientdet_d0_vehicles")
+LOADED = NAMES
 IMG = b"\xff\xd8\xff\xe0not-really-a-jpeg"
 
 
@@ -25,9 +26,9 @@ def parse(row, headers=None):
 
 
 def test_raw_body_with_header_options():
-    req = parse({"body": IMG}, {"X-Threshold": "0.25", "X-Models": "efficientdet_d0_coco"})
+    req = parse({"body": IMG}, {"X-Threshold": "0.25", "X-Models": NAMES[0]})
     assert isinstance(req, ParsedRequest) and isinstance(req.envelope, RawEnvelope)
-    assert req.instances == [(IMG, RequestOptions(threshold=0.25, models=("efficientdet_d0_coco",)))]
+    assert req.instances == [(IMG, RequestOptions(threshold=0.25, models=(NAMES[0],)))]
 
 
 def test_multipart_field_options_win_over_headers():

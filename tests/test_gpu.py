@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import CHECKPOINTS, assert_schema
-from multidet.compare import compare
+from helpers import RANDOM, assert_schema
 from multidet.config import Settings
 from multidet.pipeline import Detector, RequestOptions
+from multidet.quality import agreement
 from multidet.runners import RUNNERS, create_runner, list_runners
 
 CUDA = torch.cuda.is_available()
@@ -38,7 +38,7 @@ def test_cuda_graphs_is_refused_cleanly_without_cuda(detector):
 
 
 def cuda_detector(name: str) -> Detector:
-    return Detector.from_checkpoints(CHECKPOINTS, Settings(optimization=name), torch.device("cuda:0"))
+    return Detector.from_model_set(RANDOM, Settings(optimization=name), torch.device("cuda:0"))
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ def cuda_reference(photos):
 
 
 def assert_close(reference, candidate, min_matched=0.97, box_tol=0.5, score_tol=1e-3):
-    agreement = compare(reference, candidate)
-    assert agreement.label_agreement >= min_matched, agreement
-    assert agreement.max_box_diff <= box_tol and agreement.max_score_diff <= score_tol, agreement
+    a = agreement(reference, candidate)
+    assert a.label_agreement >= min_matched, a
+    assert a.max_box_diff <= box_tol and a.max_score_diff <= score_tol, a
 
 
 @needs_cuda
@@ -94,8 +94,8 @@ def test_cuda_half_precision_quality(name, photos, cuda_reference):
         pytest.skip(f"{name} not supported on this GPU")
     det = cuda_detector(name)
     for img, body in photos.items():
-        agreement = compare(cuda_reference[img], det.predict_one(body, ZERO)["detections"])
-        assert agreement.matched > 0 and agreement.mean_iou > 0.5, agreement
+        a = agreement(cuda_reference[img], det.predict_one(body, ZERO)["detections"])
+        assert a.matched > 0 and a.mean_iou > 0.5, a
 
 
 @needs_cuda

@@ -9,11 +9,10 @@ import pytest
 import requests
 import torch
 
-from helpers import TRAINED, assert_same_answer, assert_schema, encode, jpeg_declaring, start_torchserve
-from multidet.compare import compare
+import helpers
+from helpers import NAMES, assert_same_answer, assert_schema, encode, jpeg_declaring, mar_options, start
 from multidet.config import Settings
-from multidet.embedded import EmbeddedService
-from multidet.packaging import MarOptions
+from multidet.quality import agreement
 from multidet.runners import RUNNERS, list_runners
 
 pytestmark = pytest.mark.integration
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def embedded():
     """The handler in-process on the trained weights: what the servers here serve."""
-    return EmbeddedService(TRAINED)
+    return helpers.embedded()
 
 
 def url(server, path="/predictions/all"):
@@ -45,22 +44,20 @@ def test_raw_put_equals_embedded(server, embedded, photos):
         assert len(result["models"]) == 3 and result["optimization"] == "baseline" and result["device"] == "cpu"
         want = embedded.predict_one(body, {"threshold": "0"}).body
         assert result["image"] == want["image"]
-        assert compare(want["detections"], result["detections"]).exact(), name
+        assert agreement(want["detections"], result["detections"]).exact(), name
 
 
 def test_multipart_post_with_form_options(server, embedded, photos):
     r = requests.post(
         url(server),
         files={"data": ("coffee.jpg", photos["coffee"], "image/jpeg")},
-        data={"threshold": "0.3", "models": "efficientdet_d0_coco,efficientdet_d0_vehicles"},
+        data={"threshold": "0.3", "models": f"{NAMES[0]},{NAMES[2]}"},
         timeout=60,
     )
     assert r.status_code == 200, r.text
-    assert_schema(r.json(), models=("efficientdet_d0_coco", "efficientdet_d0_vehicles"))
-    want = embedded.predict_one(
-        photos["coffee"], {"threshold": "0.3", "models": "efficientdet_d0_coco,efficientdet_d0_vehicles"}
-    ).body
-    assert compare(want["detections"], r.json()["detections"]).exact()
+    assert_schema(r.json(), models=(NAMES[0], NAMES[2]))
+    want = embedded.predict_one(photos["coffee"], {"threshold": "0.3", "models": f"{NAMES[0]},{NAMES[2]}"}).body
+    assert agreement(want["detections"], r.json()["detections"]).exact()
 
 
 def test_default_threshold_and_invocations_query(server, photos):
@@ -68,12 +65,12 @@ def test_default_threshold_and_invocations_query(server, photos):
     assert all(d["score"] >= Settings.threshold for d in default["detections"])
     # TorchServe forwards URL query parameters on /invocations
     r = requests.put(
-        url(server, "/invocations?model_name=all&threshold=0.2&models=efficientdet_d0_aquarium"),
+        url(server, f"/invocations?model_name=all&threshold=0.2&models={NAMES[1]}"),
         data=photos["coffee"],
         timeout=60,
     )
     assert r.status_code == 200, r.text
-    assert [m["name"] for m in r.json()["models"]] == ["efficientdet_d0_aquarium"]
+    assert [m["name"] for m in r.json()["models"]] == [NAMES[1]]
     assert all(d["score"] >= 0.2 for d in r.json()["detections"])
     bad = requests.put(url(server, "/invocations?model_name=all&threshold=abc"), data=photos["coffee"], timeout=60)
     assert bad.status_code == 400 and "threshold" in bad.json()["message"]
@@ -214,7 +211,7 @@ def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_fa
 
     if "cpu" in RUNNERS[optimization].slow_on and not torch.cuda.is_available():
         pytest.skip(f"{optimization} has no fast kernels on this CPU (seconds per request; the registry's slow_on)")
-    ts = start_torchserve(tmp_path_factory.mktemp(optimization), MarOptions.of(optimization=optimization))
+    ts = start(tmp_path_factory.mktemp(optimization), mar_options(optimization=optimization))
     try:
         for body in labelled[0][:3]:
             r = requests.put(url(ts), data=body, timeout=120)
@@ -226,7 +223,7 @@ def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_fa
             if RUNNERS[optimization].tier == "exact":
                 assert_same_answer(want, result["detections"])
             else:
-                assert compare(want, result["detections"]).matched >= len(want) // 2
+                assert agreement(want, result["detections"]).matched >= len(want) // 2
         if optimization == "aot_inductor":  # compiled at MAR build, only loaded by the worker
             log = ts.logs(tail=400)
             assert "loaded 3 AOTInductor packages" in log and "compiling now" not in log, log[-3000:]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from effdet.bench import DetBenchPredict
 
-from helpers import answers, assert_same_answer, map50
+from helpers import NAMES, answers, assert_same_answer, map50
 from multidet.pipeline import RequestOptions
 from multidet.postprocess import detections_for
 
@@ -53,7 +53,7 @@ def test_trained_models_find_the_objects(trained, labelled):
     serving threshold with the right label (IoU >= 0.5), and ranks them well enough for mAP@0.5 >= 0.25
     on these eight images (measured 0.62 / 0.42 / 0.45; the weights are undertrained, docs/training.md:
     at 0.5 they find 11/39, 3/6 and 5/33 of the objects here)."""
-    from multidet.compare import iou
+    from multidet.quality import iou
 
     got = answers(trained, labelled[0])
     for model, gt in labelled[1].items():
@@ -72,8 +72,8 @@ def test_trained_models_find_the_objects(trained, labelled):
 
 
 def test_model_subset_and_threshold(detector, photos):
-    res = detector.predict_one(photos["coffee"], RequestOptions(threshold=0.0, models=("efficientdet_d0_aquarium",)))
-    assert [m["name"] for m in res["models"]] == ["efficientdet_d0_aquarium"]
+    res = detector.predict_one(photos["coffee"], RequestOptions(threshold=0.0, models=(NAMES[1],)))
+    assert [m["name"] for m in res["models"]] == [NAMES[1]]
     assert res["models"][0]["count"] == len(res["detections"]) <= 100
     high = detector.predict_one(photos["coffee"], RequestOptions(threshold=0.6))
     assert all(d["score"] >= 0.6 for d in high["detections"])

@@ -13,14 +13,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import CHECKPOINTS, WEIGHTS, answers, assert_same_answer, assert_same_map, assert_schema, map50
+from helpers import IMAGES, RANDOM, SHIPPED, answers, assert_same_answer, assert_same_map, assert_schema, map50
 from multidet.config import Settings
 from multidet.pipeline import Detector, RequestOptions
 from multidet.quality import RULES, map_ok, raw_difference
-from multidet.runners import RUNNERS, list_runners
+from multidet.runners import RUNNERS, BuildContext, build_path, list_runners
 from multidet.runners.grouped import conv_calls, merge_networks
 
 CPU = torch.device("cpu")
+CONTEXT = BuildContext(calibration_photos=IMAGES)  # as the MAR build has it
 
 
 def elsewhere(name: str) -> str | None:
@@ -52,8 +53,8 @@ EXACT = [n for n in list_runners(tier="exact") if n != "baseline"]
 REDUCED = list_runners(tier="reduced")
 
 
-def path_detector(name: str, checkpoints=WEIGHTS) -> Detector:
-    return Detector.from_checkpoints(checkpoints, Settings(optimization=name), CPU)
+def path_detector(name: str, model_set=SHIPPED) -> Detector:
+    return Detector.from_model_set(model_set, Settings(optimization=name), CPU)
 
 
 def not_on_cpu(name):
@@ -88,8 +89,8 @@ def random_reference(detector, random_batch):
 def test_raw_outputs_match_baseline_on_random_weights(name, detector, random_batch, random_reference, tmp_path):
     """Class logits and box regressions of all three networks, every level, within the path's
     declared tolerance of the baseline's (relative to the largest output of each tensor)."""
-    RUNNERS[name].build(detector.models, tmp_path)
-    det = Detector.from_checkpoints(CHECKPOINTS, Settings(optimization=name), CPU, tmp_path)
+    build_path(name, detector.models, tmp_path, CONTEXT)
+    det = Detector.from_model_set(RANDOM, Settings(optimization=name), CPU, tmp_path)
     with torch.inference_mode():
         got = det.runner.forward(random_batch, [0, 1, 2])
     for k in range(3):
@@ -101,8 +102,8 @@ def test_raw_outputs_match_baseline_on_random_weights(name, detector, random_bat
 def test_exact_path_gives_baselines_answer(name, trained, labelled, labelled_reference, tmp_path):
     """Trained weights, labelled images, all eight in one batch: per image the baseline's detections at
     the serving threshold, and per model the baseline's mAP@0.5 within 0.1 points."""
-    RUNNERS[name].build(trained.models, tmp_path)
-    det = Detector.from_checkpoints(WEIGHTS, Settings(optimization=name), CPU, tmp_path)
+    build_path(name, trained.models, tmp_path, CONTEXT)
+    det = Detector.from_model_set(SHIPPED, Settings(optimization=name), CPU, tmp_path)
     got = answers(det, labelled[0])
     assert sum(len([d for d in a if d["score"] >= 0.5]) for a in labelled_reference) >= 8  # it finds things
     for want, have in zip(labelled_reference, got):
@@ -118,8 +119,8 @@ def test_reduced_path_finds_the_objects(name, trained, labelled, labelled_refere
     """bf16/fp16 run and find what the baseline finds (mAP@0.5 within 5 points: not broken). Whether a
     reduced path is *served* is decided by the 0.5-point rule, measured by auto at load (below) and
     reported by the ablation; on these weights bf16 measured 1-2 points off on a few images."""
-    RUNNERS[name].build(trained.models, tmp_path)  # e.g. INT8 quantisation, as at MAR build
-    det = Detector.from_checkpoints(WEIGHTS, Settings(optimization=name), CPU, tmp_path)
+    build_path(name, trained.models, tmp_path, CONTEXT)  # e.g. INT8 quantisation, as at MAR build
+    det = Detector.from_model_set(SHIPPED, Settings(optimization=name), CPU, tmp_path)
     got = answers(det, labelled[0])
     base, mine = map50(labelled_reference, labelled[1]), map50(got, labelled[1])
     print(f"{name} mAP@0.5 {mine} vs baseline {base}")
@@ -134,20 +135,20 @@ def test_onnxruntime_is_built_once_and_checked_at_load(detector, tmp_path, caplo
     built = OnnxRuntimeRunner.build(detector.models, tmp_path)
     assert [p.name for p in built] == [ONNX_FILE, "grouped.json"]
     before = (tmp_path / ONNX_FILE).stat().st_mtime_ns
-    Detector.from_checkpoints(CHECKPOINTS, Settings(optimization="onnxruntime"), CPU, tmp_path)
+    Detector.from_model_set(RANDOM, Settings(optimization="onnxruntime"), CPU, tmp_path)
     assert (tmp_path / ONNX_FILE).stat().st_mtime_ns == before, "a fresh export must not be redone at load"
     # weights that differ from the stamp: re-exported once at load, with a warning
     stale = tmp_path / "grouped.json"
     stale.write_text(stale.read_text().replace('"opset": 17', '"opset": 0'))
     with caplog.at_level("WARNING"):
-        Detector.from_checkpoints(CHECKPOINTS, Settings(optimization="onnxruntime"), CPU, tmp_path)
+        Detector.from_model_set(RANDOM, Settings(optimization="onnxruntime"), CPU, tmp_path)
     assert "exporting now" in caplog.text and '"opset": 17' in stale.read_text()
 
 
 def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled, labelled_reference, tmp_path, caplog):
-    RUNNERS["auto"].build(trained.models, tmp_path)
+    build_path("auto", trained.models, tmp_path, CONTEXT)
     with caplog.at_level("INFO", logger="multidet.runners.auto"):
-        det = Detector.from_checkpoints(WEIGHTS, Settings(optimization="auto"), CPU, tmp_path)
+        det = Detector.from_model_set(SHIPPED, Settings(optimization="auto"), CPU, tmp_path)
     runner = det.runner
     table = {row["path"]: row for row in runner.table}
     assert set(table) == {
@@ -172,9 +173,9 @@ def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled
 
 
 def test_auto_considers_reduced_precision_only_when_allowed(trained, tmp_path, caplog):
-    RUNNERS["auto"].build(trained.models, tmp_path, allow_reduced=True)  # as `make mar OPT=auto REDUCED=1`
+    build_path("auto", trained.models, tmp_path, BuildContext(True, IMAGES))  # as `make mar OPT=auto REDUCED=1`
     with caplog.at_level("INFO", logger="multidet.runners.auto"):
-        det = Detector.from_checkpoints(WEIGHTS, Settings(optimization="auto", allow_reduced=True), CPU, tmp_path)
+        det = Detector.from_model_set(SHIPPED, Settings(optimization="auto", allow_reduced=True), CPU, tmp_path)
     table = {row["path"]: row for row in det.runner.table}
     reduced = [
         n
@@ -233,7 +234,7 @@ def test_aot_inductor_refuses_a_package_that_differs(detector):
     from multidet.runners.aot import example_batch, verify
 
     nets = [m.net for m in detector.models]
-    example = example_batch(torch.device("cpu"))
+    example = example_batch(torch.device("cpu"), detector.models[1].architecture)
     assert verify(nets[1], nets[1], example) < 1e-4  # eager itself differs a little between batch sizes
 
     def wrong(x):  # what a miscompiled package looks like: class logits off
@@ -263,12 +264,12 @@ def test_openvino_ir_is_built_once_and_reused(detector, tmp_path, caplog):
     files = OpenVinoRunner.build(detector.models, tmp_path / "a")
     assert sorted(f.name for f in files)[-1] == "stamp.json" and len(files) == 7
     before = files[0].stat().st_mtime_ns
-    Detector.from_checkpoints(CHECKPOINTS, Settings(optimization="openvino"), CPU, tmp_path / "a")
+    Detector.from_model_set(RANDOM, Settings(optimization="openvino"), CPU, tmp_path / "a")
     assert files[0].stat().st_mtime_ns == before, "a fresh IR must not be rebuilt at load"
     again = OpenVinoRunner.build(detector.models, tmp_path / "b")
     assert [f.read_bytes() for f in again] == [f.read_bytes() for f in files]
     with caplog.at_level("WARNING"):
-        Detector.from_checkpoints(CHECKPOINTS, Settings(optimization="openvino"), CPU, tmp_path / "c")
+        Detector.from_model_set(RANDOM, Settings(optimization="openvino"), CPU, tmp_path / "c")
     assert "building now" in caplog.text
 
 

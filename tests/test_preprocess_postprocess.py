@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from multidet.config import MODEL_SPECS
-from multidet.labels import COCO_CLASSES, label_for
+from helpers import NAMES, SHIPPED
+from multidet.modelset import read_model_set
 from multidet.postprocess import detections_for, merge, to_original
 from multidet.preprocess import Preprocessor
 
-PRE = Preprocessor()
+PRE = Preprocessor("efficientdet_d0")
+COCO_CLASSES = read_model_set(SHIPPED)[NAMES[0]].class_names  # effdet id k -> name k - 1
 
 
 def bright_box(arr_chw: np.ndarray) -> list[float]:
@@ -65,13 +66,12 @@ def test_normalisation_matches_effdet_prefetcher():
     assert x.abs().max() < 0.01  # mean colour -> ~0
 
 
-def test_labels():
-    assert label_for(COCO_CLASSES, 1) == "person" and label_for(COCO_CLASSES, 90) == "toothbrush"
-    assert label_for(COCO_CLASSES, 12) == "N/A" and label_for(COCO_CLASSES, 18) == "dog"
-    assert MODEL_SPECS["efficientdet_d0_aquarium"].class_names[0] == "fish"
-    assert [s.num_classes for s in MODEL_SPECS.values()] == [90, 7, 20]
-    with pytest.raises(ValueError):
-        label_for(COCO_CLASSES, 0)
+def test_labels_of_the_default_set_come_from_its_metadata():
+    """Class names are data (the weights' metadata): the first model is COCO's 90 ids with N/A gaps."""
+    assert COCO_CLASSES[0] == "person" and COCO_CLASSES[89] == "toothbrush"
+    assert COCO_CLASSES[11] == "N/A" and COCO_CLASSES[17] == "dog"
+    classes = [read_model_set(SHIPPED)[n].class_names for n in NAMES]
+    assert classes[1][0] == "fish" and [len(c) for c in classes] == [90, 7, 20]
 
 
 def test_detections_threshold_padding_and_labels():
@@ -84,17 +84,17 @@ def test_detections_threshold_padding_and_labels():
             [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
         ]
     )  # effdet's padding row
-    dets = detections_for(rows, lb, "efficientdet_d0_coco", COCO_CLASSES, threshold=0.5)
+    dets = detections_for(rows, lb, NAMES[0], COCO_CLASSES, threshold=0.5)
     assert dets == [
         {
-            "model": "efficientdet_d0_coco",
+            "model": NAMES[0],
             "class_id": 18,
             "label": "dog",
             "score": pytest.approx(0.9),
             "box": [20.0, 20.0, 100.0, 80.0],
         }
     ]
-    assert len(detections_for(rows, lb, "efficientdet_d0_coco", COCO_CLASSES, threshold=0.0)) == 2
+    assert len(detections_for(rows, lb, NAMES[0], COCO_CLASSES, threshold=0.0)) == 2
 
 
 def test_merge_is_score_descending_with_counts():

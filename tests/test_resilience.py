@@ -11,17 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from helpers import TRAINED, assert_schema, start_torchserve
-from multidet.compare import compare
-from multidet.embedded import EmbeddedService
-from multidet.packaging import MarOptions
+from helpers import assert_schema, embedded, mar_options, start
+from multidet.quality import agreement
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def small_queue_server(tmp_path_factory):
-    ts = start_torchserve(tmp_path_factory.mktemp("overload"), MarOptions(response_timeout=60), {"job_queue_size": "3"})
+    ts = start(tmp_path_factory.mktemp("overload"), mar_options(response_timeout=60), {"job_queue_size": "3"})
     yield ts
     ts.stop()
 
@@ -71,13 +69,13 @@ def test_worker_crash_is_recovered(small_queue_server, photos):
     assert requests.get(f"{ts.inference}/ping", timeout=10).json() == {"status": "Healthy"}
     result = requests.put(url, data=photos["rocket"], headers={"X-Threshold": "0"}, timeout=60).json()
     assert_schema(result)
-    want = EmbeddedService(TRAINED).predict_one(photos["rocket"], {"threshold": "0"}).body
-    assert compare(want["detections"], result["detections"]).exact()
+    want = embedded().predict_one(photos["rocket"], {"threshold": "0"}).body
+    assert agreement(want["detections"], result["detections"]).exact()
 
 
 @pytest.fixture(scope="module")
 def secure_server(tmp_path_factory):
-    ts = start_torchserve(tmp_path_factory.mktemp("secure"), None, {"disable_token_authorization": "false"}, token=True)
+    ts = start(tmp_path_factory.mktemp("secure"), None, {"disable_token_authorization": "false"}, token=True)
     yield ts
     ts.stop()
 

@@ -7,9 +7,13 @@ import json
 import subprocess
 import sys
 
-from helpers import ROOT
-from multidet.config import MODEL_SPECS
-from multidet.synthetic import COCO_SUBSET, KINDS, check_set, class_ids, kind_table
+from helpers import NAMES, ROOT, SHIPPED, data_spec
+from multidet.modelset import read_model_set
+from multidet.synthetic import KINDS, DataSpec, check_set, class_ids, kind_table
+
+SET = read_model_set(SHIPPED)
+spec = data_spec
+SUBSET = spec(NAMES[0]).class_ids  # the ids the first model's data draws (training.yaml)
 
 SCRIPT = [sys.executable, str(ROOT / "scripts" / "make_dataset.py")]
 
@@ -22,10 +26,12 @@ def digest(folder) -> dict[str, str]:
     }
 
 
-def make(tmp_path, name, model="efficientdet_d0_aquarium", split="val", count=6, seed=0):
+def make(tmp_path, name, model=NAMES[1], split="val", count=6, seed=0, ids=()):
     out = tmp_path / name
     run = subprocess.run(
-        SCRIPT + ["--model", model, "--split", split, "--count", str(count), "--seed", str(seed), "--out", str(out)],
+        SCRIPT
+        + ["--model", model, "--split", split, "--count", str(count), "--seed", str(seed), "--out", str(out)]
+        + (["--class-ids", ",".join(map(str, ids))] if ids else []),
         capture_output=True,
         text=True,
         check=True,
@@ -47,11 +53,11 @@ def test_annotations_are_coco_with_the_models_class_ids(tmp_path):
     from PIL import Image
     from pycocotools.coco import COCO
 
-    out, _ = make(tmp_path, "coco", model="efficientdet_d0_coco", count=10)
+    out, _ = make(tmp_path, "coco", model=NAMES[0], count=10, ids=SUBSET)
     data = json.loads((out / "annotations.json").read_text())
     coco = COCO(str(out / "annotations.json"))  # pycocotools accepts it
-    assert len(coco.getImgIds()) == 10 and coco.getCatIds() == list(COCO_SUBSET)
-    names = MODEL_SPECS["efficientdet_d0_coco"].class_names
+    assert len(coco.getImgIds()) == 10 and coco.getCatIds() == list(SUBSET)
+    names = SET[NAMES[0]].class_names
     assert all(c["name"] == names[c["id"] - 1] != "N/A" for c in data["categories"])
     sizes = set()
     for img in data["images"]:
@@ -62,7 +68,7 @@ def test_annotations_are_coco_with_the_models_class_ids(tmp_path):
     for a in data["annotations"]:
         x, y, w, h = a["bbox"]
         img = data["images"][a["image_id"] - 1]
-        assert a["category_id"] in COCO_SUBSET and w > 0 and h > 0
+        assert a["category_id"] in SUBSET and w > 0 and h > 0
         assert 0 <= x and 0 <= y and x + w <= img["width"] and y + h <= img["height"]
 
 
@@ -71,7 +77,7 @@ def test_objects_vary_in_size_count_and_kind():
 
     from multidet.synthetic import render_image
 
-    kinds = kind_table("efficientdet_d0_vehicles")
+    kinds = kind_table(spec(NAMES[2]))
     sides, counts, seen = [], [], set()
     for i in range(40):
         img, objects = render_image(np.random.default_rng([3, i]), kinds)
@@ -86,16 +92,21 @@ def test_objects_vary_in_size_count_and_kind():
 
 def test_kinds_are_distinct_and_class_sets_fit():
     assert len(set(KINDS)) == len(KINDS) == 32
-    for model, spec in MODEL_SPECS.items():
-        ids = class_ids(model)
-        assert len(ids) == len(set(ids)) and all(1 <= i <= spec.num_classes for i in ids)
-    assert len(class_ids("efficientdet_d0_aquarium")) == 7 and len(class_ids("efficientdet_d0_vehicles")) == 20
+    for name in NAMES:
+        ids = class_ids(spec(name))
+        assert len(ids) == len(set(ids)) and all(1 <= i <= len(SET[name].class_names) for i in ids)
+    assert len(class_ids(spec(NAMES[1]))) == 7 and len(class_ids(spec(NAMES[2]))) == 20
+    # without a recipe's ids: every named class (N/A placeholders left out), capped to the kinds on request
+    coco = DataSpec("x", SET[NAMES[0]].class_names)
+    assert len(class_ids(coco, cap=True)) == 32 and 12 not in class_ids(coco, cap=True)
 
 
 def test_check_set_annotates_every_models_objects():
-    bodies, truth = check_set(count=3, seed=5)
-    again, truth2 = check_set(count=3, seed=5)
+    specs = [spec(n) for n in NAMES]
+    bodies, truth = check_set(count=3, seed=5, specs=specs)
+    again, truth2 = check_set(count=3, seed=5, specs=specs)
     assert bodies == again and truth == truth2
-    coco = truth["efficientdet_d0_coco"]["annotations"]
-    aquarium = truth["efficientdet_d0_aquarium"]["annotations"]
+    coco = truth[NAMES[0]]["annotations"]
+    aquarium = truth[NAMES[1]]["annotations"]
+    assert {a["category_id"] for a in coco} <= set(SUBSET)
     assert len(coco) >= len(aquarium) and all(1 <= a["category_id"] <= 7 for a in aquarium)

@@ -10,32 +10,37 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, WEIGHTS
+from helpers import IMAGES, NAMES, ROOT, SHIPPED
 from multidet.checkpoints import CheckpointMeta, load_checkpoint
 from multidet.config import Settings
+from multidet.modelset import read_model_set
 from multidet.pipeline import Detector
-from multidet.synthetic import make_dataset
+from multidet.synthetic import DataSpec, make_dataset
 from multidet.training import TrainConfig, train
 
-MODEL = "efficientdet_d0_aquarium"
+SET = read_model_set(SHIPPED)
+MODEL = NAMES[1]  # trained again from the first model, as the recipe does
+SPEC = DataSpec(MODEL, SET[MODEL].class_names)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    make_dataset(MODEL, "train", 8, 0, root / "train")
-    make_dataset(MODEL, "val", 6, 0, root / "val")
+    make_dataset(SPEC, "train", 8, 0, root / "train", IMAGES)
+    make_dataset(SPEC, "val", 6, 0, root / "val", IMAGES)
     return root
 
 
 def config(tiny, out, **kw):
     base = dict(
         model=MODEL,
+        class_names=SPEC.class_names,
+        architecture=SET[MODEL].architecture,
         train_dir=tiny / "train",
         val_dir=tiny / "val",
         out_dir=out,
-        init=WEIGHTS,
-        init_model="efficientdet_d0_coco",
+        init=SHIPPED,
+        init_model=NAMES[0],
         steps=8,
         batch_size=4,
         lr=1e-3,
@@ -63,7 +68,8 @@ def test_a_few_steps_lower_the_loss_and_the_checkpoint_serves(tiny, tmp_path):
     assert rows[-1]["final"] == t["val"]
     # the result loads (sha256, architecture) and serves through the whole data path
     load_checkpoint(tmp_path / "out", MODEL)
-    det = Detector.from_checkpoints(tmp_path / "out", Settings(models=(MODEL,)), torch.device("cpu"))
+    det = Detector.from_model_set(tmp_path / "out" / "models.yaml", Settings(), torch.device("cpu"))
+    assert t["class_ids"] == list(range(1, 8))  # what its data drew (check sets of the same kinds)
     body = next((tiny / "val" / "images").iterdir()).read_bytes()
     assert [m["name"] for m in det.predict_one(body)["models"]] == [MODEL]
 
@@ -93,7 +99,7 @@ def test_from_scratch_needs_no_checkpoint_and_rejects_foreign_class_ids(tiny, tm
     result = train(config(tiny, tmp_path / "s", init=None, steps=2, val_dir=None))
     assert result.meta.training["start"] == "scratch"
     bad = tmp_path / "bad"
-    make_dataset("efficientdet_d0_vehicles", "val", 2, 0, bad)  # ids up to 20 for a 7-class model
+    make_dataset(DataSpec(NAMES[2], SET[NAMES[2]].class_names), "val", 2, 0, bad)  # ids up to 20, 7 classes
     with pytest.raises(ValueError, match="outside this model's 1..7"):
         train(config(tiny, tmp_path / "b", train_dir=bad, steps=1, val_dir=None))
 

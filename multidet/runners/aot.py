@@ -1,4 +1,4 @@
-"""``aot_inductor``: the three networks compiled ahead of time by AOTInductor, loaded in milliseconds.
+"""``aot_inductor``: the networks compiled ahead of time by AOTInductor, loaded in milliseconds.
 
 ``torch.compile`` compiles in the worker (about two minutes cold on the 2-core development CPU, ~50 s
 with the Inductor cache packed into the MAR, since Dynamo still traces at every start). This path
@@ -18,16 +18,18 @@ Post-processing stays eager and shared, as for every path.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from ..preprocess import Preprocessor, synthetic_photo
-from .base import LoadedModel, on_device, register, weights_stamp
+from ..artifacts import Artifact, ensure
+from ..preprocess import Preprocessor
+from .base import BuildContext, LoadedModel, on_device, register, weights_stamp
 from .baseline import BaselineRunner
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,20 @@ def _stamp(models: Sequence[LoadedModel], device: torch.device) -> dict:
     return weights_stamp(models, torch=torch.__version__, device=device.type, max_batch=MAX_BATCH)
 
 
-def example_batch(device: torch.device) -> torch.Tensor:
+def synthetic_photo(size: int = 640) -> Image.Image:
+    """A deterministic, photo-like image (smooth gradients and shapes; no file needed)."""
+    y, x = np.mgrid[0 : size * 3 // 4, 0:size].astype(np.float32)
+    r = 127 + 100 * np.sin(x / 37.0) * np.cos(y / 23.0)
+    g = 127 + 100 * np.cos((x + y) / 51.0)
+    b = 127 + 100 * np.sin(np.hypot(x - size / 2, y - size / 3) / 29.0)
+    return Image.fromarray(np.stack([r, g, b], -1).clip(0, 255).astype(np.uint8), "RGB")
+
+
+def example_batch(device: torch.device, architecture: str) -> torch.Tensor:
     """Two different normalised photo-like images. Two, because export specialises a batch of 1 to
     a constant; photo-like, because AOTInductor (torch 2.14, CPU) produced wrong packages when
     the example batch was all zeros or random noise (found here; every package is verified)."""
-    pre = Preprocessor()
+    pre = Preprocessor(architecture)
     return pre.prepare([synthetic_photo(size) for size in (640, 480)], device).tensor
 
 
@@ -70,16 +81,18 @@ def verify(package, net: torch.nn.Module, example: torch.Tensor, tolerance: floa
     return diff
 
 
-def compile_packages(models: Sequence[LoadedModel], artifact_dir: Path, device: torch.device) -> list[Path]:
+def compile_packages(
+    models: Sequence[LoadedModel], artifact_dir: Path, device: torch.device, say: Callable[[str], None] = log.info
+) -> list[Path]:
     artifact_dir = Path(artifact_dir)
     artifact_dir.mkdir(parents=True, exist_ok=True)
     (artifact_dir / STAMP_FILE).unlink(missing_ok=True)
-    example = example_batch(device)
+    example = example_batch(device, models[0].architecture)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     written = []
     for k, model in enumerate(models):
         t0 = time.perf_counter()
-        print(f"AOTInductor: compiling {model.name} ({k + 1}/{len(models)}) for {device.type} ...", flush=True)
+        say(f"AOTInductor: compiling {model.name} ({k + 1}/{len(models)}) for {device.type} ...")
         net = on_device(model.net, device).eval()
         program = torch.export.export(net, (example,), dynamic_shapes={"x": {0: batch}})
         path = Path(
@@ -87,13 +100,11 @@ def compile_packages(models: Sequence[LoadedModel], artifact_dir: Path, device: 
         )
         diff = verify(torch._inductor.aoti_load_package(str(path)), net, example)
         written.append(path)
-        print(
+        say(
             f"  {path.name}: {time.perf_counter() - t0:.0f} s, {path.stat().st_size / 1e6:.1f} MB, "
-            f"max relative diff vs eager {diff:.1e}",
-            flush=True,
+            f"max relative diff vs eager {diff:.1e}"
         )
-    stamp = artifact_dir / STAMP_FILE
-    stamp.write_text(json.dumps(_stamp(models, device), indent=2) + "\n")
+    stamp = Artifact(written, artifact_dir / STAMP_FILE, _stamp(models, device)).write_stamp()
     return written + [stamp]
 
 
@@ -102,29 +113,22 @@ class AotInductorRunner(BaselineRunner):
     name = "aot_inductor"
     auto_candidate = False  # its packages are compiled at MAR build (minutes)
     devices = ("cpu", "cuda")
-    build_step = "AOTInductor compile of the three networks, each checked against eager"
+    build_step = "AOTInductor compile of each network, each checked against eager"
     slow_build = True
 
     @classmethod
-    def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
-        return compile_packages(models, artifact_dir, torch.device("cpu"))
+    def build(
+        cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
+    ) -> list[Path]:
+        return compile_packages(models, artifact_dir, torch.device("cpu"), (context or BuildContext()).log)
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
-        directory = self.artifact_dir or Path("artifacts")
-        stamp = directory / STAMP_FILE
-        fresh = (
-            stamp.exists()
-            and json.loads(stamp.read_text()) == _stamp(self.models, self.device)
-            and all(package_path(directory, m).exists() for m in self.models)
+        directory = self.artifacts()
+        artifact = Artifact(
+            [package_path(directory, m) for m in self.models], directory / STAMP_FILE, _stamp(self.models, self.device)
         )
-        if not fresh:
-            log.warning(
-                "AOTInductor packages in %s missing or built for other weights/torch/device: compiling now "
-                "(build them with `make mar OPT=aot_inductor`)",
-                directory,
-            )
-            compile_packages(self.models, directory, self.device)
+        ensure(artifact, lambda: compile_packages(self.models, directory, self.device), self.name, "compiling")
         t0 = time.perf_counter()
         self.nets = [torch._inductor.aoti_load_package(str(package_path(directory, m))) for m in self.models]
         log.info("loaded %d AOTInductor packages in %.2f s", len(self.nets), time.perf_counter() - t0)

@@ -34,8 +34,9 @@ from ..device import synchronize
 from ..postprocess import detections_for
 from ..preprocess import Preprocessor
 from ..quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, coco_results, map_ok, raw_difference
-from ..synthetic import check_set
-from .base import RUNNERS, RawOutput, Runner, register
+from ..synthetic import DataSpec, check_set
+from ..timing import interleaved
+from .base import RUNNERS, BuildContext, RawOutput, Runner, register
 
 log = logging.getLogger(__name__)
 # between timed calls: ONNX Runtime's and OpenVINO's worker threads spin for a moment after a call;
@@ -63,14 +64,15 @@ class AutoRunner(Runner):
     chooses = True
 
     @classmethod
-    def build(cls, models, artifact_dir, allow_reduced: bool = False):
+    def build(cls, models, artifact_dir, context: BuildContext | None = None):
         """The candidates' build-time files (ONNX exports, OpenVINO IR; INT8 only when reduced precision
         is allowed), so auto can time them at load without building anything."""
+        context = context or BuildContext()
         return [
             f
             for c in RUNNERS.values()
-            if c.auto_candidate and (c.tier == "exact" or allow_reduced)
-            for f in c.build(models, artifact_dir)
+            if c.auto_candidate and (c.tier == "exact" or context.allow_reduced)
+            for f in c.build(models, artifact_dir, context)
         ]
 
     def __init__(
@@ -78,8 +80,8 @@ class AutoRunner(Runner):
     ):
         super().__init__(models, device, max_detections, artifact_dir)
         self.allow_reduced = allow_reduced
-        bodies, truth = check_set(models=[m.name for m in self.models])
-        batch = Preprocessor().prepare_bytes(bodies, self.device)
+        bodies, truth = check_set(specs=[DataSpec.of(m) for m in self.models])
+        batch = Preprocessor(self.models[0].net.config).prepare_bytes(bodies, self.device)
         one = batch.head(1)
         active = list(range(len(self.models)))
         self.table: list[dict] = []
@@ -101,17 +103,9 @@ class AutoRunner(Runner):
             self.table.append(row)
             timed[name] = (runner, raw, row)
         # ... then timed on one image in interleaved rounds (a noisy moment hits every path alike)
-        times: dict[str, list[float]] = {name: [] for name in timed}
-        names = list(timed)
-        for r in range(repeats):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                time.sleep(PAUSE_S)
-                with torch.inference_mode():
-                    synchronize(self.device)
-                    t1 = time.perf_counter()
-                    timed[name][0].detect(one)
-                    synchronize(self.device)
-                times[name].append((time.perf_counter() - t1) * 1e3)
+        calls = {name: (lambda r, runner=entry[0]: runner.detect(one)) for name, entry in timed.items()}
+        with torch.inference_mode():
+            times = interleaved(calls, repeats, pause_s=PAUSE_S, sync=lambda: synchronize(self.device)).ms
         for name, ms in times.items():
             timed[name][2]["ms"] = round(statistics.median(ms), 1)
         if "baseline" not in timed:

@@ -1,7 +1,8 @@
 """The model-running step: one interface, one class per optimisation path, chosen by name.
 
-A runner gets the three loaded networks and turns a normalised NCHW batch into, per model,
-effdet's detections ``[B, max_det, 6]`` in network pixels. Paths differ in how they run the
+A runner gets loaded networks of ONE architecture (the Detector gives each architecture of a mixed
+set its own runner of the same path: ``architecture_groups``) and turns a normalised NCHW batch
+into, per model, effdet's detections ``[B, max_det, 6]`` in network pixels. Paths differ in how they run the
 networks (``forward``); the top-k/NMS step (``postprocess.select_detections``) is shared, so every
 path is compared with the baseline on the same post-processing.
 """
@@ -11,23 +12,62 @@ from __future__ import annotations
 import copy
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from effdet.anchors import Anchors
-from effdet.efficientdet import EfficientDet
 
-from ..checkpoints import CLASS_HEAD
+from ..checkpoints import CLASS_HEAD, LoadedModel
 from ..postprocess import select_detections
 from ..preprocess import Batch
 
 RawOutput = tuple[list[torch.Tensor], list[torch.Tensor]]  # per level: class logits, box regressions
 
-# CLASS_HEAD (9 anchors x 90/7/20 = 810/63/180 outputs) is the only layer whose shape depends on
-# num_classes: vmap pads it to the widest (stacked weights need one shape); grouped keeps one conv per model.
+# CLASS_HEAD (anchors x classes outputs) is the only layer whose shape depends on num_classes: vmap
+# pads it to the widest (stacked weights need one shape); grouped keeps one conv per model.
+Thresholds = torch.Tensor | Mapping[int, torch.Tensor] | None  # [B] for every model, or per model index
+
+
+def architecture_groups(models: Sequence[LoadedModel]) -> list[tuple[str, list[int]]]:
+    """The set's architectures in order of first appearance, each with its models' indices: one runner
+    (and one letterbox size) each. A set of one architecture is one group of every model."""
+    groups: dict[str, list[int]] = {}
+    for k, m in enumerate(models):
+        groups.setdefault(m.architecture, []).append(k)
+    return list(groups.items())
+
+
+def group_artifact_dir(artifact_dir: Path | None, architecture: str, groups: int) -> Path | None:
+    """Where one architecture's build files go: the artifact dir itself for a one-architecture set,
+    else a folder per architecture (build and load derive it the same way)."""
+    if artifact_dir is None or groups == 1:
+        return artifact_dir
+    return Path(artifact_dir) / architecture
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a build step may need besides the models: given by the caller (the MAR build, a test)."""
+
+    allow_reduced: bool = False  # auto builds its reduced-precision candidates too (INT8 IR)
+    calibration_photos: Path | None = None  # photo backgrounds of the INT8 calibration images
+    log: Callable[[str], None] = print  # build progress
+
+
+def build_path(
+    name: str, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
+) -> list[Path]:
+    """A path's build step for a whole set: ``Runner.build`` once per architecture group."""
+    cls = RUNNERS[name]
+    groups = architecture_groups(models)
+    files: list[Path] = []
+    for arch, idx in groups:
+        target = group_artifact_dir(Path(artifact_dir), arch, len(groups))
+        files += cls.build([models[k] for k in idx], target, context or BuildContext())
+    return files
 
 
 def class_head_widths(nets: Sequence[torch.nn.Module]) -> list[int]:
@@ -58,17 +98,6 @@ def on_device(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if next(net.parameters()).device == torch.device(device):
         return net
     return copy.deepcopy(net).to(device)
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    class_names: tuple[str, ...]
-    net: EfficientDet  # eval mode, on CPU as loaded; shared by every path, never moved (see on_device)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
 
 class Runner(ABC):
@@ -105,6 +134,11 @@ class Runner(ABC):
     ):
         if not models:
             raise ValueError("a runner needs at least one model")
+        if len({m.architecture for m in models}) != 1:
+            raise ValueError(
+                f"a runner runs models of one architecture, got {sorted({m.architecture for m in models})}: "
+                "the Detector gives each architecture its own runner"
+            )
         self.models = list(models)
         self.device = torch.device(device)
         self.max_detections = max_detections
@@ -119,10 +153,20 @@ class Runner(ABC):
         return torch.device(device).type in cls.devices
 
     @classmethod
-    def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
+    def build(
+        cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
+    ) -> list[Path]:
         """Build-time work for this path (e.g. an ONNX export), written to ``artifact_dir`` and
         packed into the MAR by create_mar.py. Returns the files written; most paths need none."""
         return []
+
+    def artifacts(self) -> Path:
+        """Where this runner's build files are: its artifact dir, else a per-path folder of the cache."""
+        if self.artifact_dir is not None:
+            return self.artifact_dir
+        from ..artifacts import default_dir
+
+        return default_dir(self.name)
 
     @property
     def description(self) -> str:
@@ -135,13 +179,15 @@ class Runner(ABC):
 
     @torch.inference_mode()
     def detect(
-        self, batch: Batch, active: Sequence[int] | None = None, thresholds: torch.Tensor | None = None
+        self, batch: Batch, active: Sequence[int] | None = None, thresholds: Thresholds = None
     ) -> dict[int, torch.Tensor]:
-        """Per active model index: [B, max_det, 6] detections in network pixels. ``thresholds`` [B]
-        lets post-processing drop candidates that cannot reach the response (same answer, less work)."""
+        """Per active model index: [B, max_det, 6] detections in network pixels. ``thresholds`` ([B], or
+        per model index a [B] tensor) lets post-processing drop candidates that cannot reach the
+        response (same answer, less work)."""
         active = range(len(self.models)) if active is None else active
         raw = self.forward(batch.tensor, active)
-        return {k: self.select(k, out, batch, thresholds) for k, out in raw.items()}
+        per_model = thresholds if isinstance(thresholds, Mapping) else dict.fromkeys(raw, thresholds)
+        return {k: self.select(k, out, batch, per_model.get(k)) for k, out in raw.items()}
 
     def select(self, k: int, raw: RawOutput, batch: Batch, thresholds: torch.Tensor | None = None) -> torch.Tensor:
         """Model ``k``'s raw outputs -> its [B, max_det, 6] detections (the shared top-k/NMS step)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .base import LoadedModel, register
+from .base import BuildContext, LoadedModel, register
 from .baseline import BaselineRunner
 
 log = logging.getLogger(__name__)
@@ -34,17 +34,20 @@ RECOMPILE_LIMIT = 64
 class CompiledRunner(BaselineRunner):
     mode: str | None = None
     auto_candidate = False  # compiles for minutes unless its MAR-built cache is there
-    build_step = "torch.compile of the three networks; Inductor's cache saved"
+    build_step = "torch.compile of each network; Inductor's cache saved"
     slow_build = True  # about a minute per network on 2 cores: the tests compile it once, through a MAR
 
     @classmethod
-    def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
+    def build(
+        cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
+    ) -> list[Path]:
+        say = (context or BuildContext()).log
         t0 = time.perf_counter()
         runner = cls(models, torch.device("cpu"))
         x = torch.zeros(1, 3, *models[0].net.config.image_size)
         with torch.inference_mode():
             for k, net in enumerate(runner.nets):
-                print(f"compiling {models[k].name} ({k + 1}/{len(models)}, mode={cls.mode})...", flush=True)
+                say(f"compiling {models[k].name} ({k + 1}/{len(models)}, mode={cls.mode})...")
                 net(x)
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is None:
@@ -52,7 +55,7 @@ class CompiledRunner(BaselineRunner):
         path = Path(artifact_dir) / CACHE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(artifacts[0])
-        print(f"compiled in {time.perf_counter() - t0:.0f} s; cache {path.stat().st_size / 1e6:.1f} MB", flush=True)
+        say(f"compiled in {time.perf_counter() - t0:.0f} s; cache {path.stat().st_size / 1e6:.1f} MB")
         return [path]
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):

@@ -53,24 +53,29 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
                 continue
             scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            folded = nn.Conv2d(
+            folded = conv_like(
+                conv,
+                conv.weight * scale.reshape(-1, 1, 1, 1),
+                (bias - bn.running_mean) * scale + bn.bias,
                 conv.in_channels,
-                conv.out_channels,
-                conv.kernel_size,
-                conv.stride,
-                conv.padding,
-                conv.dilation,
                 conv.groups,
-                bias=True,
-                padding_mode=conv.padding_mode,
             )
-            folded.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-            folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
             setattr(module, conv_name, folded)
             # BatchNormAct2d = BN + drop + act: keep what comes after the normalisation
             rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
             setattr(module, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
     return net
+
+
+def conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None, in_channels: int, groups: int):
+    """A conv of ``conv``'s own class (e.g. timm's Conv2dSame, whose forward pads like TensorFlow: the
+    ``tf_`` architectures) with new weights, input channels and groups; stride, padding, dilation kept."""
+    new = copy.copy(conv)
+    new._parameters, new._buffers, new._modules = {}, dict(conv._buffers), dict(conv._modules)
+    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+    new.in_channels, new.out_channels, new.groups = in_channels, weight.shape[0], groups
+    return new
 
 
 class MergedFpnCombine(nn.Module):
@@ -142,20 +147,13 @@ def merge_networks(nets: Sequence[nn.Module]) -> tuple[nn.Module, list[int]]:
             weights = [p.weight for p in parts]
             biases = [p.bias for p in parts] if module.bias is not None else None
             shared_input = name == STEM
-            conv = nn.Conv2d(
+            conv = conv_like(
+                module,
+                torch.cat(weights),
+                torch.cat(biases) if biases is not None else None,
                 module.in_channels * (1 if shared_input else m),
-                weights[0].shape[0] * m,
-                module.kernel_size,
-                module.stride,
-                module.padding,
-                module.dilation,
                 module.groups * (1 if shared_input else m),
-                bias=biases is not None,
-                padding_mode=module.padding_mode,
             )
-            conv.weight.copy_(torch.cat(weights))
-            if biases is not None:
-                conv.bias.copy_(torch.cat(biases))
             _replace(merged, name, conv)
         elif isinstance(module, nn.BatchNorm2d):
             for attr in ("weight", "bias", "running_mean", "running_var"):

@@ -16,7 +16,6 @@ PyTorch, shared with every other path.
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -25,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import LoadedModel, RawOutput, Runner, class_head_widths, register, weights_stamp
+from ..artifacts import Artifact, ensure
+from .base import BuildContext, LoadedModel, RawOutput, Runner, class_head_widths, register, weights_stamp
 from .grouped import merge_networks, split_outputs
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,16 @@ def export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path) -> 
     return path
 
 
+def grouped_artifact(models: Sequence[LoadedModel], directory: Path) -> Artifact:
+    path = Path(directory) / ONNX_FILE
+    return Artifact([path], path.with_suffix(".json"), _stamp(models))
+
+
 def export_onnx(models: Sequence[LoadedModel], path: Path) -> Path:
     """The grouped super-model as one graph, with its stamp."""
     merged, _ = merge_networks([m.net for m in models])
     export_graph(merged, torch.zeros(1, 3, *models[0].net.config.image_size), path)
-    path.with_suffix(".json").write_text(json.dumps(_stamp(models), indent=2) + "\n")
+    grouped_artifact(models, path.parent).write_stamp()
     return path
 
 
@@ -72,24 +77,18 @@ def per_model_paths(models: Sequence[LoadedModel], directory: Path) -> list[Path
     return [Path(directory) / PER_MODEL_DIR / f"{m.name}.onnx" for m in models]
 
 
+def per_model_artifact(models: Sequence[LoadedModel], directory: Path) -> Artifact:
+    return Artifact(per_model_paths(models, directory), Path(directory) / PER_MODEL_DIR / "stamp.json", _stamp(models))
+
+
 def export_per_model(models: Sequence[LoadedModel], directory: Path) -> list[Path]:
     """Each network as its own graph (``<directory>/onnx/<model>.onnx``) plus one stamp."""
-    paths = per_model_paths(models, directory)
     example = torch.zeros(1, 3, *models[0].net.config.image_size)
-    for m, path in zip(models, paths):
+    for m, path in zip(models, per_model_paths(models, directory)):
         export_graph(m.net, example, path)
-    stamp = paths[0].parent / "stamp.json"
-    stamp.write_text(json.dumps(_stamp(models), indent=2) + "\n")
-    return [*paths, stamp]
-
-
-def fresh_per_model(models: Sequence[LoadedModel], directory: Path) -> bool:
-    stamp = Path(directory) / PER_MODEL_DIR / "stamp.json"
-    return (
-        stamp.exists()
-        and json.loads(stamp.read_text()) == _stamp(models)
-        and all(p.exists() for p in per_model_paths(models, directory))
-    )
+    artifact = per_model_artifact(models, directory)
+    artifact.write_stamp()
+    return artifact.paths
 
 
 def session(path: Path, device: torch.device):
@@ -124,23 +123,19 @@ class OnnxRuntimeRunner(_OrtRunner):
     build_step = "ONNX export of the grouped super-model"
 
     @classmethod
-    def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
+    def build(
+        cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
+    ) -> list[Path]:
         path = export_onnx(models, Path(artifact_dir) / ONNX_FILE)
         return [path, path.with_suffix(".json")]
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
         self.widths = class_head_widths([m.net for m in self.models])  # the graph's class outputs, concatenated
-        path = (self.artifact_dir or Path("artifacts")) / ONNX_FILE
-        stamp_file = path.with_suffix(".json")
-        fresh = path.exists() and stamp_file.exists() and json.loads(stamp_file.read_text()) == _stamp(self.models)
-        if not fresh:
-            log.warning(
-                "%s missing or exported from other weights: exporting now (build it at MAR build time "
-                "with `make mar OPT=onnxruntime`)",
-                path,
-            )
-            export_onnx(self.models, path)
+        path = self.artifacts() / ONNX_FILE
+        ensure(
+            grouped_artifact(self.models, path.parent), lambda: export_onnx(self.models, path), self.name, "exporting"
+        )
         self.session = session(path, self.device)
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
@@ -156,20 +151,16 @@ class OnnxRuntimePerModelRunner(_OrtRunner):
     separable = True
 
     @classmethod
-    def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
+    def build(
+        cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
+    ) -> list[Path]:
         return export_per_model(models, Path(artifact_dir))
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
-        directory = self.artifact_dir or Path("artifacts")
-        if not fresh_per_model(self.models, directory):
-            log.warning(
-                "per-model ONNX graphs in %s missing or from other weights: exporting now "
-                "(build them with `make mar OPT=%s`)",
-                directory,
-                self.name,
-            )
-            export_per_model(self.models, directory)
+        directory = self.artifacts()
+        artifact = per_model_artifact(self.models, directory)
+        ensure(artifact, lambda: export_per_model(self.models, directory), self.name, "exporting")
         self.sessions = [session(p, self.device) for p in per_model_paths(self.models, directory)]
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -33,8 +32,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ..artifacts import Artifact, ensure
+from ..artifacts import cache_dir as artifacts_cache
 from ..device import native_bf16
-from .base import LoadedModel, RawOutput, Runner, register, weights_stamp
+from .base import BuildContext, LoadedModel, RawOutput, Runner, register, weights_stamp
 from .onnx import export_graph
 
 log = logging.getLogger(__name__)
@@ -44,20 +45,25 @@ OUTPUTS = [f"class_{i}" for i in range(5)] + [f"box_{i}" for i in range(5)]
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MULTIDET_CACHE_DIR") or Path.home() / ".cache" / "multidet"
-    return Path(root) / "openvino"
+    return artifacts_cache() / "openvino"
 
 
-def calibration_batches(model: str, count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
-    """``count`` training images of ``model``, each a normalised [1, 3, 512, 512] float32 array."""
-    from ..packaging import PHOTOS
+def calibration_batches(model: LoadedModel, photos: Path | None, count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
+    """``count`` training images of ``model``, each a normalised [1, 3, H, W] float32 array at its
+    architecture's input size. ``photos``: the folder of photos its training data's backgrounds are
+    cut from (the INT8 build refuses without them: calibration on other images would quantise for
+    other statistics than the ones served)."""
     from ..preprocess import Preprocessor
-    from ..synthetic import calibration_images
+    from ..synthetic import DataSpec, calibration_images
 
-    pre = Preprocessor()
-    return [
-        pre.prepare([img], "cpu").tensor.numpy() for img in calibration_images(model, count, CALIBRATION_SEED, PHOTOS)
-    ]
+    if photos is None or not any(Path(photos).glob("*.jpg")):
+        raise RuntimeError(
+            f"INT8 calibration needs the training data's background photos (*.jpg): none in {photos} "
+            "(create_mar.py passes load_tests/images; BuildContext.calibration_photos)"
+        )
+    pre = Preprocessor(model.net.config)
+    images = calibration_images(DataSpec.of(model), count, CALIBRATION_SEED, Path(photos))
+    return [pre.prepare([img], "cpu").tensor.numpy() for img in images]
 
 
 class _OpenVinoRunner(Runner):
@@ -93,35 +99,33 @@ class _OpenVinoRunner(Runner):
         return weights_stamp(models, openvino=ov.get_version(), torch=torch.__version__, calibration=extra)
 
     @classmethod
-    def _paths(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> tuple[list[Path], Path]:
-        directory = Path(artifact_dir) / cls.ir_dir
-        return [directory / f"{m.name}.xml" for m in models], directory / "stamp.json"
+    def _xmls(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
+        return [Path(artifact_dir) / cls.ir_dir / f"{m.name}.xml" for m in models]
 
     @classmethod
-    def _fresh(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> bool:
-        xmls, stamp = cls._paths(models, artifact_dir)
-        return (
-            stamp.exists()
-            and json.loads(stamp.read_text()) == cls._stamp(models)
-            and all(x.exists() and x.with_suffix(".bin").exists() for x in xmls)
-        )
+    def _artifact(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> Artifact:
+        files = [f for x in cls._xmls(models, artifact_dir) for f in (x, x.with_suffix(".bin"))]
+        return Artifact(files, Path(artifact_dir) / cls.ir_dir / "stamp.json", cls._stamp(models))
 
     @classmethod
-    def build(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
+    def build(
+        cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
+    ) -> list[Path]:
         import openvino as ov
 
-        xmls, stamp = cls._paths(models, artifact_dir)
-        files = [f for x in xmls for f in (x, x.with_suffix(".bin"))] + [stamp]
-        if cls._fresh(models, artifact_dir):  # openvino and openvino_bf16 share one IR: built once
+        context = context or BuildContext()
+        artifact = cls._artifact(models, artifact_dir)
+        xmls, files = cls._xmls(models, artifact_dir), artifact.paths
+        if artifact.fresh():  # openvino and openvino_bf16 share one IR: built once
             return files
         # built before for the same weights and versions (another MAR, the tests): copied, not rebuilt
-        key = hashlib.sha256(json.dumps(cls._stamp(models), sort_keys=True).encode()).hexdigest()[:24]
+        key = hashlib.sha256(json.dumps(artifact.stamp, sort_keys=True).encode()).hexdigest()[:24]
         cached = cache_dir() / "builds" / f"{cls.ir_dir}-{key}"
         if all((cached / f.name).exists() for f in files):
             xmls[0].parent.mkdir(parents=True, exist_ok=True)
             for f in files:
                 shutil.copy2(cached / f.name, f)
-            print(f"{cls.name}: IR for these weights reused from {cached}", flush=True)
+            context.log(f"{cls.name}: IR for these weights reused from {cached}")
             return files
         example = torch.zeros(1, 3, *models[0].net.config.image_size)
         with tempfile.TemporaryDirectory(prefix="onnx-") as tmp:
@@ -130,16 +134,15 @@ class _OpenVinoRunner(Runner):
                 onnx = export_graph(m.net, example, Path(tmp) / f"{m.name}.onnx")
                 model = ov.convert_model(str(onnx))
                 if cls.quantize:
-                    model = cls._quantize(model, m.name)
+                    model = cls._quantize(model, m, context.calibration_photos)
                 xml.parent.mkdir(parents=True, exist_ok=True)
                 ov.save_model(model, str(xml), compress_to_fp16=False)
-                print(
+                context.log(
                     f"{cls.name}: {m.name} ({k + 1}/{len(models)}) converted"
                     + (" and quantised" if cls.quantize else "")
-                    + f" in {time.perf_counter() - t0:.0f} s",
-                    flush=True,
+                    + f" in {time.perf_counter() - t0:.0f} s"
                 )
-        stamp.write_text(json.dumps(cls._stamp(models), indent=2) + "\n")
+        artifact.write_stamp()
         try:
             cached.mkdir(parents=True, exist_ok=True)
             for f in files:
@@ -149,10 +152,10 @@ class _OpenVinoRunner(Runner):
         return files
 
     @classmethod
-    def _quantize(cls, model, name: str):
+    def _quantize(cls, model, loaded: LoadedModel, photos: Path | None):
         import nncf
 
-        data = calibration_batches(name)
+        data = calibration_batches(loaded, photos)
         return nncf.quantize(
             model,
             nncf.Dataset(data),
@@ -164,16 +167,13 @@ class _OpenVinoRunner(Runner):
         super().__init__(models, device, max_detections, artifact_dir)
         import openvino as ov
 
-        artifact_dir = self.artifact_dir or Path("artifacts")
-        if not self._fresh(self.models, artifact_dir):
-            log.warning(
-                "OpenVINO IR in %s missing or built from other weights/versions: building now "
-                "(build it at MAR build time with `make mar OPT=%s`)",
-                Path(artifact_dir) / self.ir_dir,
-                self.name,
-            )
-            self.build(self.models, artifact_dir)
-        xmls, _ = self._paths(self.models, artifact_dir)
+        artifact_dir = self.artifacts()
+        ensure(
+            self._artifact(self.models, artifact_dir),
+            lambda: self.build(self.models, artifact_dir, BuildContext(log=log.info)),
+            self.name,
+        )
+        xmls = self._xmls(self.models, artifact_dir)
         core = ov.Core()
         cache = cache_dir()
         try:

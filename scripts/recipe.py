@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""The training recipe (training.yaml) for a model set (models.yaml): data, training, evaluation.
+
+    python scripts/recipe.py dataset        # every model's train/val splits (make dataset)
+    python scripts/recipe.py train          # train in the recipe's order, copy into weights/ (make train)
+    python scripts/recipe.py eval [--optimization NAME]   # mAP of each model on its val split (make eval)
+
+Training resumes where it stopped: run the same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from paths import MODEL_SET, PHOTOS, RECIPE, ROOT
+from tqdm import tqdm
+
+from multidet.config import ConfigError, Settings
+from multidet.evaluation import evaluate
+from multidet.modelset import read_model_set
+from multidet.pipeline import Detector
+from multidet.recipe import datasets, read_recipe, train_all
+from multidet.runners import SERVABLE, BuildContext, build_path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step", choices=("dataset", "train", "eval"))
+    p.add_argument("--model-set", type=Path, default=MODEL_SET)
+    p.add_argument("--recipe", type=Path, default=RECIPE)
+    p.add_argument("--splits", default="train,val", help="dataset: which splits (e.g. val)")
+    p.add_argument("--val-count", type=int, help="dataset: val images per model (default: the recipe's)")
+    p.add_argument("--optimization", default="baseline", choices=SERVABLE, help="eval: the path to score")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "eval", help="eval: where the JSON goes")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        model_set = read_model_set(args.model_set)
+        recipe = read_recipe(args.recipe, model_set, root=ROOT)
+        if args.val_count:
+            recipe = dataclasses.replace(recipe, val_count=args.val_count)
+        if args.step == "dataset":
+            splits = tuple(s.strip() for s in args.splits.split(","))
+            datasets(recipe, model_set, PHOTOS, say=lambda line: print(line, flush=True), splits=splits)
+        elif args.step == "train":
+            datasets(recipe, model_set, PHOTOS, say=lambda line: print(line, flush=True))
+            train_all(recipe, model_set, progress=Progress(), say=lambda line: tqdm.write(line))
+            print(f"trained checkpoints beside {model_set.source}'s weights (commit them to ship them)")
+        else:
+            evaluate_all(recipe, model_set, args.optimization, args.out)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def evaluate_all(recipe, model_set, optimization: str, out: Path) -> None:
+    for r in recipe.models:
+        settings = Settings(optimization=optimization, models=(r.name,))
+        artifacts = out / "artifacts" / r.name
+        if optimization != "baseline":  # its build step, as `make mar` runs it
+            base = Detector.from_model_set(model_set, Settings(models=(r.name,)), "cpu")
+            build_path(optimization, base.models, artifacts, BuildContext(calibration_photos=PHOTOS))
+        detector = Detector.from_model_set(model_set, settings, "cpu", artifacts)
+        with tqdm(desc=f"eval {r.name} {optimization}", unit="img") as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            result = evaluate(detector, recipe.dataset(r.name, "val"), r.name, progress=progress)
+        summary = result.summary()
+        print(json.dumps(summary), flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{r.name}.{optimization}.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class Progress:
+    """A tqdm bar per model's run (made at its first step, so a resumed run's ETA counts from there)."""
+
+    def __init__(self):
+        self.bar = None
+        self.model = None
+
+    def __call__(self, row: dict) -> None:
+        if "final" in row:
+            f = row["final"]
+            tqdm.write(f"final val ({f['images']} images): mAP@0.5 {f['map50']:.3f}  mAP@[.5:.95] {f['map']:.3f}")
+            if self.bar:
+                self.bar.close()
+                self.bar = None
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=row["of"], initial=row["step"] - 1, unit="step", dynamic_ncols=True, desc="train")
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if row.get("val"):
+            v = row["val"]
+            tqdm.write(f"step {row['step']}: val mAP@0.5 {v['map50']:.3f}  mAP@[.5:.95] {v['map']:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
