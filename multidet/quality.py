@@ -21,11 +21,11 @@ Near-ties, which no fp32 path can promise to break the same way, are not errors 
 
 from __future__ import annotations
 
-import contextlib
-import io
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SERVING_THRESHOLD = 0.5
@@ -213,21 +213,77 @@ def coco_results(answer: Sequence[Sequence[dict]], model: str) -> list[dict]:
     ]
 
 
-def coco_map(coco_gt: dict, results: list[dict]) -> tuple[float, float]:
-    """(mAP@0.5, mAP@[.5:.95]) of ``results`` (COCO result dicts) against ground truth ``coco_gt``."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+IOUS = np.linspace(0.5, 0.95, 10)
+RECALLS = np.linspace(0.0, 1.0, 101)
 
-    if not results:
+
+def _iou(d: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """[D, G] IoU of xywh boxes (COCO's maskUtils.iou for non-crowd boxes)."""
+    dx2, dy2 = d[:, 0] + d[:, 2], d[:, 1] + d[:, 3]
+    gx2, gy2 = g[:, 0] + g[:, 2], g[:, 1] + g[:, 3]
+    iw = np.clip(np.minimum(dx2[:, None], gx2[None]) - np.maximum(d[:, 0, None], g[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(dy2[:, None], gy2[None]) - np.maximum(d[:, 1, None], g[None, :, 1]), 0, None)
+    inter = iw * ih
+    union = (d[:, 2] * d[:, 3])[:, None] + (g[:, 2] * g[:, 3])[None] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def coco_map(coco_gt: dict, results: list[dict], max_dets: int = 100) -> tuple[float, float]:
+    """(mAP@0.5, mAP@[.5:.95]) of ``results`` (COCO result dicts) against ground truth ``coco_gt``, both in 0..1.
+
+    pycocotools' COCOeval for bounding boxes (area "all", no crowd annotations), without it (the serving
+    path, where ``auto`` scores its check set, imports no pycocotools): per image and category the
+    detections sorted by score (stable) and cut to the top ``max_dets``, each matched greedily to the
+    unmatched ground-truth box of highest IoU >= t; precision made monotone and sampled at 101 recall
+    points; AP averaged over the categories with ground truth (and over IoU 0.50:0.05:0.95 for mAP).
+    tests/test_quality.py checks it against pycocotools."""
+    images = [img["id"] for img in coco_gt["images"]]
+    gts, dts = defaultdict(list), defaultdict(list)
+    for a in coco_gt["annotations"]:
+        gts[a["image_id"], a["category_id"]].append(a["bbox"])
+    for r in results:
+        dts[r["image_id"], r["category_id"]].append((r["score"], r["bbox"]))
+    categories = sorted({c for _, c in gts})
+    if not results or not categories:
         return 0.0, 0.0
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        gt = COCO()
-        gt.dataset = coco_gt
-        gt.createIndex()
-        dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, iouType="bbox")
-        ev.params.imgIds = [img["id"] for img in coco_gt["images"]]
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return max(float(ev.stats[1]), 0.0), max(float(ev.stats[0]), 0.0)
+    ap = np.zeros((len(IOUS), len(categories)))
+    for ci, cat in enumerate(categories):
+        scores, matched, n_gt = [], [], 0
+        for img in images:
+            g = np.array(gts.get((img, cat), []), dtype=np.float64).reshape(-1, 4)
+            n_gt += len(g)
+            found = dts.get((img, cat), [])
+            order = sorted(range(len(found)), key=lambda i: -found[i][0])[:max_dets]  # stable, as COCOeval
+            if not order:
+                continue
+            d = np.array([found[i][1] for i in order], dtype=np.float64).reshape(-1, 4)
+            ious = _iou(d, g) if len(g) else np.zeros((len(d), 0))
+            hit = np.zeros((len(IOUS), len(d)), dtype=bool)
+            for ti, t in enumerate(IOUS):
+                taken = np.zeros(len(g), dtype=bool)
+                for di in range(len(d)):
+                    best, best_iou = -1, min(t, 1 - 1e-10)
+                    for gi in range(len(g)):
+                        if taken[gi] or ious[di, gi] < best_iou:
+                            continue
+                        best, best_iou = gi, ious[di, gi]
+                    if best >= 0:
+                        taken[best] = True
+                        hit[ti, di] = True
+            scores.extend(found[i][0] for i in order)
+            matched.append(hit)
+        if n_gt == 0:
+            continue
+        if not scores:
+            continue  # AP 0
+        order = np.argsort(-np.array(scores), kind="mergesort")
+        hits = np.concatenate(matched, axis=1)[:, order]
+        tp, fp = np.cumsum(hits, axis=1), np.cumsum(~hits, axis=1)
+        for ti in range(len(IOUS)):
+            recall = tp[ti] / n_gt
+            precision = tp[ti] / np.maximum(tp[ti] + fp[ti], np.spacing(1))
+            precision = np.maximum.accumulate(precision[::-1])[::-1]
+            idx = np.searchsorted(recall, RECALLS, side="left")
+            sampled = np.array([precision[i] if i < len(precision) else 0.0 for i in idx])
+            ap[ti, ci] = sampled.mean()
+    return float(ap[0].mean()), float(ap.mean())

@@ -3,11 +3,11 @@
 
     # your own model, from one of the shipped ones (its class layer is re-initialised)
     python scripts/finetune.py --model pets --architecture efficientdet_d0 --classes-file classes.txt \\
-        --train my_export/train --val my_export/valid --init models.yaml --init-model efficientdet_d0_coco \\
+        --train my_export/train --val my_export/valid --init models.yaml --init-model FIRST_MODEL \\
         --steps 1000 --out outputs/train/pets
     # a model of a model set (its architecture and classes from that file), from scratch
-    python scripts/finetune.py --model efficientdet_d0_coco --model-set models.yaml \\
-        --train data/efficientdet_d0_coco/train --val data/efficientdet_d0_coco/val --steps 2000 --image-size 256
+    python scripts/finetune.py --model NAME --model-set models.yaml \\
+        --train data/NAME/train --val data/NAME/val --steps 2000 --image-size 256
 
 A dataset folder holds images/ and annotations.json (COCO; category ids are the model's 1-based class
 ids). Interrupted? Run the same command again: it resumes from OUT/<model>.train.pt. The result is a

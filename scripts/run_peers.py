@@ -45,7 +45,7 @@ from multidet.device import native_bf16
 from multidet.modelset import load_models as load_set
 from multidet.modelset import read_model_set
 from multidet.pipeline import Detector
-from multidet.runners import LoadedModel
+from multidet.runners import BuildContext, LoadedModel
 from multidet.runners.auto import PAUSE_S  # between timed calls (runtimes' spinning threads)
 from multidet.runners.onnx import export_onnx, export_per_model, per_model_paths, session
 from multidet.runners.openvino import OpenVinoInt8Runner, OpenVinoRunner
@@ -78,7 +78,7 @@ def peers(models: list[LoadedModel], work: Path, int8: bool) -> dict:
     threads = torch.get_num_threads()
 
     def compiled(runner_cls, precision: str) -> list:
-        xmls, _ = runner_cls._paths(models, work)
+        xmls = runner_cls._xmls(models, work)
         config = {
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": threads,
@@ -93,7 +93,7 @@ def peers(models: list[LoadedModel], work: Path, int8: bool) -> dict:
         ov_bf16 = compiled(OpenVinoRunner, "bf16")
         out["openvino bf16"] = ("reduced", lambda x: [c(x) for c in ov_bf16])
     if int8:
-        OpenVinoInt8Runner.build(models, work)
+        OpenVinoInt8Runner.build(models, work, BuildContext(calibration_photos=PHOTOS))
         ov_int8 = compiled(OpenVinoInt8Runner, "f32")
         out["openvino int8"] = ("reduced", lambda x: [c(x) for c in ov_int8])
     return out

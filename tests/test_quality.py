@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -81,3 +85,70 @@ def test_raw_difference_is_relative_to_the_outputs_range():
     a = [torch.tensor([[1.0, -4.0]]), torch.tensor([0.5])]
     assert raw_difference(a, [t.clone() for t in a]) == 0.0
     assert abs(raw_difference(a, [torch.tensor([[1.0, -4.004]]), torch.tensor([0.5])]) - 1e-3) < 1e-6
+
+
+def _pycocotools_map(coco_gt: dict, results: list[dict]) -> tuple[float, float]:
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return 0.0, 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = coco_gt
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), iouType="bbox")
+        ev.params.imgIds = [img["id"] for img in coco_gt["images"]]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return max(float(ev.stats[1]), 0.0), max(float(ev.stats[0]), 0.0)
+
+
+def test_own_map_is_pycocotools_map():
+    """quality.coco_map (no pycocotools: the serving path scores auto's check set with it) gives
+    COCOeval's mAP@0.5 and mAP@[.5:.95] on random answers: misses, false positives, wrong labels, score ties."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(25):
+        images = [{"id": i + 1, "width": 500, "height": 400} for i in range(rng.randint(1, 5))]
+        cats = list(range(1, rng.randint(2, 6)))
+        anns, res = [], []
+        for img in images:
+            for _ in range(rng.randint(0, 6)):
+                x, y, w, h = rng.uniform(0, 300), rng.uniform(0, 200), rng.uniform(5, 150), rng.uniform(5, 150)
+                c = rng.choice(cats)
+                anns.append(
+                    {"id": len(anns) + 1, "image_id": img["id"], "category_id": c, "bbox": [x, y, w, h],
+                     "area": w * h, "iscrowd": 0}
+                )  # fmt: skip
+                for _ in range(rng.randint(0, 3)):
+                    jitter = [x + rng.gauss(0, 10), y + rng.gauss(0, 10), max(1, w + rng.gauss(0, 10)), max(1, h)]
+                    label = c if rng.random() < 0.8 else rng.choice(cats)
+                    res.append(
+                        {"image_id": img["id"], "category_id": label, "bbox": jitter, "score": round(rng.random(), 2)}
+                    )
+            for _ in range(rng.randint(0, 4)):
+                box = [rng.uniform(0, 300), rng.uniform(0, 200), 50, 50]
+                res.append({"image_id": img["id"], "category_id": rng.choice(cats), "bbox": box, "score": rng.random()})
+        gt = {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in cats]}
+        assert coco_map(gt, res) == pytest.approx(_pycocotools_map(gt, res), abs=1e-9)
+
+
+def test_the_serving_path_imports_no_dataset_generator():
+    """Loading the data path (and auto) pulls in no dataset generator or trainer; the project's mAP needs no
+    pycocotools (effdet's own package import still loads it: effdet.data imports its COCO parser)."""
+    code = (
+        "import sys, multidet.pipeline, multidet.runners, multidet.envelopes, multidet.quality;"
+        "bad = [m for m in sys.modules if m.split('.')[:2] in (['multidet', 'synthetic'], ['multidet', 'training'])];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import multidet.quality
+
+    source = Path(multidet.quality.__file__).read_text()
+    assert "import pycocotools" not in source and "from pycocotools" not in source

@@ -5,8 +5,9 @@ Candidates come from the registry (``Runner.auto_candidate``, less the paths wit
 this device, ``Runner.slow_on``, or measured no faster than the baseline there, ``not_faster_on``);
 their build step (ONNX exports, OpenVINO IR, the INT8 quantisation when reduced precision is
 allowed) runs at MAR build (``AutoRunner.build``), so a load only times them. Each is checked on a
-small labelled set made in memory (``synthetic.check_set``: six images, every model's objects
-annotated) against the baseline:
+small labelled set made at archive build (``synthetic.check_set``: six images, every model's objects
+annotated, in ``artifacts/check_set/``; the serving path imports no dataset generator nor pycocotools)
+against the baseline:
 
 - exact tier: raw outputs within the path's ``raw_tolerance``, detections at the serving threshold
   equal one to one (boxes within 0.5 px, scores within 1e-3), mAP within 0.1 points;
@@ -23,22 +24,60 @@ passes. Slower ones could not be chosen, so they are not checked (their row says
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+from ..artifacts import Artifact, ensure
 from ..device import synchronize
 from ..postprocess import detections_for
 from ..preprocess import Preprocessor
 from ..quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, coco_results, map_ok, raw_difference
-from ..synthetic import DataSpec, check_set
 from ..timing import interleaved
 from .base import RUNNERS, BuildContext, RawOutput, Runner, register
 
 log = logging.getLogger(__name__)
+CHECK_DIR = "check_set"  # under the artifact dir: the labelled images auto checks its candidates on
+CHECK_COUNT, CHECK_SEED = 6, 1234
+
+
+def check_artifact(models, artifact_dir: Path) -> Artifact:
+    folder = Path(artifact_dir) / CHECK_DIR
+    stamp = {
+        "count": CHECK_COUNT,
+        "seed": CHECK_SEED,
+        "models": [[m.name, list(m.class_names), list(m.trained_ids or ())] for m in models],
+    }
+    files = [folder / f"check_{i}.jpg" for i in range(CHECK_COUNT)] + [folder / "truth.json"]
+    return Artifact(files, folder / "stamp.json", stamp)
+
+
+def write_check_set(models, artifact_dir: Path) -> list[Path]:
+    """The labelled check set (``synthetic.check_set``), made at archive build: at load auto only reads it,
+    so the serving path imports no dataset generator."""
+    from ..synthetic import DataSpec, check_set
+
+    bodies, truth = check_set(CHECK_COUNT, CHECK_SEED, [DataSpec.of(m) for m in models])
+    artifact = check_artifact(models, artifact_dir)
+    artifact.files[0].parent.mkdir(parents=True, exist_ok=True)
+    for path, body in zip(artifact.files, bodies):
+        path.write_bytes(body)
+    artifact.files[-1].write_text(json.dumps(truth) + "\n")
+    artifact.write_stamp()
+    return artifact.paths
+
+
+def read_check_set(models, artifact_dir: Path) -> tuple[list[bytes], dict]:
+    artifact = check_artifact(models, artifact_dir)
+    ensure(artifact, lambda: write_check_set(models, artifact_dir), "auto")
+    return [p.read_bytes() for p in artifact.files[:-1]], json.loads(artifact.files[-1].read_text())
+
+
 # between timed calls: ONNX Runtime's and OpenVINO's worker threads spin for a moment after a call;
 # without a pause they would slow down whichever path is timed next
 PAUSE_S = 0.02
@@ -68,7 +107,7 @@ class AutoRunner(Runner):
         """The candidates' build-time files (ONNX exports, OpenVINO IR; INT8 only when reduced precision
         is allowed), so auto can time them at load without building anything."""
         context = context or BuildContext()
-        return [
+        return write_check_set(models, artifact_dir) + [
             f
             for c in RUNNERS.values()
             if c.auto_candidate and (c.tier == "exact" or context.allow_reduced)
@@ -80,7 +119,7 @@ class AutoRunner(Runner):
     ):
         super().__init__(models, device, max_detections, artifact_dir)
         self.allow_reduced = allow_reduced
-        bodies, truth = check_set(specs=[DataSpec.of(m) for m in self.models])
+        bodies, truth = read_check_set(self.models, self.artifacts())
         batch = Preprocessor(self.models[0].net.config).prepare_bytes(bodies, self.device)
         one = batch.head(1)
         active = list(range(len(self.models)))
