@@ -181,6 +181,40 @@ def agreement(reference: Sequence[dict], candidate: Sequence[dict], min_iou: flo
     )
 
 
+@dataclass
+class Verdict:
+    """Whether a candidate path gives the baseline's answer under its tier's rule, and why not."""
+
+    same: bool
+    reasons: list[str]
+    checks: list[DetectionCheck]  # one per answer (image, or image and model)
+
+
+def judge(
+    reference: Sequence[Sequence[dict]],
+    candidate: Sequence[Sequence[dict]],
+    reference_maps: dict[str, dict[str, float]],
+    candidate_maps: dict[str, dict[str, float]],
+    tier: str,
+) -> Verdict:
+    """The one verdict (auto at load, the ablation, the tests): ``reference``/``candidate`` are answers
+    (response detection lists) of the same images; ``*_maps`` per model its mAP figures by name (e.g.
+    ``{"mAP@0.5": 0.61}``). exact: every answer's detections at the serving threshold one to one and
+    every mAP within 0.1 points; reduced: no mAP more than 0.5 points below the baseline's."""
+    rule = RULES[tier]
+    checks = [check_detections(r, c, SERVING_THRESHOLD, rule) for r, c in zip(reference, candidate, strict=True)]
+    reasons = []
+    bad = [c for c in checks if not c.ok(rule)]
+    if bad:
+        reasons.append(f"detections differ in {len(bad)} of {len(checks)} answers: {bad[0]}")
+    for model, figures in reference_maps.items():
+        for metric, base in figures.items():
+            value = candidate_maps[model][metric]
+            if not map_ok(base, value, rule):
+                reasons.append(f"{model} {metric} {value:.4f} vs baseline {base:.4f}")
+    return Verdict(not reasons, reasons, checks)
+
+
 def map_ok(baseline_map: float, candidate_map: float, rule: Rule) -> bool:
     if rule.tier == "exact":
         return abs(candidate_map - baseline_map) <= rule.map_tol + 1e-9

@@ -33,7 +33,7 @@ from multidet.config import Settings
 from multidet.device import select_device, synchronize
 from multidet.evaluation import EvalResult, evaluate
 from multidet.pipeline import Detector
-from multidet.quality import RULES, SERVING_THRESHOLD, check_detections, map_ok
+from multidet.quality import judge
 from multidet.runners import RUNNERS, SERVABLE, BuildContext, build_path, list_runners
 from multidet.timing import interleaved
 
@@ -42,17 +42,15 @@ def map_quality(reference: dict[str, EvalResult], results: dict[str, EvalResult]
     """The path's mAP on each model's labelled val images, and its verdict under its tier's rule
     (multidet.quality): exact = the baseline's detections at the serving threshold on every image and
     mAP within 0.1 points; reduced = mAP at most 0.5 points below the baseline's."""
-    rule = RULES[tier]
-    checks = [
-        check_detections(reference[m].detections[i], results[m].detections[i], SERVING_THRESHOLD, rule)
-        for m in reference
-        for i in reference[m].detections
-    ]
-    maps_ok = all(
-        map_ok(reference[m].map50, results[m].map50, rule) and map_ok(reference[m].map, results[m].map, rule)
-        for m in reference
+    keys = [(m, i) for m in reference for i in reference[m].detections]
+    verdict = judge(
+        [reference[m].detections[i] for m, i in keys],
+        [results[m].detections[i] for m, i in keys],
+        {m: {"mAP@0.5": r.map50, "mAP": r.map} for m, r in reference.items()},
+        {m: {"mAP@0.5": r.map50, "mAP": r.map} for m, r in results.items()},
+        tier,
     )
-    dets_ok = all(c.ok(rule) for c in checks)
+    checks = verdict.checks
     return {
         "map50": {m: round(r.map50, 4) for m, r in results.items()},
         "map": {m: round(r.map, 4) for m, r in results.items()},
@@ -68,7 +66,8 @@ def map_quality(reference: dict[str, EvalResult], results: dict[str, EvalResult]
         "max_box_diff_px": round(max((c.max_box_diff for c in checks), default=0.0), 5),
         "max_score_diff": float(f"{max((c.max_score_diff for c in checks), default=0.0):.3g}"),
         "images": sum(r.images for r in results.values()),
-        "same_answer": dets_ok and maps_ok,
+        "same_answer": verdict.same,
+        "why_not": verdict.reasons,
     }
 
 

@@ -37,7 +37,7 @@ from ..artifacts import Artifact, ensure
 from ..device import synchronize
 from ..postprocess import detections_for
 from ..preprocess import Preprocessor
-from ..quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, coco_results, map_ok, raw_difference
+from ..quality import coco_map, coco_results, judge, raw_difference
 from ..timing import interleaved
 from .base import RUNNERS, BuildContext, RawOutput, Runner, register
 
@@ -165,20 +165,15 @@ class AutoRunner(Runner):
             answer, maps = self._check(runner, batch, truth)
             row["map50"] = maps
             reasons = []
-            cls, rule = RUNNERS[name], RULES[RUNNERS[name].tier]
+            cls = RUNNERS[name]
             if cls.tier == "exact" and cls.raw_tolerance is not None:
                 diff = max(raw_difference(base_raw[k][0] + base_raw[k][1], raw[k][0] + raw[k][1]) for k in active)
                 row["raw_diff"] = float(f"{diff:.3g}")
                 if diff > cls.raw_tolerance:
                     reasons.append(f"raw outputs differ by {diff:.2g} > {cls.raw_tolerance:g}")
-            if rule.box_tol is not None:
-                checks = [check_detections(r, c, SERVING_THRESHOLD, rule) for r, c in zip(reference[0], answer)]
-                bad = [c for c in checks if not c.ok(rule)]
-                if bad:
-                    reasons.append(f"detections differ: {bad[0]}")
-            for m, base_map in reference[1].items():
-                if not map_ok(base_map, maps[m], rule):
-                    reasons.append(f"{m} mAP@0.5 {maps[m]:.4f} vs baseline {base_map:.4f}")
+            mine = {m: {"mAP@0.5": v} for m, v in maps.items()}
+            base = {m: {"mAP@0.5": v} for m, v in reference[1].items()}
+            reasons += judge(reference[0], answer, base, mine, cls.tier).reasons
             row["equal"] = not reasons
             if reasons:
                 row["why"] = "; ".join(reasons)
