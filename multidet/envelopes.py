@@ -87,14 +87,30 @@ def _options(own: Mapping[str, object], headers: Mapping[str, str] | None, loade
     return parse_options({**_header_options(headers), **params}, loaded)
 
 
-def _image_bytes(value: Any, where: str) -> bytes:
+_WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard base64, leniently as RFC 2045 allows: line breaks and other whitespace (what ``base64 img.jpg``
+    writes) are ignored; anything else that is not base64 raises ValueError."""
+    try:
+        return base64.b64decode(text.translate(_WHITESPACE), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _image_bytes(value: Any, where: str, declared_base64: bool = False) -> bytes:
+    """The image bytes of a body or field. ``declared_base64``: the field is base64 by its protocol (KServe's
+    ``data``/``b64``), so data that is not base64 is a malformed request (400), not another media type."""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
         # TorchServe hands text/* bodies over as str: base64 that decodes is the image, other text is refused
         try:
-            return base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
+            return decode_base64(value)
+        except ValueError as exc:
+            if declared_base64:
+                raise BadRequest(f"{where} is not base64 ({exc}); send the image base64-encoded") from None
             raise UnsupportedImage(f"{where} is text, not an image; send the image bytes (or base64)") from None
     if isinstance(value, (dict, list)):
         raise UnsupportedImage(f"{where} is JSON, not an image; send the image bytes")
@@ -147,7 +163,7 @@ class KServeV1Envelope(Envelope):
                 if not isinstance(item, dict) or not ({"data", "b64"} & set(item)):
                     raise BadRequest(f'instance {i} must be an object with "data": "<base64 image>"')
                 key = "data" if "data" in item else "b64"
-                body = _image_bytes(item[key], f"instance {i}'s {key!r}")
+                body = _image_bytes(item[key], f"instance {i}'s {key!r}", declared_base64=True)
                 own = {k: v for k, v in item.items() if k not in ("data", "b64")}
                 out.append((body, _options(own, headers, loaded)))
             except InputError as err:

@@ -44,9 +44,10 @@ def test_kserve_v1_instances_each_with_own_options_and_errors():
     assert isinstance(req.envelope, KServeV1Envelope)
     assert req.instances[0] == (IMG, RequestOptions(threshold=0.7))
     assert req.instances[1] == (IMG, RequestOptions(threshold=0.0))
-    assert isinstance(req.instances[2], UnsupportedImage) and isinstance(req.instances[3], BadRequest)
+    assert isinstance(req.instances[2], BadRequest) and "not base64" in req.instances[2].message  # 400, not 415
+    assert isinstance(req.instances[3], BadRequest)
     status, out = req.format([{"a": 1}, {"b": 2}, req.instances[2], req.instances[3]])
-    assert status == 415 and out["message"].startswith("instance 2:")
+    assert status == 400 and out["message"].startswith("instance 2:")
     assert req.format([{"a": 1}, {"b": 2}]) == (200, {"predictions": [{"a": 1}, {"b": 2}]})
 
 
@@ -70,6 +71,16 @@ def test_bad_requests_are_their_4xx(row, status, word):
     req = parse(row)
     err = req if isinstance(req, InputError) else req.instances[0]
     assert isinstance(err, InputError) and err.status == status and word in err.message
+
+
+def test_base64_with_line_breaks_is_accepted_as_rfc_2045_allows():
+    """What `base64 img.jpg` writes (76-character lines) and KServe accepts: in an instance and as a text body."""
+    wrapped = base64.encodebytes(IMG).decode()
+    assert "\n" in wrapped
+    req = parse({"body": {"instances": [{"data": wrapped}, {"b64": wrapped.replace("\n", "\r\n")}]}})
+    assert [body for body, _ in req.instances] == [IMG, IMG]
+    assert parse({"body": wrapped}).instances[0][0] == IMG
+    assert isinstance(parse({"body": "plain text, not base64"}), UnsupportedImage)  # text is another media type
 
 
 def test_raw_text_body_that_is_base64_is_the_image():
