@@ -9,7 +9,6 @@ transform with the same resolved input config, and normalise the same way on the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,15 +70,15 @@ class Preprocessor:
             mean=cfg["mean"],
             std=cfg["std"],
         )
-        self._fill = tuple(round(255 * x) for x in cfg["mean"])
         self._mean = torch.tensor([x * 255 for x in cfg["mean"]]).view(1, 3, 1, 1)
         self._std = torch.tensor([x * 255 for x in cfg["std"]]).view(1, 3, 1, 1)
 
     def letterbox(self, img: Image.Image) -> tuple[np.ndarray, Letterbox]:
         """Resize + pad one image; returns a CHW uint8 array and its Letterbox."""
         width, height = img.size
-        arr, anno = self._transform(_fit_short_side(img, self.input_size, self._fill), {})
-        return arr, Letterbox(width=width, height=height, scale=float(anno["img_scale"]))
+        fitted, factor = _fit_short_side(img, self.input_size)
+        arr, anno = self._transform(fitted, {})
+        return arr, Letterbox(width=width, height=height, scale=float(anno["img_scale"]) * factor)
 
     def collate(self, letterboxed: Sequence[tuple[np.ndarray, Letterbox]], device: torch.device | str) -> Batch:
         """Stack letterboxed uint8 images, normalise them on ``device`` (fp32, NCHW), with their img_info."""
@@ -103,16 +102,18 @@ class Preprocessor:
         return self.prepare([decode_image(b, max_image_pixels) for b in bodies], device)
 
 
-def _fit_short_side(img: Image.Image, input_size: tuple[int, int], fill: tuple[int, ...]) -> Image.Image:
-    """effdet's ResizePad truncates the scaled short side to int(): at extreme aspect ratios
-    (e.g. 10000x1) that is 0 pixels and the resize fails. Pad the short side at the bottom/right
-    (where the letterbox pads anyway) until it scales to >= 1 pixel; the scale, which the long side
-    sets, is unchanged, and boxes are clipped to the original size afterwards."""
+def _fit_short_side(img: Image.Image, input_size: tuple[int, int]) -> tuple[Image.Image, float]:
+    """effdet's ResizePad truncates the scaled short side to int(): at extreme aspect ratios (e.g.
+    10000x1) that is 0 pixels and its resize fails. Such an image is resized here first, to the size the
+    letterbox gives it with its short side kept at >= 1 pixel, and effdet's transform letterboxes that;
+    returns the image and the factor (original pixels per pixel of it) that multiplies effdet's img_scale.
+    Resizing before padding keeps the work bounded by the output (padding the short side at full
+    resolution would allocate W^2/512 pixels: 5.9 GB for a legal 1,000,000 x 1 PNG). Every other image
+    is effdet's, untouched (factor 1)."""
     width, height = img.size
     scale = min(input_size[0] / height, input_size[1] / width)
     if int(width * scale) >= 1 and int(height * scale) >= 1:
-        return img
-    min_side = math.ceil(1 / scale) + 1  # the long side is far longer: it, and so the scale, stay
-    padded = Image.new("RGB", (max(width, min_side), max(height, min_side)), fill)
-    padded.paste(img)
-    return padded
+        return img, 1.0
+    size = (max(1, min(input_size[1], round(width * scale))), max(1, min(input_size[0], round(height * scale))))
+    factor = max(width / size[0], height / size[1])  # the long side's ratio: it sets the scale
+    return img.resize(size, Image.BILINEAR, reducing_gap=3.0), factor

@@ -113,3 +113,19 @@ def test_extreme_aspect_ratios_letterbox(size):
     assert arr.shape == (3, 512, 512) and (lb.width, lb.height) == size
     assert lb.scale == pytest.approx(max(size) / 512)
     assert arr[:, 0, 0].tolist() != [124, 116, 104]  # the image is there, at the top-left
+
+
+def test_a_legal_extreme_aspect_image_costs_what_its_output_does():
+    """A 1,000,000 x 1 image (1 MP, legal) is resized before it is padded: padding its short side at full
+    resolution first would allocate ~5.9 GB. Run alone, so the peak memory is this letterbox's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource; from PIL import Image; from multidet.preprocess import Preprocessor;"
+        "arr, lb = Preprocessor('efficientdet_d0').letterbox(Image.new('RGB', (1_000_000, 1), (255, 255, 255)));"
+        "assert arr.shape == (3, 512, 512) and abs(lb.scale - 1_000_000 / 512) < 1e-3, lb;"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    peak_kb = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    assert peak_kb < 2_000_000, f"peak RSS {peak_kb / 1e6:.1f} GB"
