@@ -168,6 +168,8 @@ class KServeV1Envelope(Envelope):
                 out.append((body, _options(own, headers, loaded)))
             except InputError as err:
                 out.append(err)
+            except Exception as exc:  # e.g. RecursionError from a deeply nested option
+                out.append(BadRequest(f"instance {i} is malformed ({type(exc).__name__}: {str(exc)[:200]})"))
         return out
 
     def format(self, results):
@@ -227,7 +229,18 @@ class ParsedRequest:
 def parse_request(
     row: Mapping[str, Any], headers: Mapping[str, str] | None, loaded: Sequence[str]
 ) -> ParsedRequest | InputError:
-    """Recognise the request's format and parse it; a request wrong as a whole is its InputError."""
+    """Recognise the request's format and parse it; a request wrong as a whole is its InputError. Nothing a
+    request sends escapes as anything else: an unexpected error while parsing it (a deeply nested option's
+    RecursionError, a value of an odd type) is that request's 400."""
+    try:
+        return _parse_request(row, headers, loaded)
+    except InputError as err:
+        return err
+    except Exception as exc:  # one request's malformed data must not fail its batch
+        return BadRequest(f"malformed request ({type(exc).__name__}: {str(exc)[:200]})")
+
+
+def _parse_request(row, headers, loaded) -> ParsedRequest | InputError:
     envelope_cls = next((cls for cls in ENVELOPES if cls.accepts(row)), None)
     if envelope_cls is None:
         return BadRequest(

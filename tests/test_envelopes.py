@@ -83,6 +83,19 @@ def test_base64_with_line_breaks_is_accepted_as_rfc_2045_allows():
     assert isinstance(parse({"body": "plain text, not base64"}), UnsupportedImage)  # text is another media type
 
 
+def test_a_deeply_nested_option_is_a_400_not_an_escaping_error():
+    """str() of a 10,000-deep list raises RecursionError: it must come back as that request's (or instance's) 400."""
+    deep: list = []
+    for _ in range(10_000):
+        deep = [deep]
+    err = parse({"body": IMG, "threshold": deep})
+    assert isinstance(err, BadRequest) and "RecursionError" in err.message
+    b64 = base64.b64encode(IMG).decode()
+    req = parse({"body": {"instances": [{"data": b64}, {"data": b64, "threshold": deep}]}})
+    assert req.instances[0] == (IMG, RequestOptions()) and isinstance(req.instances[1], BadRequest)
+    assert "instance 1 is malformed" in req.instances[1].message
+
+
 def test_raw_text_body_that_is_base64_is_the_image():
     req = parse({"body": base64.b64encode(IMG).decode()})
     assert req.instances[0][0] == IMG
