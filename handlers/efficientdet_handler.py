@@ -49,7 +49,12 @@ class EfficientDetHandler(BaseHandler):
         # How full TorchServe's batches are (a [METRICS] line in logs/ts_log.log)
         self.context.metrics.add_metric("RequestsPerBatch", len(data), "count", metric_type=MetricTypes.GAUGE)
         return [
-            parse_request(row, self.context.get_all_request_header(idx), self.detector.model_names)
+            parse_request(
+                row,
+                self.context.get_all_request_header(idx),
+                self.detector.model_names,
+                self.detector.settings.max_instances,
+            )
             for idx, row in enumerate(data)
         ]
 

@@ -25,6 +25,7 @@ class Settings:
     threshold: float = 0.5  # default score threshold, per request overridable
     max_detections: int = 100  # per model and image, after NMS
     max_image_pixels: int = 40_000_000  # larger images are refused from their header
+    max_instances: int = 16  # images in one request (KServe v1 instances); more: 413
     model_set: str = "models.yaml"  # the model set file, relative to the model directory
     artifact_dir: str = "artifacts"  # build-time files of a path (ONNX), relative too
     models: tuple[str, ...] = ()  # a subset of the set's names, in any order (empty: all of them)
@@ -37,6 +38,8 @@ class Settings:
             raise ConfigError(f"threshold must be within 0..1, got {self.threshold}")
         if self.max_detections < 1:
             raise ConfigError(f"max_detections must be >= 1, got {self.max_detections}")
+        if self.max_instances < 1:
+            raise ConfigError(f"max_instances must be >= 1, got {self.max_instances}")
         if self.max_image_pixels < 1:
             raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
         bad = [m for m in self.models if not isinstance(m, str) or not _NAME.match(m)]

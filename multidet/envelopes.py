@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import BadRequest, InputError, UnsupportedImage
+from .errors import BadRequest, InputError, TooManyInstances, UnsupportedImage
 
 QUERY_PARAMETERS = ("threshold", "models")
 FILE_FIELDS = ("data", "file", "image")  # multipart field names that carry the image
@@ -124,6 +124,7 @@ class Envelope(ABC):
     instance that is wrong on its own comes back as its InputError (the others are still run)."""
 
     name: ClassVar[str]
+    max_instances: int = 16  # images one request may carry (KServe v1); more: 413 (Settings.max_instances)
 
     @classmethod
     @abstractmethod
@@ -157,6 +158,11 @@ class KServeV1Envelope(Envelope):
         instances = row["body"]["instances"]
         if not isinstance(instances, list) or not instances:
             raise BadRequest('"instances" must be a non-empty list of {"data": "<base64 image>"}')
+        if len(instances) > self.max_instances:
+            raise TooManyInstances(
+                f"{len(instances)} instances in one request; at most {self.max_instances} (setting max_instances): "
+                "send them in several requests"
+            )
         out: list[Instance | InputError] = []
         for i, item in enumerate(instances):
             try:
@@ -227,20 +233,20 @@ class ParsedRequest:
 
 
 def parse_request(
-    row: Mapping[str, Any], headers: Mapping[str, str] | None, loaded: Sequence[str]
+    row: Mapping[str, Any], headers: Mapping[str, str] | None, loaded: Sequence[str], max_instances: int = 16
 ) -> ParsedRequest | InputError:
     """Recognise the request's format and parse it; a request wrong as a whole is its InputError. Nothing a
     request sends escapes as anything else: an unexpected error while parsing it (a deeply nested option's
     RecursionError, a value of an odd type) is that request's 400."""
     try:
-        return _parse_request(row, headers, loaded)
+        return _parse_request(row, headers, loaded, max_instances)
     except InputError as err:
         return err
     except Exception as exc:  # one request's malformed data must not fail its batch
         return BadRequest(f"malformed request ({type(exc).__name__}: {str(exc)[:200]})")
 
 
-def _parse_request(row, headers, loaded) -> ParsedRequest | InputError:
+def _parse_request(row, headers, loaded, max_instances: int) -> ParsedRequest | InputError:
     envelope_cls = next((cls for cls in ENVELOPES if cls.accepts(row)), None)
     if envelope_cls is None:
         return BadRequest(
@@ -248,6 +254,7 @@ def _parse_request(row, headers, loaded) -> ParsedRequest | InputError:
             f'named one of {", ".join(FILE_FIELDS)}, or as KServe v1 {{"instances": [{{"data": "<base64>"}}]}}'
         )
     envelope = envelope_cls()
+    envelope.max_instances = max_instances
     try:
         return ParsedRequest(envelope, envelope.parse(row, headers, loaded))
     except InputError as err:

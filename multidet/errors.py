@@ -37,6 +37,11 @@ class ImageTooLarge(InputError):
     kind = "ImageTooLarge"
 
 
+class TooManyInstances(InputError):
+    status = 413
+    kind = "TooManyInstances"
+
+
 class UnsupportedImage(InputError):
     status = 415
     kind = "UnsupportedMediaType"

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, default=Settings.threshold)
     p.add_argument("--max-detections", type=int, default=Settings.max_detections)
     p.add_argument("--max-image-pixels", type=int, default=Settings.max_image_pixels)
+    p.add_argument("--max-instances", type=int, default=Settings.max_instances, help="images per request (KServe v1)")
     p.add_argument("--models", default="", help="comma-separated subset of the set's models (default: all)")
     p.add_argument(
         "--allow-reduced",
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
             threshold=args.threshold,
             max_detections=args.max_detections,
             max_image_pixels=args.max_image_pixels,
+            max_instances=args.max_instances,
             models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
             allow_reduced=args.allow_reduced,
             profile=args.profile,

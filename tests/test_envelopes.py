@@ -96,6 +96,16 @@ def test_a_deeply_nested_option_is_a_400_not_an_escaping_error():
     assert "instance 1 is malformed" in req.instances[1].message
 
 
+def test_too_many_instances_is_a_413_naming_the_limit():
+    """256 tiny images in 27 KB would be one 256-image tensor batch: refused before any is decoded."""
+    from multidet.envelopes import parse_request
+
+    b64 = base64.b64encode(IMG).decode()
+    err = parse_request({"body": {"instances": [{"data": b64}] * 17}}, {}, LOADED, max_instances=16)
+    assert err.status == 413 and "at most 16" in err.message and "max_instances" in err.message
+    assert len(parse_request({"body": {"instances": [{"data": b64}] * 16}}, {}, LOADED, 16).instances) == 16
+
+
 def test_raw_text_body_that_is_base64_is_the_image():
     req = parse({"body": base64.b64encode(IMG).decode()})
     assert req.instances[0][0] == IMG
