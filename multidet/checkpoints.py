@@ -175,9 +175,6 @@ def read_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
     return out
 
 
-import_state_dict = read_state_dict  # a user's checkpoint (scripts/generate_checkpoints.py --from)
-
-
 def num_classes_of(state_dict: Mapping[str, torch.Tensor], architecture: str) -> int:
     key = f"{CLASS_HEAD}.weight"
     if key not in state_dict:
@@ -339,12 +336,12 @@ def load_entry(entry) -> LoadedModel:
     )
 
 
-def entry_of_checkpoint(ckpt_dir: Path, name: str):
-    """The model-set entry of a project checkpoint folder's ``<name>.json`` + weights."""
+def entry_of_checkpoint(ckpt_dir: Path, name: str, meta: CheckpointMeta | None = None):
+    """The model-set entry of a project checkpoint folder's ``<name>.json`` (``meta`` when already read) + weights."""
     from .modelset import ModelEntry
 
     ckpt_dir = Path(ckpt_dir)
-    meta = CheckpointMeta.read(ckpt_dir / f"{name}.json")
+    meta = meta or CheckpointMeta.read(ckpt_dir / f"{name}.json")
     if meta.name != name:
         raise CheckpointError(f"{ckpt_dir / (name + '.json')} describes {meta.name!r}, not {name!r}")
     return ModelEntry(name=name, architecture=meta.architecture, weights=(ckpt_dir / meta.weights_file).resolve())
@@ -356,7 +353,7 @@ def load_checkpoint(ckpt_dir: Path, name: str) -> tuple[CheckpointMeta, Efficien
     meta = CheckpointMeta.read(ckpt_dir / f"{name}.json")
     if len(meta.class_names) != meta.num_classes:
         raise CheckpointError(f"{name}: {len(meta.class_names)} class names for {meta.num_classes} classes")
-    return meta, load_entry(entry_of_checkpoint(ckpt_dir, name)).net
+    return meta, load_entry(entry_of_checkpoint(ckpt_dir, name, meta)).net
 
 
 def calibration_batch(photos: Sequence[bytes], architecture: str) -> torch.Tensor:
@@ -425,7 +422,7 @@ def _up_to_date(out_dir: Path, name: str, architecture: str, class_names: list[s
             class_names,
         ):
             return False
-        load_entry(entry_of_checkpoint(out_dir, name))  # verifies sha256 and architecture
+        load_entry(entry_of_checkpoint(out_dir, name, meta))  # verifies sha256 and architecture
         return True
     except CheckpointError:
         return False

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-_NAME = re.compile(r"^[a-z0-9_]+$")
+NAME = re.compile(r"^[a-z0-9_]+$")  # a model's name (the model set file, Settings.models)
 
 
 class ConfigError(ValueError):
@@ -42,7 +42,7 @@ class Settings:
             raise ConfigError(f"max_instances must be >= 1, got {self.max_instances}")
         if self.max_image_pixels < 1:
             raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
-        bad = [m for m in self.models if not isinstance(m, str) or not _NAME.match(m)]
+        bad = [m for m in self.models if not isinstance(m, str) or not NAME.match(m)]
         if bad or len(set(self.models)) != len(self.models):
             raise ConfigError(f"models must be distinct model names ([a-z0-9_]+), got {list(self.models)}")
 

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError
+from .config import NAME, ConfigError
 
-NAME = re.compile(r"^[a-z0-9_]+$")
 MODELS_FILE = "models.yaml"  # the file's name in a folder (a model archive, a checkpoints folder)
 MAX_MODELS = 64
 KEYS = {"name", "architecture", "weights", "classes", "classes_file", "threshold", "sha256"}

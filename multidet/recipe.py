@@ -92,15 +92,11 @@ def read_recipe(path: Path, model_set: ModelSet, root: Path | None = None) -> Re
     )
 
 
-def class_names(model_set: ModelSet, name: str) -> tuple[str, ...]:
-    return model_set[name].class_names
-
-
 def data_spec(recipe: Recipe, model_set: ModelSet, name: str):
     from .synthetic import DataSpec
 
     r = next(m for m in recipe.models if m.name == name)
-    return DataSpec(name, class_names(model_set, name), r.class_ids)
+    return DataSpec(name, model_set[name].class_names, r.class_ids)
 
 
 def datasets(
@@ -140,7 +136,7 @@ def train_all(recipe: Recipe, model_set: ModelSet, progress=None, say: Callable[
         entry = model_set[r.name]
         cfg = TrainConfig(
             model=r.name,
-            class_names=class_names(model_set, r.name),
+            class_names=model_set[r.name].class_names,
             architecture=entry.architecture,
             train_dir=recipe.dataset(r.name, "train"),
             val_dir=recipe.dataset(r.name, "val"),

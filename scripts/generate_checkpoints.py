@@ -24,9 +24,9 @@ from paths import MODEL_SET, PHOTOS
 from multidet.checkpoints import (
     CheckpointError,
     generate_model_set,
-    import_state_dict,
     num_classes_of,
     pretrained_state_dict,
+    read_state_dict,
     save_checkpoint,
 )
 from multidet.config import ConfigError
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 def import_one(p: argparse.ArgumentParser, args) -> int:
     if not args.name:
         p.error("--from imports one checkpoint: name it with --name NAME")
-    state = import_state_dict(args.from_path)
+    state = read_state_dict(args.from_path)
     found = num_classes_of(state, args.architecture)
     if args.class_names:
         classes = [line.strip() for line in args.class_names.read_text().splitlines() if line.strip()]

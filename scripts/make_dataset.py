@@ -20,7 +20,6 @@ from paths import MODEL_SET, PHOTOS
 from tqdm import tqdm
 
 from multidet.modelset import read_model_set
-from multidet.recipe import class_names
 from multidet.synthetic import SPLITS, DataSpec, make_dataset
 
 
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
     if args.model not in model_set.names:
         p.error(f"{args.model} is not in {args.model_set} {list(model_set.names)}")
     ids = tuple(int(c) for c in args.class_ids.split(",") if c.strip()) or None
-    spec = DataSpec(args.model, class_names(model_set, args.model), ids)
+    spec = DataSpec(args.model, model_set[args.model].class_names, ids)
     t0 = time.perf_counter()
     with tqdm(total=args.count, desc=f"{args.model} {args.split}", unit="img") as bar:
         coco = make_dataset(

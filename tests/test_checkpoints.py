@@ -19,9 +19,9 @@ from multidet.checkpoints import (
     CheckpointError,
     CheckpointMeta,
     check_architecture,
-    import_state_dict,
     load_checkpoint,
     num_classes_of,
+    read_state_dict,
     safe_torch_load,
     save_checkpoint,
 )
@@ -112,7 +112,7 @@ def test_import_train_checkpoint(tmp_path):
         {"epoch": 3, "state_dict": {k: torch.zeros_like(v) for k, v in state.items()}, "state_dict_ema": ema},
         tmp_path / "train.pth.tar",
     )
-    imported = import_state_dict(tmp_path / "train.pth.tar")
+    imported = read_state_dict(tmp_path / "train.pth.tar")
     assert all(torch.equal(imported[k], state[k]) for k in state)
     (tmp_path / "classes.txt").write_text("\n".join(f"thing {i}" for i in range(n)) + "\n")
     out = tmp_path / "ckpts"
