@@ -16,10 +16,12 @@ from ts.torch_handler.base_handler import BaseHandler
 from multidet.config import Settings
 from multidet.device import select_device
 from multidet.envelopes import ParsedRequest, parse_request
-from multidet.errors import InputError
+from multidet.errors import BadRequest, InputError
 from multidet.pipeline import Detector
 
 logger = logging.getLogger(__name__)
+
+DESCRIBE = object()  # a request asking for the model's description (TorchServe's describe header)
 
 
 class EfficientDetHandler(BaseHandler):
@@ -43,20 +45,52 @@ class EfficientDetHandler(BaseHandler):
             f"{warm:.0f}" if warm is not None else "skipped",
         )
 
+    def handle(self, data, context):
+        """Every request of TorchServe's batch on its own: BaseHandler.handle reads only the first request's
+        ``describe``/``explain`` header and answers the whole batch by it; here each request's own header
+        decides its own answer (a description, a 400 for explanations, or its detections)."""
+        t0 = time.time()
+        self.context = context
+        output = self.postprocess(self.inference(self.preprocess(data)))
+        context.metrics.add_time("HandlerTime", round((time.time() - t0) * 1000, 2), None, "ms")
+        return output
+
+    def describe_handle(self):
+        """``GET /models/all?customized=true``: the model set this worker serves."""
+        d = self.detector
+        return {
+            "models": [
+                {"name": m.name, "architecture": m.architecture, "classes": len(m.class_names)} for m in d.models
+            ],
+            "optimization": d.description,
+            "device": str(d.device),
+        }
+
     @timed
     def preprocess(self, data):
-        """Per request: its format and instances (multidet.envelopes), or the InputError it is."""
+        """Per request: its format and instances (multidet.envelopes), DESCRIBE, or the InputError it is."""
         # How full TorchServe's batches are (a [METRICS] line in logs/ts_log.log)
         self.context.metrics.add_metric("RequestsPerBatch", len(data), "count", metric_type=MetricTypes.GAUGE)
-        return [
-            parse_request(
-                row,
-                self.context.get_all_request_header(idx),
-                self.detector.model_names,
-                self.detector.settings.max_instances,
-            )
-            for idx, row in enumerate(data)
-        ]
+        settings = self.detector.settings
+        out = []
+        for idx, row in enumerate(data):
+            headers = self.context.get_all_request_header(idx) or {}
+            if headers.get("describe") == "True":
+                out.append(DESCRIBE)
+            elif headers.get("explain") == "True":
+                out.append(BadRequest("this model gives no explanations; ask /predictions/all for its detections"))
+            else:
+                out.append(
+                    parse_request(
+                        row,
+                        headers,
+                        self.detector.model_names,
+                        settings.max_instances,
+                        settings.max_request_pixels,
+                        settings.decode_limits,
+                    )
+                )
+        return out
 
     @timed
     def inference(self, data, *args, **kwargs):
@@ -76,7 +110,12 @@ class EfficientDetHandler(BaseHandler):
         """Per request: its envelope's HTTP status and JSON body (an error: its 4xx and the message)."""
         responses = []
         for idx, (request, results) in enumerate(data):
-            status, body = (request.status, request.to_dict()) if results is None else request.format(results)
+            if request is DESCRIBE:
+                status, body = 200, self.describe_handle()
+            elif results is None:
+                status, body = request.status, request.to_dict()
+            else:
+                status, body = request.format(results)
             self.context.set_response_content_type(idx, "application/json")
             if status != 200:
                 self.context.set_response_status(status, HTTPStatus(status).phrase, idx)

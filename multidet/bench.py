@@ -181,7 +181,7 @@ def model_breakdown(detector: Detector, body: bytes, threshold: float | None = N
     device = detector.device
     threshold = detector.settings.threshold if threshold is None else threshold
     t0 = time.perf_counter()
-    image = decode_image(body, detector.settings.max_image_pixels)
+    image = decode_image(body, detector.settings.decode_limits)
     t1 = time.perf_counter()
     batches = detector.prepare([image])
     thresholds = torch.tensor([threshold], device=device)

@@ -24,8 +24,12 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threshold: float = 0.5  # default score threshold, per request overridable
     max_detections: int = 100  # per model and image, after NMS
-    max_image_pixels: int = 40_000_000  # larger images are refused from their header
+    max_image_pixels: int = 40_000_000  # larger images are refused from their header (413)
+    max_jpeg_scans: int = 100  # a JPEG with more scans is refused (422): each is a pass over the image
+    max_gif_blocks: int = 4096  # GIF extension sub-blocks before the first frame; more: 422
+    max_rle_pixels: int = 4_000_000  # run-length BMPs decode slowly (Python); larger: 413
     max_instances: int = 16  # images in one request (KServe v1 instances); more: 413
+    max_request_pixels: int = 80_000_000  # pixels of all of one request's images together; more: 413
     model_set: str = "models.yaml"  # the model set file, relative to the model directory
     artifact_dir: str = "artifacts"  # build-time files of a path (ONNX), relative too
     models: tuple[str, ...] = ()  # a subset of the set's names, in any order (empty: all of them)
@@ -40,8 +44,9 @@ class Settings:
             raise ConfigError(f"max_detections must be >= 1, got {self.max_detections}")
         if self.max_instances < 1:
             raise ConfigError(f"max_instances must be >= 1, got {self.max_instances}")
-        if self.max_image_pixels < 1:
-            raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        for key in ("max_image_pixels", "max_jpeg_scans", "max_gif_blocks", "max_rle_pixels", "max_request_pixels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         bad = [m for m in self.models if not isinstance(m, str) or not NAME.match(m)]
         if bad or len(set(self.models)) != len(self.models):
             raise ConfigError(f"models must be distinct model names ([a-z0-9_]+), got {list(self.models)}")
@@ -68,6 +73,12 @@ class Settings:
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"setting {key}={raw!r}: {exc}") from exc
         return cls(**kwargs)
+
+    @property
+    def decode_limits(self):
+        from .decode import DecodeLimits
+
+        return DecodeLimits(**{f.name: getattr(self, f.name) for f in fields(DecodeLimits)})
 
     def to_mapping(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

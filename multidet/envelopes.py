@@ -26,7 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import BadRequest, InputError, TooManyInstances, UnsupportedImage
+from .decode import DecodeLimits, header_pixels
+from .errors import BadRequest, InputError, RequestTooLarge, TooManyInstances, UnsupportedImage
 
 QUERY_PARAMETERS = ("threshold", "models")
 FILE_FIELDS = ("data", "file", "image")  # multipart field names that carry the image
@@ -125,6 +126,8 @@ class Envelope(ABC):
 
     name: ClassVar[str]
     max_instances: int = 16  # images one request may carry (KServe v1); more: 413 (Settings.max_instances)
+    limits: DecodeLimits = DecodeLimits()  # what its images may cost to decode, together (max_request_pixels)
+    max_request_pixels: int = 80_000_000
 
     @classmethod
     @abstractmethod
@@ -176,6 +179,14 @@ class KServeV1Envelope(Envelope):
                 out.append(err)
             except Exception as exc:  # e.g. RecursionError from a deeply nested option
                 out.append(BadRequest(f"instance {i} is malformed ({type(exc).__name__}: {str(exc)[:200]})"))
+        bodies = [item[0] for item in out if not isinstance(item, InputError)]
+        if len(bodies) > 1:
+            total = sum(header_pixels(b, self.limits) for b in bodies)
+            if total > self.max_request_pixels:
+                raise RequestTooLarge(
+                    f"the instances have {total} pixels together; at most {self.max_request_pixels} in one request "
+                    "(setting max_request_pixels): send them in several requests"
+                )
         return out
 
     def format(self, results):
@@ -213,7 +224,11 @@ class RawEnvelope(Envelope):
         return "body" in row
 
     def parse(self, row, headers, loaded):
-        body = _image_bytes(row["body"], "body")
+        raw = row["body"]
+        if isinstance(raw, (bytes, bytearray, str)) and raw[:1] in (b"{", b"[", "{", "["):
+            # JSON TorchServe could not parse (it forwards the bytes): malformed or nested too deeply
+            raise BadRequest("the body is JSON that could not be read (malformed, or nested too deeply)")
+        body = _image_bytes(raw, "body")
         own = {k: v for k, v in row.items() if k != "body"}
         return [(body, _options(own, headers, loaded))]
 
@@ -233,20 +248,25 @@ class ParsedRequest:
 
 
 def parse_request(
-    row: Mapping[str, Any], headers: Mapping[str, str] | None, loaded: Sequence[str], max_instances: int = 16
+    row: Mapping[str, Any],
+    headers: Mapping[str, str] | None,
+    loaded: Sequence[str],
+    max_instances: int = 16,
+    max_request_pixels: int = 80_000_000,
+    limits: DecodeLimits | None = None,
 ) -> ParsedRequest | InputError:
     """Recognise the request's format and parse it; a request wrong as a whole is its InputError. Nothing a
     request sends escapes as anything else: an unexpected error while parsing it (a deeply nested option's
     RecursionError, a value of an odd type) is that request's 400."""
     try:
-        return _parse_request(row, headers, loaded, max_instances)
+        return _parse_request(row, headers, loaded, max_instances, max_request_pixels, limits or DecodeLimits())
     except InputError as err:
         return err
     except Exception as exc:  # one request's malformed data must not fail its batch
         return BadRequest(f"malformed request ({type(exc).__name__}: {str(exc)[:200]})")
 
 
-def _parse_request(row, headers, loaded, max_instances: int) -> ParsedRequest | InputError:
+def _parse_request(row, headers, loaded, max_instances, max_request_pixels, limits) -> ParsedRequest | InputError:
     envelope_cls = next((cls for cls in ENVELOPES if cls.accepts(row)), None)
     if envelope_cls is None:
         return BadRequest(
@@ -255,6 +275,8 @@ def _parse_request(row, headers, loaded, max_instances: int) -> ParsedRequest | 
         )
     envelope = envelope_cls()
     envelope.max_instances = max_instances
+    envelope.max_request_pixels = max_request_pixels
+    envelope.limits = limits
     try:
         return ParsedRequest(envelope, envelope.parse(row, headers, loaded))
     except InputError as err:

@@ -5,7 +5,10 @@ One rule for the whole service:
 - 413 Payload Too Large: the image declares more pixels than ``max_image_pixels`` (refused from its
   header, before decoding). Bodies over TorchServe's ``max_request_size`` get 413 from the frontend.
 - 415 Unsupported Media Type: the bytes are not an image in an accepted format.
-- 422 Unprocessable Entity: an accepted format whose data is corrupt or truncated.
+- 413 also: a KServe v1 request whose instances together declare more than ``max_request_pixels``.
+- 422 Unprocessable Entity: an accepted format whose data is corrupt or truncated, or whose structure
+  would cost the decoder more than a limit allows (``ImageTooComplex``: e.g. a JPEG with thousands of
+  scans), found before any pixel is decoded.
 - 500 (``ProcessingFailed``): an image we accepted but failed on; a bug of ours, reported for that
   request alone (the others in its batch are served) and logged with its traceback.
 """
@@ -50,6 +53,16 @@ class UnsupportedImage(InputError):
 class CorruptImage(InputError):
     status = 422
     kind = "CorruptImage"
+
+
+class RequestTooLarge(InputError):
+    status = 413
+    kind = "RequestTooLarge"
+
+
+class ImageTooComplex(InputError):
+    status = 422
+    kind = "ImageTooComplex"
 
 
 class ProcessingFailed(InputError):

@@ -151,7 +151,7 @@ class Detector:
         for idx, body in enumerate(bodies):
             t0 = time.perf_counter()
             try:
-                image = decode_image(body, self.settings.max_image_pixels)
+                image = decode_image(body, self.settings.decode_limits)
                 t1 = time.perf_counter()
                 boxes = {pre.key: pre.letterbox(image) for pre in self.preprocessors}
             except InputError as err:

@@ -28,12 +28,14 @@ import requests
 from paths import ROOT
 from PIL import Image
 
+from multidet import hostile
 from multidet.bench import environment, percentile
 from multidet.tsconfig import read_properties
 
 
 def request_mix(images: list[Path]) -> list[tuple[str, bytes, dict, int]]:
-    """(name, body, headers, expected status). Bad inputs are about a fifth of the mix."""
+    """(name, body, headers, expected status): the photos, then the unusual and bad inputs and
+    multidet.hostile's files built to stall or bloat the decoder (about a fifth of the mix)."""
     good = [(f"photo:{p.name}", p.read_bytes(), {}, 200) for p in images]
     photo = images[0].read_bytes()
     bomb = bytearray(photo)
@@ -41,7 +43,7 @@ def request_mix(images: list[Path]) -> list[tuple[str, bytes, dict, int]]:
     struct.pack_into(">HH", bomb, sof + 5, 30000, 30000)
     buf = io.BytesIO()
     Image.open(io.BytesIO(photo)).convert("L").save(buf, "PNG")
-    return good * 4 + [
+    bad = [
         ("grayscale_png", buf.getvalue(), {}, 200),
         ("threshold0", photo, {"X-Threshold": "0"}, 200),
         ("empty", b"", {}, 400),
@@ -49,7 +51,8 @@ def request_mix(images: list[Path]) -> list[tuple[str, bytes, dict, int]]:
         ("truncated_jpeg", photo[: len(photo) // 3], {}, 422),
         ("bomb_30000x30000", bytes(bomb), {}, 413),
         ("bad_threshold", photo, {"X-Threshold": "abc"}, 400),
-    ]
+    ] + [(kind, make(), {}, status) for kind, (make, status) in hostile.KINDS.items()]
+    return good * max(1, round(4 * len(bad) / len(good))) + bad  # bad ones: about a fifth
 
 
 def worker_rss(management: str, model: str) -> int:

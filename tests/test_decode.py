@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from helpers import encode, jpeg_declaring
-from multidet.decode import ACCEPTED_FORMATS, decode_image
-from multidet.errors import BadRequest, CorruptImage, ImageTooLarge, InputError, UnsupportedImage
+from multidet import hostile
+from multidet.config import ConfigError, Settings
+from multidet.decode import ACCEPTED_FORMATS, DecodeLimits, decode_image
+from multidet.errors import BadRequest, CorruptImage, ImageTooComplex, ImageTooLarge, InputError, UnsupportedImage
 
 MAX = 40_000_000
 
@@ -148,3 +150,45 @@ def test_unaccepted_format():
     with pytest.raises(InputError) as err:
         decode_image(buf.getvalue(), MAX)
     assert err.value.status == 415
+
+
+@pytest.mark.parametrize("kind", sorted(hostile.KINDS))
+def test_hostile_structure_is_refused_before_decoding(kind):
+    """Each file built to make the decoder loop or allocate gets its status from the structure check
+    (a valid one, the 1,000,000 x 1 PNG, is decoded), naming the limit it broke."""
+    make, status = hostile.KINDS[kind]
+    if status == 200:
+        assert decode_image(make(), DecodeLimits()).size == (1_000_000, 1)
+        return
+    with pytest.raises(InputError) as err:
+        decode_image(make(), DecodeLimits())
+    assert err.value.status == status and "\n" not in err.value.message
+
+
+def test_structure_limits_are_settings():
+    """The limits come from the settings; what a smaller limit refuses, a larger one decodes."""
+    progressive = encode(gradient(), "JPEG", progressive=True)  # ~10 scans: always accepted
+    assert decode_image(progressive, Settings().decode_limits).size == (64, 48)
+    with pytest.raises(ImageTooComplex, match="max_jpeg_scans"):
+        decode_image(progressive, Settings(max_jpeg_scans=2).decode_limits)
+    rle = hostile.bmp_rle(64, 64)
+    assert decode_image(rle, Settings().decode_limits).size == (64, 64)
+    with pytest.raises(ImageTooLarge, match="max_rle_pixels"):
+        decode_image(rle, Settings(max_rle_pixels=1000).decode_limits)
+    gif = hostile.gif_comment_blocks(100)
+    assert decode_image(gif, Settings().decode_limits).size == (1, 1)
+    with pytest.raises(ImageTooComplex, match="max_gif_blocks"):
+        decode_image(gif, Settings(max_gif_blocks=50).decode_limits)
+    strips = hostile.tiff_many_strips(strips=64)  # one strip a row: legal
+    assert decode_image(strips, Settings().decode_limits).size == (64, 64)
+    with pytest.raises(ConfigError):
+        Settings(max_jpeg_scans=0)
+
+
+def test_16bit_conversion_in_bands_equals_the_whole_image():
+    """The banded 16-bit rescale gives what one float64 pass over the whole image gives."""
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 65536, (1500, 900), dtype=np.uint16)  # > 1 band of rows
+    img = decode_image(encode(Image.fromarray(arr), "PNG"), MAX)
+    expected = np.clip(np.rint(arr.astype(np.float64) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(img)[..., 0], expected)

@@ -110,3 +110,35 @@ def test_raw_text_body_that_is_base64_is_the_image():
     req = parse({"body": base64.b64encode(IMG).decode()})
     assert req.instances[0][0] == IMG
     assert RawEnvelope().format([BadRequest("x")]) == (400, {"code": 400, "type": "BadRequest", "message": "x"})
+
+
+def test_instances_share_one_pixel_budget():
+    """Instances that are each within the image limit but together over max_request_pixels: one 413
+    before any is decoded; a lone instance is only held to the image limit."""
+    from multidet.envelopes import parse_request
+
+    big = base64.b64encode(encode_png(2000, 1000)).decode()  # 2 MP each
+    row = {"body": {"instances": [{"data": big}] * 3}}
+    err = parse_request(row, {}, LOADED, max_instances=16, max_request_pixels=5_000_000)
+    assert err.status == 413 and err.kind == "RequestTooLarge" and "max_request_pixels" in err.message
+    assert len(parse_request(row, {}, LOADED, 16, max_request_pixels=6_000_000).instances) == 3
+    one = {"body": {"instances": [{"data": big}]}}
+    assert len(parse_request(one, {}, LOADED, 16, max_request_pixels=1_000_000).instances) == 1
+
+
+def encode_png(w: int, h: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (w, h), 7).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_json_the_frontend_could_not_parse_is_a_400():
+    """TorchServe forwards JSON it cannot parse (malformed, or nested deeper than json.loads allows) as
+    bytes: that is a malformed request, not an unsupported image."""
+    for body in (b'{"instances": [', '{"instances": ' + '{"x": ' * 5000):
+        err = parse({"body": body})
+        assert isinstance(err, BadRequest) and err.status == 400 and "JSON" in err.message

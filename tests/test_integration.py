@@ -250,3 +250,74 @@ def test_urllib_form_content_type_is_the_frontends_500_and_octet_stream_works(se
     with urllib.request.urlopen(typed, timeout=120) as r:
         assert r.status == 200
         assert_schema(json.loads(r.read()))
+
+
+def worker_pid(server) -> int:
+    return requests.get(f"{server.management}/models/all", timeout=10).json()[0]["workers"][0]["pid"]
+
+
+def test_hostile_inputs_are_refused_and_the_worker_survives(server):
+    """Each file built to stall or bloat the decoder (multidet.hostile) gets its status; the same worker
+    (same PID) answers all of them and /ping stays healthy."""
+    from multidet import hostile
+
+    pid = worker_pid(server)
+    for kind, (make, status) in hostile.KINDS.items():
+        r = requests.put(url(server), data=make(), timeout=120)
+        assert r.status_code == status, (kind, r.text[:300])
+        if status != 200:
+            assert r.json()["code"] == status and "\n" not in r.json()["message"], kind
+    assert worker_pid(server) == pid
+    assert requests.get(url(server, "/ping"), timeout=10).json() == {"status": "Healthy"}
+
+
+def test_one_batch_mixing_every_kind_of_bad_request(server, embedded, labelled):
+    """Good requests sent together with each kind of bad one (a hostile file, a bad option, too many
+    instances, JSON nested too deeply, an explanation, a describe header): each gets its own answer,
+    the good ones the same detections as one by one (BaseHandler answers the whole batch by the first
+    request's describe/explain header)."""
+    import base64
+
+    from multidet import hostile
+
+    good = labelled[0]
+    b64 = base64.b64encode(good[1]).decode()
+    deep = '{"x": ' * 5000 + "1" + "}" * 5000
+    nested = f'{{"instances": [{{"data": "{b64}", "threshold": {deep}}}]}}'
+    as_json = {"Content-Type": "application/json"}
+    cases = [
+        ("good", dict(data=good[0]), 200),
+        ("hostile", dict(data=hostile.jpeg_many_scans()), 422),
+        ("bad_option", dict(data=good[1], headers={"X-Threshold": "abc"}), 400),
+        ("good_kserve", dict(json={"instances": [{"data": b64}]}), 200),
+        ("too_many", dict(json={"instances": [{"data": b64}] * 17}), 413),
+        ("nested", dict(data=nested.encode(), headers=as_json), 400),
+        ("explain", dict(data=good[2], path="/explanations/all"), 400),
+        ("describe", dict(data=good[2], headers={"describe": "True"}), 200),
+        ("good_2", dict(data=good[2]), 200),
+    ]
+
+    def send(case):
+        name, kw, _ = case
+        kw = dict(kw)
+        return requests.post(url(server, kw.pop("path", "/predictions/all")), timeout=120, **kw)
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        responses = list(pool.map(send, cases))
+    assert [r.status_code for r in responses] == [c[2] for c in cases], [r.text[:200] for r in responses]
+    by_name = dict(zip([c[0] for c in cases], responses))
+    assert_same_answer(embedded.predict_one(good[0]).body["detections"], by_name["good"].json()["detections"])
+    assert_same_answer(embedded.predict_one(good[2]).body["detections"], by_name["good_2"].json()["detections"])
+    kserve = by_name["good_kserve"].json()["predictions"][0]
+    assert_same_answer(embedded.predict_one(good[1]).body["detections"], kserve["detections"])
+    described = by_name["describe"].json()
+    assert "detections" not in described and [m["name"] for m in described["models"]] == list(NAMES)
+    assert "explanations" in by_name["explain"].json()["message"]
+
+
+def test_customized_description(server):
+    """TorchServe's describe call (management API, customized=true) answers with the model set."""
+    info = requests.get(f"{server.management}/models/all?customized=true", timeout=30).json()[0]
+    meta = info["customizedMetadata"]
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    assert [m["name"] for m in meta["models"]] == list(NAMES) and meta["optimization"]
