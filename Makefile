@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 OPT ?= auto
 MODELS ?= models.yaml
 RECIPE ?= training.yaml
+ABLATION ?= scripts/ablations/scratch.yaml
 BATCH ?= 1
 DELAY ?= 50
 IMG ?= docs/example.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints dataset train eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean
+.PHONY: help install java-check checkpoints dataset train train-ablation eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean
 
 help:
 	@echo "make serve [OPT=auto] [MODELS=models.yaml] [BATCH=1]  install, build the MAR of a model set, start TorchServe"
@@ -28,6 +29,7 @@ help:
 	@echo "make benchmarks                     all five (docs/benchmarks.md explains them); ARGS=... passes flags"
 	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint"
 	@echo "make dataset | train | eval [OPT=baseline] | annotate   recipe (training.yaml): data, weights/, mAP"
+	@echo "make train-ablation ABLATION=scripts/ablations/NAME.yaml   short runs, one recipe change each"
 	@echo "make lint                           ruff check + ruff format --check (make test runs it)"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
 
@@ -53,6 +55,10 @@ dataset: install
 
 train: install
 	$(PY) scripts/recipe.py train --model-set $(MODELS) --recipe $(RECIPE)
+
+# short training runs of one model, one change each (the recipe's measurements): ABLATION=scripts/ablations/NAME.yaml
+train-ablation: dataset
+	$(PY) scripts/recipe.py ablate --model-set $(MODELS) --recipe $(RECIPE) --ablation $(ABLATION)
 
 eval: install
 	$(PY) scripts/recipe.py eval --model-set $(MODELS) --recipe $(RECIPE) --optimization $(if $(filter auto,$(OPT)),baseline,$(OPT))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -19,7 +19,24 @@ import yaml
 from .config import ConfigError
 from .modelset import ModelSet
 
-STEP_KEYS = ("steps", "batch_size", "lr", "weight_decay", "image_size", "eval_every", "eval_images", "ema_decay")
+STEP_KEYS = (
+    "steps",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "decay_norm_and_bias",
+    "warmup_pct",
+    "final_lr_ratio",
+    "image_size",
+    "scale",
+    "drop_path",
+    "backbone_init",
+    "bn_recalibrate",
+    "eval_every",
+    "eval_images",
+    "final_images",
+    "ema_decay",
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +46,14 @@ class ModelRecipe:
     class_ids: tuple[int, ...] | None = None  # the ids its data draws (None: every named class)
     init: str | None = None  # a model trained before it in the recipe (None: from scratch)
     train: dict = field(default_factory=dict)  # TrainConfig fields: steps, image_size, lr, ...
+    # runs one after another, each from the last one's weights (TrainConfig fields over ``train``);
+    # empty: one run of ``train``
+    phases: tuple[dict, ...] = ()
+    # other models whose train splits it trains on too, their class ids mapped to its own by object kind
+    also_train_on: tuple[str, ...] = ()
+
+    def runs(self) -> tuple[dict, ...]:
+        return tuple({**self.train, **p} for p in self.phases) or (dict(self.train),)
 
 
 @dataclass(frozen=True)
@@ -65,11 +90,17 @@ def read_recipe(path: Path, model_set: ModelSet, root: Path | None = None) -> Re
         where = f"{path}: models[{i}]"
         if not isinstance(m, dict) or m.get("name") not in model_set.names:
             raise ConfigError(f"{where}: name must be a model of {model_set.source} {list(model_set.names)}")
-        unknown = set(m) - {"name", "train_count", "class_ids", "init"} - train_keys
+        unknown = set(m) - {"name", "train_count", "class_ids", "init", "phases", "also_train_on"} - train_keys
         if unknown:
             raise ConfigError(f"{where} ({m['name']}): unknown key(s) {sorted(unknown)}")
         if m.get("init") is not None and m["init"] not in seen:
             raise ConfigError(f"{where} ({m['name']}): init {m['init']!r} must be a model trained before it")
+        phases = m.get("phases") or []
+        if not isinstance(phases, list) or any(not isinstance(p, dict) or set(p) - train_keys for p in phases):
+            raise ConfigError(f"{where} ({m['name']}): phases must be a list of {{{', '.join(sorted(train_keys))}}}")
+        others = m.get("also_train_on") or []
+        if not isinstance(others, list) or any(o not in model_set.names or o == m["name"] for o in others):
+            raise ConfigError(f"{where} ({m['name']}): also_train_on must list other models of the set")
         if not isinstance(m.get("train_count"), int) or m["train_count"] < 1:
             raise ConfigError(f"{where} ({m['name']}): train_count must be a positive integer")
         models.append(
@@ -79,6 +110,8 @@ def read_recipe(path: Path, model_set: ModelSet, root: Path | None = None) -> Re
                 class_ids=tuple(m["class_ids"]) if m.get("class_ids") else None,
                 init=m.get("init"),
                 train={k: m[k] for k in train_keys if k in m},
+                phases=tuple(phases),
+                also_train_on=tuple(others),
             )
         )
         seen.append(m["name"])
@@ -127,27 +160,25 @@ def datasets(
 
 
 def train_all(recipe: Recipe, model_set: ModelSet, progress=None, say: Callable[[str], None] = print) -> list:
-    """Train every model in the recipe's order (each resumable), then copy each result beside the set's
-    weights (``<weights stem>.safetensors`` + ``.json``). Returns the TrainResults."""
-    from .training import TrainConfig, train
+    """Train every model in the recipe's order, phase after phase (each resumable; a finished phase is
+    kept), then copy each model's last result beside the set's weights (``<weights stem>.safetensors`` +
+    ``.json``). Returns the last TrainResult of each model."""
+    from .training import train
 
     results = []
     for r in recipe.models:
         entry = model_set[r.name]
-        cfg = TrainConfig(
-            model=r.name,
-            class_names=model_set[r.name].class_names,
-            architecture=entry.architecture,
-            train_dir=recipe.dataset(r.name, "train"),
-            val_dir=recipe.dataset(r.name, "val"),
-            out_dir=recipe.run(r.name),
-            init=recipe.run(r.init) if r.init else None,
-            init_model=r.init,
-            seed=recipe.seed,
-            **r.train,
-        )
-        say(f"training {r.name} ({entry.architecture}, {len(cfg.class_names)} classes, {cfg.steps} steps)")
-        result = train(cfg, progress)
+        train_dir = shared_dataset(recipe, model_set, r.name) if r.also_train_on else None
+        result = None
+        for k, cfg in enumerate(phase_configs(recipe, model_set, r.name)):
+            if train_dir is not None:
+                cfg = replace(cfg, train_dir=train_dir)
+            what = f"{r.name} phase {k + 1}/{len(r.runs())}" if len(r.runs()) > 1 else r.name
+            say(
+                f"training {what} ({entry.architecture}, {len(cfg.class_names)} classes, "
+                f"{cfg.steps} steps at {cfg.image_size} px)"
+            )
+            result = train(cfg, progress)
         target = Path(entry.weights).with_suffix(".safetensors")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(result.checkpoint_dir / result.meta.weights_file, target)
@@ -155,3 +186,153 @@ def train_all(recipe: Recipe, model_set: ModelSet, progress=None, say: Callable[
         say(f"{r.name}: copied to {target} (+ .json)")
         results.append(result)
     return results
+
+
+def phase_configs(recipe: Recipe, model_set: ModelSet, name: str) -> list:
+    """The TrainConfig of each of ``name``'s phases: the first starts where the recipe says, each next
+    one from the last one's result (``<run>/phase<k>``; one phase: ``<run>``)."""
+    r = next(m for m in recipe.models if m.name == name)
+    runs = r.runs()
+    configs = []
+    for k, overrides in enumerate(runs):
+        out = phase_run(recipe, name, k)
+        cfg = train_config(recipe, model_set, name, out_dir=out, **overrides)
+        if k:
+            cfg = replace(cfg, init=configs[-1].out_dir, init_model=name, head_map=None, backbone_init=None)
+        configs.append(cfg)
+    return configs
+
+
+def phase_run(recipe: Recipe, name: str, k: int) -> Path:
+    """Where phase ``k`` (0-based) of ``name`` runs: ``<run>/phase<k+1>``, or ``<run>`` for one phase."""
+    r = next(m for m in recipe.models if m.name == name)
+    return recipe.run(name) / f"phase{k + 1}" if len(r.runs()) > 1 else recipe.run(name)
+
+
+def final_run(recipe: Recipe, name: str) -> Path:
+    """The run that holds ``name``'s result (its last phase's)."""
+    r = next(m for m in recipe.models if m.name == name)
+    return phase_run(recipe, name, len(r.runs()) - 1)
+
+
+def shared_dataset(recipe: Recipe, model_set: ModelSet, name: str) -> Path:
+    """``name``'s train split joined with the train splits of its ``also_train_on`` models, their class
+    ids mapped to ``name``'s by object kind: ``<data>/<name>/train_shared`` (images linked, not copied)."""
+    r = next(m for m in recipe.models if m.name == name)
+    out = recipe.dataset(name, "train_shared")
+    own = json.loads((recipe.dataset(name, "train") / "annotations.json").read_text())
+    sources = [(name, own, None)] + [
+        (
+            o,
+            json.loads((recipe.dataset(o, "train") / "annotations.json").read_text()),
+            head_map(recipe, model_set, o, name),
+        )
+        for o in r.also_train_on
+    ]
+    stamp = {
+        "sources": [[src, ann.get("info", {}).get("count"), ann.get("info", {}).get("seed")] for src, ann, _ in sources]
+    }
+    ann_path = out / "annotations.json"
+    if ann_path.exists() and json.loads(ann_path.read_text()).get("info", {}).get("shared") == stamp:
+        return out
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for src, ann, mapping in sources:
+        ids = {}
+        for img in ann["images"]:
+            new_id = len(images) + 1
+            ids[img["id"]] = new_id
+            file_name = f"{src}__{img['file_name']}"
+            link = out / "images" / file_name
+            if not link.exists():
+                link.symlink_to((recipe.dataset(src, "train") / "images" / img["file_name"]).resolve())
+            images.append({**img, "id": new_id, "file_name": file_name})
+        for a in ann["annotations"]:
+            cat = a["category_id"] if mapping is None else mapping.get(a["category_id"])
+            if cat is None:
+                continue  # a kind the first model does not have
+            annotations.append({**a, "id": len(annotations) + 1, "image_id": ids[a["image_id"]], "category_id": cat})
+    merged = {
+        "info": {**own.get("info", {}), "shared": stamp},
+        "images": images,
+        "annotations": annotations,
+        "categories": own["categories"],
+    }
+    ann_path.write_text(json.dumps(merged))
+    return out
+
+
+def train_config(recipe: Recipe, model_set: ModelSet, name: str, recipe_fields: bool = True, **overrides):
+    """The ``TrainConfig`` of ``name``'s run in ``recipe`` (``overrides``: any of its fields). Without
+    ``recipe_fields``, only its data, start and paths come from the recipe, every training field from
+    TrainConfig's defaults (an ablation's base then does not change when the recipe does)."""
+    from .training import TrainConfig
+
+    r = next(m for m in recipe.models if m.name == name)
+    entry = model_set[name]
+    fields_ = dict(
+        model=name,
+        class_names=entry.class_names,
+        architecture=entry.architecture,
+        train_dir=recipe.dataset(name, "train"),
+        val_dir=recipe.dataset(name, "val"),
+        out_dir=recipe.run(name),
+        init=final_run(recipe, r.init) if r.init else None,
+        init_model=r.init,
+        head_map=head_map(recipe, model_set, name, r.init) if r.init else None,
+        seed=recipe.seed,
+    )
+    if recipe_fields:
+        fields_.update(r.train)
+    fields_.update(overrides)
+    return TrainConfig(**fields_)
+
+
+def head_map(recipe: Recipe, model_set: ModelSet, name: str, source: str) -> dict[int, int]:
+    """Class id of ``name`` -> class id of ``source`` for the same object kind: class k of every model's
+    data is kind k (the k-th id its data draws)."""
+    from .synthetic import class_ids
+
+    return dict(zip(class_ids(data_spec(recipe, model_set, name)), class_ids(data_spec(recipe, model_set, source))))
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    variant: str
+    changes: dict
+    steps: int
+    map50: float
+    map: float
+    loss_last: float | None
+    wall_s: float
+    start: str
+    before_bn_recalibration: dict | None = None
+
+
+def ablate(base, variants: dict[str, dict], out: Path, progress=None, say: Callable[[str], None] = print):
+    """Train ``base`` (a TrainConfig) once per variant (its field overrides), each in ``out/<variant>``
+    (resumable), same seed and data; returns one AblationRow per variant (mAP on the final images)."""
+    import dataclasses
+
+    from .training import train
+
+    rows = []
+    for name, changes in variants.items():
+        cfg = dataclasses.replace(base, out_dir=Path(out) / name, **(changes or {}))
+        say(f"{name}: {changes or 'as the base'} ({cfg.steps} steps)")
+        t = train(cfg, progress).meta.training
+        rows.append(
+            AblationRow(
+                name,
+                changes or {},
+                t["steps"],
+                t["val"]["map50"],
+                t["val"]["map"],
+                t["loss_last"],
+                t["wall_s"],
+                t["start"],
+                t.get("val_before_bn_recalibration"),
+            )
+        )
+        say(f"{name}: mAP@0.5 {rows[-1].map50:.3f}  mAP@[.5:.95] {rows[-1].map:.3f}  ({t['wall_s']:.0f} s)")
+    return rows

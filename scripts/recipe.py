@@ -4,6 +4,7 @@
     python scripts/recipe.py dataset        # every model's train/val splits (make dataset)
     python scripts/recipe.py train          # train in the recipe's order, copy into weights/ (make train)
     python scripts/recipe.py eval [--optimization NAME]   # mAP of each model on its val split (make eval)
+    python scripts/recipe.py ablate --ablation FILE.yaml  # short runs of one model, one change each
 
 Training resumes where it stopped: run the same command again.
 """
@@ -20,17 +21,19 @@ from pathlib import Path
 from paths import MODEL_SET, PHOTOS, RECIPE, ROOT
 from tqdm import tqdm
 
+from multidet.bench import environment
 from multidet.config import ConfigError, Settings
 from multidet.evaluation import evaluate
 from multidet.modelset import read_model_set
 from multidet.pipeline import Detector
-from multidet.recipe import datasets, read_recipe, train_all
+from multidet.recipe import ablate, datasets, read_recipe, train_all, train_config
 from multidet.runners import SERVABLE, BuildContext, build_path
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=("dataset", "train", "eval"))
+    p.add_argument("step", choices=("dataset", "train", "eval", "ablate"))
+    p.add_argument("--ablation", type=Path, help="ablate: model, steps, base and variants (YAML)")
     p.add_argument("--model-set", type=Path, default=MODEL_SET)
     p.add_argument("--recipe", type=Path, default=RECIPE)
     p.add_argument("--splits", default="train,val", help="dataset: which splits (e.g. val)")
@@ -51,6 +54,10 @@ def main(argv=None) -> int:
             datasets(recipe, model_set, PHOTOS, say=lambda line: print(line, flush=True))
             train_all(recipe, model_set, progress=Progress(), say=lambda line: tqdm.write(line))
             print(f"trained checkpoints beside {model_set.source}'s weights (commit them to ship them)")
+        elif args.step == "ablate":
+            if args.ablation is None:
+                raise ValueError("ablate needs --ablation FILE.yaml")
+            run_ablation(recipe, model_set, args.ablation)
         else:
             evaluate_all(recipe, model_set, args.optimization, args.out)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
@@ -78,6 +85,36 @@ def evaluate_all(recipe, model_set, optimization: str, out: Path) -> None:
         print(json.dumps(summary), flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{r.name}.{optimization}.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def run_ablation(recipe, model_set, path: Path) -> None:
+    """Short runs of one model from the same start, one change each; JSON + a markdown table."""
+    import yaml
+
+    spec = yaml.safe_load(path.read_text())
+    overrides = dict(spec.get("base") or {})
+    if overrides.get("init"):  # a models file, relative to the checkout
+        overrides["init"] = ROOT / overrides["init"]
+    base = train_config(recipe, model_set, spec["model"], recipe_fields=False, **overrides)
+    out = ROOT / "outputs" / "train_ablation" / path.stem
+    rows = ablate(base, spec["variants"], out, progress=Progress(), say=lambda line: tqdm.write(line))
+    record = {
+        "ablation": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+        "model": spec["model"],
+        "base": spec.get("base") or {},
+        "environment": environment(),
+        "rows": [dataclasses.asdict(r) for r in rows],
+    }
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\n{spec['model']}, {rows[0].steps if rows else 0} steps, mAP on {base.final_images or 'all'} val images:")
+    print("| variant | change | mAP@0.5 | mAP@[.5:.95] | loss (last 20) | wall |\n|---|---|---|---|---|---|")
+    for r in rows:
+        change = ", ".join(f"{k}={v}" for k, v in r.changes.items()) or "-"
+        loss = "-" if r.loss_last is None else f"{r.loss_last:.3f}"
+        if r.before_bn_recalibration:
+            change += f" (before: mAP@0.5 {r.before_bn_recalibration['map50']:.3f})"
+        print(f"| {r.variant} | {change} | {r.map50:.3f} | {r.map:.3f} | {loss} | {r.wall_s:.0f} s |")
+    print(f"written {out / 'results.json'}")
 
 
 class Progress:

