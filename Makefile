@@ -139,7 +139,7 @@ docker-build-cuda:
 	docker build -f docker/Dockerfile.cuda --build-arg OPT=baseline -t multidet:cuda .
 
 docker-run:
-	docker run --rm -p 8080:8080 -p 8081:8081 -p 8082:8082 multidet:cpu
+	docker run --rm -p 8080:8080 -p 127.0.0.1:8082:8082 multidet:cpu  # management stays inside the container
 
 docker-lint: install
 	$(BIN)/hadolint --failure-threshold error docker/Dockerfile docker/Dockerfile.cuda

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Container entry point: TorchServe in the foreground (PID 1 after exec) with a config generated
 # from the repository's config.properties. Environment:
-#   BIND          listen address (the images set 0.0.0.0; default here 127.0.0.1)
+#   BIND          listen address of the exposed APIs (the images set 0.0.0.0; default here 127.0.0.1)
+#   EXPOSE        which APIs listen on BIND (default inference,metrics); management and gRPC
+#                 management stay on loopback (probes and `make update` run inside the pod)
 #   MODEL_STORE   folder holding all.mar (default: model_store next to this script's parent)
 #   TOKEN_AUTH    "true" turns TorchServe's token authorisation on (keys in key_file.json)
 #   INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT GRPC_INFERENCE_PORT GRPC_MANAGEMENT_PORT
@@ -9,7 +11,8 @@
 set -eu
 APP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$APP"
-set -- foreground --bind "${BIND:-127.0.0.1}" --model-store "${MODEL_STORE:-$APP/model_store}" \
+set -- foreground --bind "${BIND:-127.0.0.1}" --expose "${EXPOSE:-inference,metrics}" \
+    --model-store "${MODEL_STORE:-$APP/model_store}" \
     --write-config "${CONFIG_OUT:-/tmp/multidet-config.properties}"
 if [ "${TOKEN_AUTH:-false}" = "true" ]; then
     set -- "$@" --secure

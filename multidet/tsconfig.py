@@ -25,24 +25,39 @@ PORT_KEYS = {
 }
 
 
+# the APIs that listen on ``bind`` unless told otherwise: the control APIs (management, gRPC
+# management) stay on loopback, where only the pod itself (probes, `make update`) reaches them
+EXPOSED = ("inference", "metrics")
+ADDRESS_KEYS = {
+    "inference": "inference_address",
+    "management": "management_address",
+    "metrics": "metrics_address",
+    "grpc_inference": "grpc_inference_address",
+    "grpc_management": "grpc_management_address",
+}
+
+
 def derived(
     props: dict[str, str],
     secure: bool = False,
     bind: str | None = None,
     ports: dict[str, int] | None = None,
     model_store: str | None = None,
+    expose: tuple[str, ...] = EXPOSED,
 ) -> dict[str, str]:
     """The one derivation of TorchServe settings from config.properties (``make serve``, containers,
-    the tests' servers): token authorisation on, another listen address, other ports or another model
-    store; everything else as in the file."""
+    the tests' servers): token authorisation on, another listen address for the ``expose``d APIs (the
+    others keep the file's loopback), other ports or another model store; everything else as in the file."""
+    unknown = set(expose) - set(ADDRESS_KEYS)
+    if unknown:
+        raise ValueError(f"expose: unknown API(s) {sorted(unknown)}; known: {list(ADDRESS_KEYS)}")
     out = dict(props)
     if secure:
         out["disable_token_authorization"] = "false"
     if bind:
-        for key in ("inference_address", "management_address", "metrics_address"):
-            out[key] = out[key].replace("127.0.0.1", bind)
-        for key in ("grpc_inference_address", "grpc_management_address"):
-            out[key] = bind
+        for name in expose:
+            key = ADDRESS_KEYS[name]
+            out[key] = bind if key.startswith("grpc") else out[key].replace("127.0.0.1", bind)
     for name, port in (ports or {}).items():
         key = PORT_KEYS[name]
         out[key] = str(port) if key.startswith("grpc") else f"{out[key].rsplit(':', 1)[0]}:{port}"

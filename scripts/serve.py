@@ -25,7 +25,7 @@ from pathlib import Path
 from paths import ROOT
 
 from multidet import server
-from multidet.tsconfig import PORT_KEYS, derived, read_properties, write_properties
+from multidet.tsconfig import ADDRESS_KEYS, EXPOSED, PORT_KEYS, derived, read_properties, write_properties
 
 
 def auth(kind: str) -> dict:
@@ -69,6 +69,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--model-store", default=None, help="override config.properties' model_store")
     p.add_argument(
+        "--expose",
+        default=",".join(EXPOSED),
+        help="with --bind: the APIs that listen on ADDR (default %(default)s; the others stay on loopback: "
+        f"{', '.join(a for a in ADDRESS_KEYS if a not in EXPOSED)})",
+    )
+    p.add_argument(
         "--write-config",
         type=Path,
         default=None,
@@ -82,9 +88,12 @@ def main(argv=None) -> int:
         assert set(ports) <= set(PORT_KEYS)
     except (ValueError, AssertionError):
         p.error(f"--port takes NAME=PORT with NAME in {list(PORT_KEYS)}")
+    expose = tuple(a.strip() for a in args.expose.split(",") if a.strip())
+    if set(expose) - set(ADDRESS_KEYS):
+        p.error(f"--expose takes a comma-separated list of {list(ADDRESS_KEYS)}")
     if args.action == "foreground":
         config = write_properties(
-            derived(props, args.secure, args.bind, ports, args.model_store),
+            derived(props, args.secure, args.bind, ports, args.model_store, expose),
             args.write_config or ROOT / "logs" / "config.generated.properties",
         )
         print(f"TorchServe in the foreground with {config}", flush=True)
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
     config = args.config
     (ROOT / "key_file.json").unlink(missing_ok=True)  # stale keys from an earlier secure run
     if args.secure or args.bind or ports or args.model_store:
-        props = derived(props, args.secure, args.bind, ports, args.model_store)
+        props = derived(props, args.secure, args.bind, ports, args.model_store, expose)
         inference, management = (
             props["inference_address"].replace("0.0.0.0", "127.0.0.1"),
             props["management_address"].replace("0.0.0.0", "127.0.0.1"),

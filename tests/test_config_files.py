@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import ROOT, read_properties
 from multidet.tsconfig import derived
 
@@ -23,8 +25,15 @@ def test_serve_derives_container_and_secure_configs():
     props = read_properties(ROOT / "config.properties")
     container = derived(props, secure=False, bind="0.0.0.0")
     assert container["inference_address"] == "http://0.0.0.0:8080"
-    assert container["grpc_management_address"] == "0.0.0.0"
+    assert container["metrics_address"] == "http://0.0.0.0:8082"
+    # the control APIs stay on loopback unless exposed: nothing outside the pod reaches them
+    assert container["management_address"] == "http://127.0.0.1:8081"
+    assert container["grpc_management_address"] == container["grpc_inference_address"] == "127.0.0.1"
     assert container["disable_token_authorization"] == "true"
+    opened = derived(props, bind="0.0.0.0", expose=("inference", "management", "grpc_management"))
+    assert opened["management_address"] == "http://0.0.0.0:8081" and opened["grpc_management_address"] == "0.0.0.0"
+    with pytest.raises(ValueError, match="unknown API"):
+        derived(props, bind="0.0.0.0", expose=("admin",))
     secure = derived(props, secure=True, bind=None)
     assert secure["disable_token_authorization"] == "false"
     assert secure["inference_address"] == props["inference_address"]

@@ -41,8 +41,8 @@ def test_dockerfile_essentials(dockerfile):
     assert re.match(r"python:3\.11\.\d+-slim-\w+$", base), f"pinned base image, got {base}"
     assert "ARG OPT=" in text and '--optimization "${OPT}"' in text
     assert re.search(r"^USER 1000:1000$", text, re.M), "runs as a non-root user"
-    assert re.search(r"^EXPOSE 8080 8081 8082$", text, re.M)
-    assert re.search(r'HEALTHCHECK .*\n\s+CMD \["python", "/app/scripts/serve.py", "status"\]', text)
+    assert re.search(r"^EXPOSE 8080 8082$", text, re.M)  # management stays inside the container
+    assert re.search(r'HEALTHCHECK .*\n\s+CMD \["python", "/app/scripts/probe.py", "ready"\]', text)
     assert 'ENTRYPOINT ["/app/docker/entrypoint.sh"]' in text and "BIND=0.0.0.0" in text
     assert "COPY weights" in text and "create_mar.py" in text  # the trained models, packed into the MAR
     for line in (ROOT / "requirements.txt").read_text().splitlines():
@@ -100,6 +100,11 @@ def test_entrypoint_serves_outside_docker(tmp_path, photos):
         generated = read_properties(tmp_path / "config.properties")
         assert generated["inference_address"] == base and generated["model_store"] == str(store)
         assert generated["grpc_inference_address"] == "127.0.0.1"
+        # the container's probes: standard library only (no torch import), against this server
+        probe = [sys.executable, "-X", "importtime", str(ROOT / "scripts" / "probe.py"), "ready"]
+        run = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+        assert not re.search(r"\| +(torch|requests|numpy)$", run.stderr, re.M)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # what `docker stop` does to PID 1
         try:
@@ -127,21 +132,22 @@ def test_kubernetes_manifests_validate_against_the_schema():
             continue  # CRD-defined kinds: checked field by field below
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         checked += 1
-    assert checked == 4  # two Deployments, Service, HPA
+    assert checked == 5  # two Deployments, Service, HPA, NetworkPolicy
 
 
 def test_manifests_match_config_properties():
     props = read_properties(ROOT / "config.properties")
     port = {k: int(props[f"{k}_address"].rsplit(":", 1)[1]) for k in ("inference", "management", "metrics")}
+    exposed = {k: port[k] for k in ("inference", "metrics")}  # management: loopback in the pod
     docs = {d["metadata"]["name"] + "/" + d["kind"]: d for _, d in manifests() if "metadata" in d}
     for name in ("multidet/Deployment", "multidet-gpu/Deployment"):
         pod = docs[name]["spec"]["template"]
         c = pod["spec"]["containers"][0]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == port
-        assert c["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
+        assert ports == exposed
+        assert c["livenessProbe"]["exec"]["command"] == ["python", "/app/scripts/probe.py", "live"]
         for probe in ("startupProbe", "readinessProbe"):  # /ping and a READY worker
-            assert c[probe]["exec"]["command"] == ["python", "/app/scripts/serve.py", "status"]
+            assert c[probe]["exec"]["command"] == ["python", "/app/scripts/probe.py", "ready"]
         assert {"name": "BIND", "value": "0.0.0.0"} in c["env"]
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port["metrics"])
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
@@ -162,7 +168,14 @@ def test_manifests_match_config_properties():
         and c["image"] == docs["multidet/Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
     )
     assert [p["containerPort"] for p in c["ports"]] == [port["inference"]]
-    assert c["readinessProbe"]["exec"]["command"] == ["python", "/app/scripts/serve.py", "status"]
+    assert c["readinessProbe"]["exec"]["command"] == ["python", "/app/scripts/probe.py", "ready"]
+    policy = docs["multidet/NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "multidet"}
+    opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    assert opened == {port["inference"], port["metrics"]} and port["management"] not in opened
+    assert "from" not in policy["ingress"][0] and policy["ingress"][0]["ports"] == [
+        {"port": port["inference"], "protocol": "TCP"}
+    ]  # inference from anywhere; metrics only from the monitoring namespace
     assert {"name": "BIND", "value": "0.0.0.0"} in c["env"]
     assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(port["metrics"])
 

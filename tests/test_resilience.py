@@ -109,3 +109,23 @@ def test_model_registration_api_is_disabled(secure_server):
         ).json()["models"][0]["modelName"]
         == "all"
     )
+
+
+def test_probes_work_with_token_authorisation(secure_server, tmp_path):
+    """scripts/probe.py (the container's probes) reads the keys: ready with them, not live without."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    ts = secure_server
+    probe = [sys.executable, str(ROOT / "scripts" / "probe.py")]
+    urls = ["--inference", ts.inference, "--management", ts.management]
+    for check in ("live", "ready"):
+        run = subprocess.run(
+            [*probe, check, *urls, "--key-file", str(ts.workdir / "key_file.json")], capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+    no_keys = ["--key-file", str(tmp_path / "none.json")]
+    run = subprocess.run([*probe, "live", *urls, *no_keys], capture_output=True, text=True)
+    assert run.returncode == 1 and "not live" in run.stdout

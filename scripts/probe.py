@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Health probes for containers and Kubernetes: standard library only (no torch, no requests import:
+a probe runs every few seconds), token-aware.
+
+    python scripts/probe.py live     # the frontend answers /ping
+    python scripts/probe.py ready    # /ping answers AND the model has a READY worker (loaded, warmed up)
+
+Exit status 0 when the check holds, 1 otherwise (with one line saying why). Addresses come from
+config.properties as seen from inside the container (loopback), ports from the same environment
+variables as docker/entrypoint.sh (INFERENCE_PORT, MANAGEMENT_PORT); with token authorisation on,
+the keys from key_file.json (TorchServe writes it in its working directory; KEY_FILE overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def address(props: dict[str, str], key: str, env: str) -> str:
+    host = props[key].rsplit(":", 1)[0].replace("0.0.0.0", "127.0.0.1")
+    port = os.environ.get(env) or props[key].rsplit(":", 1)[1]
+    return f"{host}:{port}"
+
+
+def token(key_file: Path, kind: str) -> dict[str, str]:
+    try:
+        return {"Authorization": f"Bearer {json.loads(key_file.read_text())[kind]['key']}"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # token authorisation off (no key file)
+
+
+def get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, str(exc).encode()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("check", choices=("live", "ready"))
+    p.add_argument("--config", type=Path, default=ROOT / "config.properties")
+    p.add_argument("--inference", help="inference URL (default: config.properties + INFERENCE_PORT)")
+    p.add_argument("--management", help="management URL (default: config.properties + MANAGEMENT_PORT)")
+    p.add_argument("--key-file", type=Path, default=Path(os.environ.get("KEY_FILE", ROOT / "key_file.json")))
+    p.add_argument("--model", default="all")
+    p.add_argument("--timeout", type=float, default=4)
+    args = p.parse_args(argv)
+    props = {}
+    for line in args.config.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, v = line.split("=", 1)
+            props[k.strip()] = v.strip()
+    inference = args.inference or address(props, "inference_address", "INFERENCE_PORT")
+    status, body = get(f"{inference}/ping", token(args.key_file, "inference"), args.timeout)
+    if status != 200:
+        print(f"not live: {inference}/ping answered {status or body.decode(errors='replace')}")
+        return 1
+    if args.check == "live":
+        return 0
+    management = args.management or address(props, "management_address", "MANAGEMENT_PORT")
+    status, body = get(f"{management}/models/{args.model}", token(args.key_file, "management"), args.timeout)
+    try:
+        workers = json.loads(body)[0].get("workers", []) if status == 200 else []
+    except (ValueError, LookupError, AttributeError):
+        workers = []
+    ready = [w for w in workers if w.get("status") == "READY"]
+    if not ready:
+        print(f"not ready: {args.model} has no READY worker ({status}: {body[:200].decode(errors='replace')})")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
