@@ -16,11 +16,13 @@ IMG ?= docs/example.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints dataset train train-ablation eval annotate mar serve serve-secure stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean
+.PHONY: help install java-check checkpoints dataset train train-ablation eval annotate mar serve serve-secure update stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean
 
 help:
 	@echo "make serve [OPT=auto] [MODELS=models.yaml] [BATCH=1]  install, build the MAR of a model set, start TorchServe"
 	@echo "make serve-secure                   the same with token authorisation on (keys in key_file.json)"
+	@echo "make update [MODELS=...] [OPT=...]  a new model set on the running server, no request lost"
+	@echo "                                    (start it with make serve-secure MODEL_API=1)"
 	@echo "make stop                           stop TorchServe"
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
 	@echo "make soak [DURATION=600]            sustained good+bad load against the server, worker memory"
@@ -76,7 +78,11 @@ serve: mar
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start $(if $(BIND),--bind $(BIND))
 
 serve-secure: mar
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start --secure $(if $(BIND),--bind $(BIND))
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start --secure $(if $(BIND),--bind $(BIND)) $(if $(MODEL_API),--model-api)
+
+# replace the running server's model set without losing a request (needs make serve-secure MODEL_API=1)
+update: install
+	$(PY) scripts/update.py --model-set $(MODELS) --optimization $(OPT)
 
 stop: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py stop

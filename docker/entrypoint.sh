@@ -1,6 +1,7 @@
 #!/bin/sh
-# Container entry point: TorchServe in the foreground (PID 1 after exec) with a config generated
-# from the repository's config.properties. Environment:
+# Container entry point: scripts/serve.py foreground (PID 1 after exec) runs TorchServe as its child
+# with a config generated from the repository's config.properties, and drains it on SIGTERM
+# (readiness off, DRAIN_SECONDS of serving, then TorchServe stops). Environment:
 #   BIND          listen address of the exposed APIs (the images set 0.0.0.0; default here 127.0.0.1)
 #   EXPOSE        which APIs listen on BIND (default inference,metrics); management and gRPC
 #                 management stay on loopback (probes and `make update` run inside the pod)
@@ -8,6 +9,7 @@
 #   TOKEN_AUTH    "true" turns TorchServe's token authorisation on (keys in key_file.json)
 #   INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT GRPC_INFERENCE_PORT GRPC_MANAGEMENT_PORT
 #   CONFIG_OUT    where the generated config is written (default /tmp/multidet-config.properties)
+#   DRAIN_SECONDS serving after SIGTERM with readiness off (default 5); DRAIN_FILE the marker probe.py reads
 set -eu
 APP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$APP"

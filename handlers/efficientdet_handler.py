@@ -4,7 +4,9 @@ Thin by design: it turns TorchServe's requests and context into multidet calls a
 image and model logic lives in the ``multidet`` package (packed into the MAR beside this file).
 """
 
+import contextlib
 import logging
+import os
 import time
 from http import HTTPStatus
 from pathlib import Path
@@ -18,6 +20,7 @@ from multidet.device import select_device
 from multidet.envelopes import ParsedRequest, parse_request
 from multidet.errors import BadRequest, InputError
 from multidet.pipeline import Detector
+from multidet.server import busy_dir
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +54,28 @@ class EfficientDetHandler(BaseHandler):
         decides its own answer (a description, a 400 for explanations, or its detections)."""
         t0 = time.time()
         self.context = context
-        output = self.postprocess(self.inference(self.preprocess(data)))
+        with self.busy():
+            output = self.postprocess(self.inference(self.preprocess(data)))
         context.metrics.add_time("HandlerTime", round((time.time() - t0) * 1000, 2), None, "ms")
         return output
+
+    @contextlib.contextmanager
+    def busy(self):
+        """While a batch is handled, a marker ``<model>-<version>-<pid>`` in the busy folder
+        (multidet.server.busy_dir): a draining server, or an update unregistering this version, waits
+        until no worker is inside the handler."""
+        model = (getattr(self.context, "manifest", None) or {}).get("model", {})
+        marker = busy_dir() / f"{model.get('modelName', 'model')}-{model.get('modelVersion', '0')}-{os.getpid()}"
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:
+            marker = None  # a read-only /tmp: no markers, nothing else changes
+        try:
+            yield
+        finally:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
 
     def describe_handle(self):
         """``GET /models/all?customized=true``: the model set this worker serves."""

@@ -36,6 +36,8 @@ class MarOptions:
     handler: Path | None = None  # the TorchServe handler file (handlers/efficientdet_handler.py)
     calibration_photos: Path | None = None  # INT8 calibration backgrounds
     model_name: str = "all"  # the endpoint: /predictions/<model_name>
+    version: str = "1.0"  # the model version TorchServe registers (make update registers the next one)
+    archive_name: str | None = None  # the .mar file's stem (default: model_name)
     workers: int = 1
     batch_size: int = 1
     max_batch_delay: int = 50  # ms TorchServe waits to fill a batch
@@ -96,18 +98,22 @@ def build_mar(options: MarOptions, export_path: Path, log: Callable[[str], None]
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(options.model_config(), sort_keys=False))
         export_path.mkdir(parents=True, exist_ok=True)
+        archive = options.archive_name or options.model_name
         log(
-            f"packing {options.model_name}.mar (optimization={settings.optimization}, "
-            f"batchSize={options.batch_size})..."
+            f"packing {archive}.mar ({options.model_name} version {options.version}, "
+            f"optimization={settings.optimization}, batchSize={options.batch_size})..."
         )
+        packed_dir = Path(tmp) / "packed"  # archived beside, then moved: a live store's files stay whole
         cmd = [
             str(Path(sys.executable).with_name("torch-model-archiver")),
-            *("--model-name", options.model_name, "--version", "1.0", "--handler", str(handler)),
+            *("--model-name", options.model_name, "--version", options.version, "--handler", str(handler)),
             *("--extra-files", str(extra), "--config-file", str(config_file)),
-            *("--export-path", str(export_path), "--force"),
+            *("--export-path", str(packed_dir), "--force"),
         ]
+        packed_dir.mkdir()
         subprocess.run(cmd, check=True)
-    mar = export_path / f"{options.model_name}.mar"
+        mar = export_path / f"{archive}.mar"
+        shutil.move(packed_dir / f"{options.model_name}.mar", mar)
     log(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return mar
 

@@ -45,6 +45,79 @@ def ready_workers(management: str, model: str = "all", headers: dict | None = No
         return []
 
 
+def busy_dir() -> Path:
+    """Where handlers mark a worker inside the handler (``<model>-<version>-<pid>``): $MULTIDET_BUSY_DIR,
+    else ``<tmp>/multidet-busy`` (TorchServe's temp folder, shared by the server's processes)."""
+    import tempfile
+
+    return Path(os.environ.get("MULTIDET_BUSY_DIR") or Path(tempfile.gettempdir()) / "multidet-busy")
+
+
+def in_flight(management: str, model: str, version: str | None, busy: Path, headers: dict | None = None) -> int:
+    """Requests TorchServe holds for ``model`` (one version, or all: None): queued in its job queue +
+    being handled by a worker (the handlers' busy markers)."""
+    path = f"/models/{model}" + (f"/{version}" if version else "/all")
+    try:
+        info = requests.get(f"{management}{path}", headers=headers or {}, timeout=5).json()
+        queued = sum(int(m.get("jobQueueStatus", {}).get("pendingRequests", 0)) for m in info)
+    except (requests.RequestException, ValueError, LookupError, TypeError, AttributeError):
+        queued = 0  # the management API is gone: nothing more to wait for there
+    pattern = f"{model}-{version}-*" if version else f"{model}-*"
+    return queued + len(list(Path(busy).glob(pattern)))
+
+
+def wait_idle(management: str, model: str, version: str | None, busy: Path, headers=None, timeout=300) -> bool:
+    """Until nothing is in flight for ``model`` (``version``) on two checks 0.5 s apart; False at timeout."""
+    deadline, idle = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        idle = idle + 1 if in_flight(management, model, version, busy, headers) == 0 else 0
+        if idle >= 2:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def replace_model(
+    management: str,
+    archive: str,
+    version: str,
+    model: str = "all",
+    headers: dict | None = None,
+    workers: int = 1,
+    timeout: float = 900,
+    log=print,
+    busy: Path | None = None,
+) -> list[str]:
+    """Replace a running model by another version without losing a request, through TorchServe's model
+    versioning: register ``archive`` (a .mar in the server's model store, holding ``version``) with its
+    workers loaded, make it the default (new requests go to it), then unregister every other version
+    (TorchServe lets their workers finish what they hold). Needs the management API's model calls
+    (``enable_model_api=true``; keep token authorisation on then). An old version is unregistered only
+    once idle (its queue empty and no worker of it inside the handler: ``busy``, default ``busy_dir()``):
+    TorchServe answers 500 for a job still on a worker it stops. Returns the versions removed."""
+    headers = headers or {}
+    busy = busy or busy_dir()
+
+    def call(method: str, path: str, **params) -> requests.Response:
+        r = requests.request(method, f"{management}{path}", params=params, headers=headers, timeout=timeout)
+        if r.status_code >= 300:
+            raise RuntimeError(f"{method} {path} {params}: {r.status_code} {r.text[:300]}")
+        return r
+
+    old = [m["modelVersion"] for m in call("GET", f"/models/{model}/all").json()]
+    if version in old:
+        raise RuntimeError(f"{model} version {version} is already registered ({old}): choose another")
+    log(f"registering {archive} ({model} {version}) with {workers} worker(s)...")
+    call("POST", "/models", url=archive, initial_workers=workers, synchronous="true")
+    call("PUT", f"/models/{model}/{version}/set-default")
+    log(f"{model} {version} is the default; unregistering {old}")
+    for v in old:
+        if not wait_idle(management, model, v, busy, headers, timeout):
+            log(f"{model} {v} still busy after {timeout:.0f} s: unregistering it anyway")
+        call("DELETE", f"/models/{model}/{v}")
+    return old
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:

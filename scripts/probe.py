@@ -4,6 +4,7 @@ a probe runs every few seconds), token-aware.
 
     python scripts/probe.py live     # the frontend answers /ping
     python scripts/probe.py ready    # /ping answers AND the model has a READY worker (loaded, warmed up)
+                                     # AND the server is not draining (serve.py foreground got SIGTERM)
 
 Exit status 0 when the check holds, 1 otherwise (with one line saying why). Addresses come from
 config.properties as seen from inside the container (loopback), ports from the same environment
@@ -69,6 +70,10 @@ def main(argv=None) -> int:
         return 1
     if args.check == "live":
         return 0
+    drain_file = Path(os.environ.get("DRAIN_FILE", "/tmp/multidet-draining"))
+    if drain_file.exists():  # scripts/serve.py foreground got SIGTERM: out of the load balancer first
+        print(f"not ready: draining ({drain_file})")
+        return 1
     management = args.management or address(props, "management_address", "MANAGEMENT_PORT")
     status, body = get(f"{management}/models/{args.model}", token(args.key_file, "management"), args.timeout)
     try:

@@ -47,6 +47,49 @@ def ready_workers(management: str, model: str) -> int:
     return len(server.ready_workers(management, model, auth("management"), timeout=2))
 
 
+def foreground(config: Path, drain_seconds: float, drain_timeout: float = 50) -> int:
+    """TorchServe as a child of this process (a container's PID 1, which gets no default signal actions:
+    an exec'd launcher without a handler ignored SIGTERM until the grace period's SIGKILL cut requests).
+
+    On SIGTERM/SIGINT it drains: readiness goes off first (the drain file ``probe.py ready`` checks), so
+    load balancers stop sending; it keeps serving for ``drain_seconds``, then waits until nothing is in
+    flight (TorchServe's queue empty and no worker inside the handler: multidet.server.wait_idle), at
+    most ``drain_timeout`` s, and only then stops the frontend (which resets
+    the connections it still holds). Returns TorchServe's exit status."""
+    import signal
+    import tempfile
+
+    import psutil
+
+    drain_file = Path(os.environ.get("DRAIN_FILE", "/tmp/multidet-draining"))
+    drain_file.unlink(missing_ok=True)
+    busy = Path(tempfile.mkdtemp(prefix="multidet-busy-"))  # this server's own handlers' markers
+    env = dict(os.environ, MULTIDET_BUSY_DIR=str(busy))
+    cmd = ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", str(config)]
+    child = subprocess.Popen(cmd, env=env)
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
+    while child.poll() is None and not stop:
+        time.sleep(0.2)
+    if stop:
+        drain_file.write_text(f"draining since {time.time():.0f}\n")
+        print(f"signal {stop[0]}: readiness off ({drain_file}); serving {drain_seconds:.0f} s more", flush=True)
+        t0 = time.monotonic()
+        while child.poll() is None and time.monotonic() - t0 < drain_seconds:
+            time.sleep(0.2)
+        props = read_properties(config)
+        management = props["management_address"].replace("0.0.0.0", "127.0.0.1")
+        idle = server.wait_idle(management, "all", None, busy, auth("management"), drain_timeout)
+        if child.poll() is None:
+            print(f"stopping TorchServe ({'idle' if idle else 'drain timeout'})", flush=True)
+            for proc in psutil.Process(child.pid).children():  # the Java frontend
+                proc.terminate()
+        child.wait()
+    drain_file.unlink(missing_ok=True)
+    return child.returncode or 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["start", "stop", "status", "foreground"])
@@ -54,6 +97,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="all")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for the model to be ready")
     p.add_argument("--secure", action="store_true", help="start with token authorisation on")
+    p.add_argument(
+        "--model-api",
+        action="store_true",
+        help="with --secure: the management API's model calls on (register/unregister: scripts/update.py)",
+    )
     p.add_argument(
         "--bind",
         default=None,
@@ -80,6 +128,13 @@ def main(argv=None) -> int:
         default=None,
         help="foreground: where to write the generated config (default logs/config.generated.properties)",
     )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=float(os.environ.get("DRAIN_SECONDS", 5)),
+        help="foreground: after SIGTERM, seconds of serving with readiness off before TorchServe stops "
+        "(default $DRAIN_SECONDS or 5)",
+    )
     args = p.parse_args(argv)
 
     props = read_properties(args.config)
@@ -88,6 +143,8 @@ def main(argv=None) -> int:
         assert set(ports) <= set(PORT_KEYS)
     except (ValueError, AssertionError):
         p.error(f"--port takes NAME=PORT with NAME in {list(PORT_KEYS)}")
+    if args.model_api and not args.secure:
+        p.error("--model-api needs --secure: registering models is only opened with token authorisation on")
     expose = tuple(a.strip() for a in args.expose.split(",") if a.strip())
     if set(expose) - set(ADDRESS_KEYS):
         p.error(f"--expose takes a comma-separated list of {list(ADDRESS_KEYS)}")
@@ -97,7 +154,7 @@ def main(argv=None) -> int:
             args.write_config or ROOT / "logs" / "config.generated.properties",
         )
         print(f"TorchServe in the foreground with {config}", flush=True)
-        os.execvp("torchserve", ["torchserve", "--start", "--foreground", "--ncs", "--ts-config", str(config)])
+        return foreground(config, args.drain_seconds)
     inference, management = props["inference_address"], props["management_address"]
     if args.action == "stop":
         rc = subprocess.call(["torchserve", "--stop"], cwd=ROOT)
@@ -120,6 +177,8 @@ def main(argv=None) -> int:
     (ROOT / "key_file.json").unlink(missing_ok=True)  # stale keys from an earlier secure run
     if args.secure or args.bind or ports or args.model_store:
         props = derived(props, args.secure, args.bind, ports, args.model_store, expose)
+        if args.model_api:
+            props["enable_model_api"] = "true"
         inference, management = (
             props["inference_address"].replace("0.0.0.0", "127.0.0.1"),
             props["management_address"].replace("0.0.0.0", "127.0.0.1"),

@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """Sustained load with a mix of good and bad requests against a running server; reports failures by
-status, p50/p99 over time and the worker's memory at start and end.
+status, p50/p99 over time, worker restarts and the worker's memory at start and end.
+
+Windows alternate (``--window`` seconds each): a *clean* window sends only the good requests, a *mixed*
+one the whole mix (about a fifth bad or hostile: multidet.hostile's files built to stall the decoder).
+The p99 of good requests in mixed windows over that in clean ones, in the same run, says what the bad
+traffic costs the good (the issue's bound: 1.5x).
 
     python scripts/soak.py --duration 600                 # against config.properties' server
     python scripts/soak.py --duration 60 --inference http://127.0.0.1:8080 --management http://127.0.0.1:8081
@@ -55,6 +60,11 @@ def request_mix(images: list[Path]) -> list[tuple[str, bytes, dict, int]]:
     return good * max(1, round(4 * len(bad) / len(good))) + bad  # bad ones: about a fifth
 
 
+def worker_pids(management: str, model: str) -> list[int]:
+    info = requests.get(f"{management}/models/{model}", timeout=10).json()[0]
+    return sorted(w["pid"] for w in info["workers"] if w.get("pid", -1) > 0)
+
+
 def worker_rss(management: str, model: str) -> int:
     info = requests.get(f"{management}/models/{model}", timeout=10).json()[0]
     return sum(psutil.Process(w["pid"]).memory_info().rss for w in info["workers"] if w.get("pid", -1) > 0)
@@ -73,13 +83,18 @@ def run(
 ) -> dict:
     progress = progress or (lambda line: print(line, flush=True))
     mix = request_mix(sorted((ROOT / "load_tests" / "images").glob("*.jpg")))
+    clean = [m for m in mix if m[0].startswith("photo:")]
     url = f"{inference}/predictions/{model}"
     lock = threading.Lock()
 
-    def client(k: int, stop_at: float, t_ref: float, sink: list) -> None:
+    def phase(elapsed: float) -> str:
+        return "clean" if int(elapsed // window) % 2 == 0 else "mixed"
+
+    def client(k: int, stop_at: float, t_ref: float, sink: list, alternate: bool) -> None:
         rnd, s = random.Random(seed + k), requests.Session()
         while time.monotonic() < stop_at:
-            name, body, headers, expected = rnd.choice(mix)
+            pool = clean if alternate and phase(time.monotonic() - t_ref) == "clean" else mix
+            name, body, headers, expected = rnd.choice(pool)
             t0 = time.monotonic()
             try:
                 status = s.put(url, data=body, headers=headers, timeout=120).status_code
@@ -88,10 +103,11 @@ def run(
             with lock:
                 sink.append((t0 - t_ref, name, expected, status, time.monotonic() - t0))
 
-    def start(seconds: float, sink: list) -> list[threading.Thread]:
+    def start(seconds: float, sink: list, alternate: bool = False) -> list[threading.Thread]:
         stop_at, t_ref = time.monotonic() + seconds, time.monotonic()
         threads = [
-            threading.Thread(target=client, args=(k, stop_at, t_ref, sink), daemon=True) for k in range(concurrency)
+            threading.Thread(target=client, args=(k, stop_at, t_ref, sink, alternate), daemon=True)
+            for k in range(concurrency)
         ]
         for t in threads:
             t.start()
@@ -102,9 +118,10 @@ def run(
     for t in start(warmup, []):
         t.join()
     rss_start = worker_rss(management, model)
+    pids = {tuple(worker_pids(management, model))}
     records: list[tuple[float, str, int, int, float]] = []  # (t, name, expected, status, latency)
     t_start, stop_at = time.monotonic(), time.monotonic() + duration
-    threads = start(duration, records)
+    threads = start(duration, records, alternate=True)
     windows, rss_series = [], [(0.0, rss_start)]
     next_report = window
     while any(t.is_alive() for t in threads):
@@ -118,10 +135,13 @@ def run(
             good = [r[4] * 1e3 for r in recent if r[2] == 200 and r[3] == 200]
             try:
                 rss_series.append((elapsed, worker_rss(management, model)))
+                pids.add(tuple(worker_pids(management, model)))
             except (requests.RequestException, psutil.Error):
                 pass
             w = {
                 "t_end_s": round(min(next_report, elapsed), 1),
+                "phase": phase(next_report - window),
+                "bad_sent": sum(r[2] != 200 for r in recent),
                 "requests": len(recent),
                 "unexpected": sum(r[2] != r[3] for r in recent),
                 "p50_ms": round(percentile(good, 50), 1),
@@ -140,6 +160,13 @@ def run(
     by_status = Counter(str(r[3]) for r in records)
     unexpected = Counter(f"{r[1]}: expected {r[2]}, got {r[3]}" for r in records if r[2] != r[3])
     good = [r[4] * 1e3 for r in records if r[2] == 200 and r[3] == 200]
+    pids.add(tuple(worker_pids(management, model)))
+    by_phase = {
+        ph: [r[4] * 1e3 for r in records if r[2] == 200 and r[3] == 200 and phase(r[0]) == ph]
+        for ph in ("clean", "mixed")
+    }
+    mixed_requests = [r for r in records if phase(r[0]) == "mixed"]
+    p99 = {ph: round(percentile(v, 99), 1) for ph, v in by_phase.items()}
     return {
         "environment": environment(),
         "duration_s": duration,
@@ -159,6 +186,14 @@ def run(
             "end": round(rss_end / 2**20, 1),
             "growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2),
         },
+        "interleaved": {
+            "window_s": window,
+            "good_p99_ms": p99,
+            "good_p50_ms": {ph: round(percentile(v, 50), 1) for ph, v in by_phase.items()},
+            "p99_mixed_over_clean": round(p99["mixed"] / p99["clean"], 3) if p99["clean"] else None,
+            "bad_share_of_mixed": round(sum(r[2] != 200 for r in mixed_requests) / max(len(mixed_requests), 1), 3),
+        },
+        "worker_restarts": len(pids) - 1,  # distinct worker PID sets seen, less the first
         "windows": windows,
     }
 
@@ -178,8 +213,12 @@ def plot(report: dict, path: Path) -> None:
     a.legend()
     a.set_title(
         f"soak: {report['requests']} requests, {report['unexpected_failures']} unexpected, "
-        f"concurrency {report['concurrency']}"
+        f"{report['worker_restarts']} restarts, concurrency {report['concurrency']} (shaded: mixed windows)"
     )
+    for x in w:  # mixed windows (bad and hostile requests among the good) shaded
+        if x.get("phase") == "mixed":
+            for ax in (a, b):
+                ax.axvspan(x["t_end_s"] - report["interleaved"]["window_s"], x["t_end_s"], color="0.9", lw=0)
     b.plot(t, [x["rss_mib"] for x in w], color="tab:red")
     b.set_ylabel("worker RSS (MiB)")
     b.set_xlabel("time (s)")
@@ -216,8 +255,18 @@ def main(argv=None) -> int:
         f"{report['good_latency_ms']['p99']} ms; worker RSS {report['worker_rss_mib']['start']} -> "
         f"{report['worker_rss_mib']['end']} MiB ({report['worker_rss_mib']['growth_pct']:+.1f} %)"
     )
+    i = report["interleaved"]
+    print(
+        f"good p99 clean/mixed windows {i['good_p99_ms']['clean']}/{i['good_p99_ms']['mixed']} ms "
+        f"({i['p99_mixed_over_clean']}x; bad share of mixed {i['bad_share_of_mixed']:.0%}); "
+        f"worker restarts {report['worker_restarts']}"
+    )
     print(f"wrote {args.out / 'soak.json'} and {args.out / 'soak.png'}")
-    ok = report["unexpected_failures"] == 0 and report["worker_rss_mib"]["growth_pct"] <= args.max_rss_growth
+    ok = (
+        report["unexpected_failures"] == 0
+        and report["worker_restarts"] == 0
+        and report["worker_rss_mib"]["growth_pct"] <= args.max_rss_growth
+    )
     return 0 if ok else 1
 
 

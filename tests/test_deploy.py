@@ -76,6 +76,8 @@ def test_entrypoint_serves_outside_docker(tmp_path, photos):
         LOG_LOCATION=str(tmp_path / "logs"),
         METRICS_LOCATION=str(tmp_path / "logs"),
         PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        DRAIN_SECONDS="6",
+        DRAIN_FILE=str(tmp_path / "draining"),
     )
     out = open(tmp_path / "entrypoint.out", "wb")
     proc = subprocess.Popen(
@@ -105,13 +107,50 @@ def test_entrypoint_serves_outside_docker(tmp_path, photos):
         run = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stdout + run.stderr[-2000:]
         assert not re.search(r"\| +(torch|requests|numpy)$", run.stderr, re.M)
+        assert_drains_on_sigterm(proc, base, probe, env, photos["coffee"])
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # what `docker stop` does to PID 1
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # the drain check failed before PID 1 exited
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def assert_drains_on_sigterm(proc, base: str, probe: list, env: dict, body: bytes) -> None:
+    """What `docker stop` / a rolling update does to PID 1, with two clients standing in for a load
+    balancer: readiness goes off at once; they keep sending for the drain (DRAIN_SECONDS, the time a
+    balancer takes to drop the pod) and then stop starting new requests. Every request sent gets its
+    200 (the ones in flight when the drain ends included: TorchServe is stopped only once idle), PID 1
+    exits 0, and afterwards the port refuses connections."""
+    import threading
+
+    drain = float(env["DRAIN_SECONDS"])
+    os.kill(proc.pid, signal.SIGTERM)  # PID 1 alone (entrypoint.sh exec'd serve.py foreground)
+    t_term = time.monotonic()
+    while subprocess.run(probe, env=env, capture_output=True).returncode == 0:
+        assert time.monotonic() - t_term < 30, "readiness still on 30 s after SIGTERM"
+        time.sleep(0.1)
+    outcomes: list = []
+
+    def client() -> None:
+        s = requests.Session()
+        while time.monotonic() - t_term < drain:
+            try:
+                outcomes.append(s.put(f"{base}/predictions/all", data=body, timeout=120).status_code)
+            except requests.RequestException as exc:
+                outcomes.append(repr(exc))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert proc.wait(timeout=120) == 0
+    assert outcomes and all(o == 200 for o in outcomes), [o for o in outcomes if o != 200]
+    with pytest.raises(requests.ConnectionError):
+        requests.put(f"{base}/predictions/all", data=body, timeout=30)
 
 
 def manifests() -> list[tuple[str, dict]]:

@@ -129,3 +129,55 @@ def test_probes_work_with_token_authorisation(secure_server, tmp_path):
     no_keys = ["--key-file", str(tmp_path / "none.json")]
     run = subprocess.run([*probe, "live", *urls, *no_keys], capture_output=True, text=True)
     assert run.returncode == 1 and "not live" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def updatable_server(tmp_path_factory):
+    """Token authorisation on and the management API's model calls on: what `make update` needs."""
+    extra = {"disable_token_authorization": "false", "enable_model_api": "true"}
+    ts = start(tmp_path_factory.mktemp("updatable"), None, extra, token=True)
+    yield ts
+    ts.stop()
+
+
+def test_update_under_steady_load_loses_no_request(updatable_server, photos):
+    """A new model set replaces the running one through TorchServe's versioning (register 2.0 with its
+    worker warmed up, make it the default, unregister 1.0) while two clients keep sending: every request
+    sent gets a 200, and afterwards only 2.0 is registered."""
+    import threading
+
+    from multidet.packaging import build_mar_isolated
+    from multidet.server import replace_model
+
+    ts = updatable_server
+    url, auth = f"{ts.inference}/predictions/all", ts.auth("inference")
+    stop, outcomes = threading.Event(), []
+
+    def client() -> None:
+        s = requests.Session()
+        while not stop.is_set():
+            try:
+                outcomes.append(s.put(url, data=photos["coffee"], headers=auth, timeout=300).status_code)
+            except requests.RequestException as exc:
+                outcomes.append(repr(exc))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    new = mar_options(threshold=0.3, version="2.0", archive_name="all-2.0")  # another set of settings
+    build_mar_isolated(new, ts.workdir / "model_store")
+    busy = ts.workdir / "tmp" / "multidet-busy"  # the server's TMPDIR: where its handlers mark themselves busy
+    removed = replace_model(
+        ts.management, "all-2.0.mar", "2.0", headers=ts.auth("management"), log=lambda _: None, busy=busy
+    )
+    switched = len(outcomes)
+    deadline = time.monotonic() + 600
+    while len(outcomes) < switched + 4 and time.monotonic() < deadline:  # some requests on 2.0 too
+        time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=300)
+    assert removed == ["1.0"]
+    assert outcomes and all(o == 200 for o in outcomes), [o for o in outcomes if o != 200][:5]
+    versions = requests.get(f"{ts.management}/models/all/all", headers=ts.auth("management"), timeout=30).json()
+    assert [v["modelVersion"] for v in versions] == ["2.0"]

