@@ -37,6 +37,7 @@ class EfficientDetHandler(BaseHandler):
         self.detector = Detector.from_model_set(
             model_dir / settings.model_set, settings, device, model_dir / settings.artifact_dir
         )
+        self.busy_marker = self.marker_for(context)
         warm = self.detector.warmup() if settings.warmup else None
         self.initialized = True
         logger.info(
@@ -61,21 +62,28 @@ class EfficientDetHandler(BaseHandler):
 
     @contextlib.contextmanager
     def busy(self):
-        """While a batch is handled, a marker ``<model>-<version>-<pid>`` in the busy folder
-        (multidet.server.busy_dir): a draining server, or an update unregistering this version, waits
-        until no worker is inside the handler."""
-        model = (getattr(self.context, "manifest", None) or {}).get("model", {})
-        marker = busy_dir() / f"{model.get('modelName', 'model')}-{model.get('modelVersion', '0')}-{os.getpid()}"
-        try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
+        """While a batch is handled, this worker's marker exists (``busy_marker``): a draining server, or an
+        update unregistering this version, waits until no worker is inside the handler."""
+        marker = self.busy_marker
+        if marker is not None:
             marker.touch()
-        except OSError:
-            marker = None  # a read-only /tmp: no markers, nothing else changes
         try:
             yield
         finally:
             if marker is not None:
                 marker.unlink(missing_ok=True)
+
+    @staticmethod
+    def marker_for(context) -> Path | None:
+        """``<model>-<version>-<pid>`` in the busy folder (multidet.server.busy_dir), its folder made once;
+        None where it cannot be written (a read-only /tmp: no markers, nothing else changes)."""
+        model = (getattr(context, "manifest", None) or {}).get("model", {})
+        marker = busy_dir() / f"{model.get('modelName', 'model')}-{model.get('modelVersion', '0')}-{os.getpid()}"
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return None
+        return marker
 
     def describe_handle(self):
         """``GET /models/all?customized=true``: the model set this worker serves."""

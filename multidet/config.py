@@ -7,9 +7,20 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any
 
 NAME = re.compile(r"^[a-z0-9_]+$")  # a model's name (the model set file, Settings.models)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one image may cost the decoder (multidet.decode); each is a setting of the same name."""
+
+    max_image_pixels: int = 40_000_000  # width x height, from the header; larger: 413
+    max_jpeg_scans: int = 100  # progressive JPEGs have ~10; each scan is a pass over the image; more: 422
+    max_gif_blocks: int = 4096  # extension sub-blocks before the first frame (comments, XMP: ~1 MB); more: 422
+    max_rle_pixels: int = 4_000_000  # run-length BMP: Pillow decodes it in Python (~0.4 us a pixel); larger: 413
 
 
 class ConfigError(ValueError):
@@ -24,10 +35,11 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threshold: float = 0.5  # default score threshold, per request overridable
     max_detections: int = 100  # per model and image, after NMS
-    max_image_pixels: int = 40_000_000  # larger images are refused from their header (413)
-    max_jpeg_scans: int = 100  # a JPEG with more scans is refused (422): each is a pass over the image
-    max_gif_blocks: int = 4096  # GIF extension sub-blocks before the first frame; more: 422
-    max_rle_pixels: int = 4_000_000  # run-length BMPs decode slowly (Python); larger: 413
+    # what one image may cost the decoder (DecodeLimits: the defaults and what each bounds)
+    max_image_pixels: int = DecodeLimits.max_image_pixels
+    max_jpeg_scans: int = DecodeLimits.max_jpeg_scans
+    max_gif_blocks: int = DecodeLimits.max_gif_blocks
+    max_rle_pixels: int = DecodeLimits.max_rle_pixels
     max_instances: int = 16  # images in one request (KServe v1 instances); more: 413
     max_request_pixels: int = 80_000_000  # pixels of all of one request's images together; more: 413
     model_set: str = "models.yaml"  # the model set file, relative to the model directory
@@ -44,7 +56,7 @@ class Settings:
             raise ConfigError(f"max_detections must be >= 1, got {self.max_detections}")
         if self.max_instances < 1:
             raise ConfigError(f"max_instances must be >= 1, got {self.max_instances}")
-        for key in ("max_image_pixels", "max_jpeg_scans", "max_gif_blocks", "max_rle_pixels", "max_request_pixels"):
+        for key in [f.name for f in fields(DecodeLimits)] + ["max_request_pixels"]:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         bad = [m for m in self.models if not isinstance(m, str) or not NAME.match(m)]
@@ -74,10 +86,8 @@ class Settings:
                 raise ConfigError(f"setting {key}={raw!r}: {exc}") from exc
         return cls(**kwargs)
 
-    @property
-    def decode_limits(self):
-        from .decode import DecodeLimits
-
+    @cached_property
+    def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(**{f.name: getattr(self, f.name) for f in fields(DecodeLimits)})
 
     def to_mapping(self) -> dict[str, Any]:

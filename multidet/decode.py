@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import (  # noqa: F401  (the accepted formats' parsers, registered for Image.open(formats=...))
@@ -27,18 +26,8 @@ from PIL import (  # noqa: F401  (the accepted formats' parsers, registered for 
     WebPImagePlugin,
 )
 
+from .config import DecodeLimits
 from .errors import BadRequest, CorruptImage, ImageTooComplex, ImageTooLarge, UnsupportedImage
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """What one image may cost the decoder (each a setting of the same name, ``Settings.decode_limits``)."""
-
-    max_image_pixels: int = 40_000_000  # width x height, from the header
-    max_jpeg_scans: int = 100  # progressive JPEGs have ~10; each scan is a pass over the whole image
-    max_gif_blocks: int = 4096  # extension sub-blocks before the first frame (comments, XMP: ~1 MB)
-    max_rle_pixels: int = 4_000_000  # run-length BMP: Pillow decodes it in Python (~0.4 us a pixel)
-
 
 # Formats we accept (Pillow's format names). MPO is the multi-picture JPEG many cameras write.
 ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF")

@@ -26,7 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .decode import DecodeLimits, header_pixels
+from .config import DecodeLimits, Settings
+from .decode import header_pixels
 from .errors import BadRequest, InputError, RequestTooLarge, TooManyInstances, UnsupportedImage
 
 QUERY_PARAMETERS = ("threshold", "models")
@@ -125,9 +126,9 @@ class Envelope(ABC):
     instance that is wrong on its own comes back as its InputError (the others are still run)."""
 
     name: ClassVar[str]
-    max_instances: int = 16  # images one request may carry (KServe v1); more: 413 (Settings.max_instances)
-    limits: DecodeLimits = DecodeLimits()  # what its images may cost to decode, together (max_request_pixels)
-    max_request_pixels: int = 80_000_000
+    max_instances: int = Settings.max_instances  # images one request may carry (KServe v1); more: 413
+    max_request_pixels: int = Settings.max_request_pixels  # their pixels together (headers); more: 413
+    limits: DecodeLimits = DecodeLimits()  # what reading their headers may cost
 
     @classmethod
     @abstractmethod
@@ -251,8 +252,8 @@ def parse_request(
     row: Mapping[str, Any],
     headers: Mapping[str, str] | None,
     loaded: Sequence[str],
-    max_instances: int = 16,
-    max_request_pixels: int = 80_000_000,
+    max_instances: int = Settings.max_instances,
+    max_request_pixels: int = Settings.max_request_pixels,
     limits: DecodeLimits | None = None,
 ) -> ParsedRequest | InputError:
     """Recognise the request's format and parse it; a request wrong as a whole is its InputError. Nothing a

@@ -65,6 +65,9 @@ class Recipe:
     val_count: int = 200
     source: Path | None = None
 
+    def model(self, name: str) -> ModelRecipe:
+        return next(m for m in self.models if m.name == name)
+
     def dataset(self, name: str, split: str) -> Path:
         return self.data / name / split
 
@@ -128,7 +131,7 @@ def read_recipe(path: Path, model_set: ModelSet, root: Path | None = None) -> Re
 def data_spec(recipe: Recipe, model_set: ModelSet, name: str):
     from .synthetic import DataSpec
 
-    r = next(m for m in recipe.models if m.name == name)
+    r = recipe.model(name)
     return DataSpec(name, model_set[name].class_names, r.class_ids)
 
 
@@ -191,7 +194,7 @@ def train_all(recipe: Recipe, model_set: ModelSet, progress=None, say: Callable[
 def phase_configs(recipe: Recipe, model_set: ModelSet, name: str) -> list:
     """The TrainConfig of each of ``name``'s phases: the first starts where the recipe says, each next
     one from the last one's result (``<run>/phase<k>``; one phase: ``<run>``)."""
-    r = next(m for m in recipe.models if m.name == name)
+    r = recipe.model(name)
     runs = r.runs()
     configs = []
     for k, overrides in enumerate(runs):
@@ -205,20 +208,20 @@ def phase_configs(recipe: Recipe, model_set: ModelSet, name: str) -> list:
 
 def phase_run(recipe: Recipe, name: str, k: int) -> Path:
     """Where phase ``k`` (0-based) of ``name`` runs: ``<run>/phase<k+1>``, or ``<run>`` for one phase."""
-    r = next(m for m in recipe.models if m.name == name)
+    r = recipe.model(name)
     return recipe.run(name) / f"phase{k + 1}" if len(r.runs()) > 1 else recipe.run(name)
 
 
 def final_run(recipe: Recipe, name: str) -> Path:
     """The run that holds ``name``'s result (its last phase's)."""
-    r = next(m for m in recipe.models if m.name == name)
+    r = recipe.model(name)
     return phase_run(recipe, name, len(r.runs()) - 1)
 
 
 def shared_dataset(recipe: Recipe, model_set: ModelSet, name: str) -> Path:
     """``name``'s train split joined with the train splits of its ``also_train_on`` models, their class
     ids mapped to ``name``'s by object kind: ``<data>/<name>/train_shared`` (images linked, not copied)."""
-    r = next(m for m in recipe.models if m.name == name)
+    r = recipe.model(name)
     out = recipe.dataset(name, "train_shared")
     own = json.loads((recipe.dataset(name, "train") / "annotations.json").read_text())
     sources = [(name, own, None)] + [
@@ -268,7 +271,7 @@ def train_config(recipe: Recipe, model_set: ModelSet, name: str, recipe_fields: 
     TrainConfig's defaults (an ablation's base then does not change when the recipe does)."""
     from .training import TrainConfig
 
-    r = next(m for m in recipe.models if m.name == name)
+    r = recipe.model(name)
     entry = model_set[name]
     fields_ = dict(
         model=name,

@@ -10,7 +10,6 @@ while the worker is still loading).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ from pathlib import Path
 import requests
 
 from .packaging import MarOptions, build_mar_isolated
-from .tsconfig import PORT_KEYS, derived, read_properties, write_properties
+from .tsconfig import PORT_KEYS, bearer, derived, read_properties, write_properties
 
 BIN = Path(sys.executable).parent
 
@@ -90,11 +89,10 @@ def replace_model(
 ) -> list[str]:
     """Replace a running model by another version without losing a request, through TorchServe's model
     versioning: register ``archive`` (a .mar in the server's model store, holding ``version``) with its
-    workers loaded, make it the default (new requests go to it), then unregister every other version
-    (TorchServe lets their workers finish what they hold). Needs the management API's model calls
-    (``enable_model_api=true``; keep token authorisation on then). An old version is unregistered only
-    once idle (its queue empty and no worker of it inside the handler: ``busy``, default ``busy_dir()``):
-    TorchServe answers 500 for a job still on a worker it stops. Returns the versions removed."""
+    workers loaded, make it the default (new requests go to it), then unregister every other version once
+    it is idle (its queue empty and no worker of it inside the handler: ``busy``, default ``busy_dir()``):
+    TorchServe answers 500 for a job still on a worker it stops. Needs the management API's model calls
+    (``enable_model_api=true``; keep token authorisation on then). Returns the versions removed."""
     headers = headers or {}
     busy = busy or busy_dir()
 
@@ -146,10 +144,7 @@ class TorchServe:
         return "\n".join(path.read_text(errors="replace").splitlines()[-tail:]) if path.exists() else ""
 
     def auth(self, kind: str) -> dict:
-        key_file = self.workdir / "key_file.json"
-        if not self.token or not key_file.exists():
-            return {}
-        return {"Authorization": f"Bearer {json.loads(key_file.read_text())[kind]['key']}"}
+        return bearer(self.workdir / "key_file.json", kind) if self.token else {}
 
     def ready_workers(self, model: str = "all") -> list[dict]:
         return ready_workers(self.management, model, self.auth("management"))

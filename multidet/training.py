@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -312,7 +312,7 @@ def recalibrate_bn(state: dict, cfg: TrainConfig, images: int, device: torch.dev
     variances are replaced by their average over ``images`` training images letterboxed as the service
     does (scale 1), every other weight untouched. Returns the new state."""
     size = serve_size(cfg.architecture)
-    at_serve = TrainConfig(**{**asdict(cfg), "image_size": size, "batch_size": 4, "workers": cfg.workers})
+    at_serve = replace(cfg, image_size=size, batch_size=4)
     device = device or torch.device("cpu")
     net = training_network(at_serve)
     net.load_state_dict(state)

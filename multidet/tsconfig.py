@@ -66,6 +66,17 @@ def derived(
     return out
 
 
+def bearer(key_file: Path | str, kind: str) -> dict[str, str]:
+    """The Authorization header for ``kind`` (inference/management) from TorchServe's key_file.json, or {}
+    when there is none (token authorisation off)."""
+    import json
+
+    try:
+        return {"Authorization": f"Bearer {json.loads(Path(key_file).read_text())[kind]['key']}"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def write_properties(props: dict[str, str], path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Health probes for containers and Kubernetes: standard library only (no torch, no requests import:
-a probe runs every few seconds), token-aware.
+"""Health probes for containers and Kubernetes: the standard library and multidet.tsconfig only (no
+torch, no requests import: a probe runs every few seconds), token-aware.
 
     python scripts/probe.py live     # the frontend answers /ping
     python scripts/probe.py ready    # /ping answers AND the model has a READY worker (loaded, warmed up)
@@ -22,6 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from multidet.tsconfig import bearer, read_properties
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,13 +31,6 @@ def address(props: dict[str, str], key: str, env: str) -> str:
     host = props[key].rsplit(":", 1)[0].replace("0.0.0.0", "127.0.0.1")
     port = os.environ.get(env) or props[key].rsplit(":", 1)[1]
     return f"{host}:{port}"
-
-
-def token(key_file: Path, kind: str) -> dict[str, str]:
-    try:
-        return {"Authorization": f"Bearer {json.loads(key_file.read_text())[kind]['key']}"}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}  # token authorisation off (no key file)
 
 
 def get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
@@ -58,13 +53,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="all")
     p.add_argument("--timeout", type=float, default=4)
     args = p.parse_args(argv)
-    props = {}
-    for line in args.config.read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith("#"):
-            k, v = line.split("=", 1)
-            props[k.strip()] = v.strip()
+    props = read_properties(args.config)
     inference = args.inference or address(props, "inference_address", "INFERENCE_PORT")
-    status, body = get(f"{inference}/ping", token(args.key_file, "inference"), args.timeout)
+    status, body = get(f"{inference}/ping", bearer(args.key_file, "inference"), args.timeout)
     if status != 200:
         print(f"not live: {inference}/ping answered {status or body.decode(errors='replace')}")
         return 1
@@ -75,7 +66,7 @@ def main(argv=None) -> int:
         print(f"not ready: draining ({drain_file})")
         return 1
     management = args.management or address(props, "management_address", "MANAGEMENT_PORT")
-    status, body = get(f"{management}/models/{args.model}", token(args.key_file, "management"), args.timeout)
+    status, body = get(f"{management}/models/{args.model}", bearer(args.key_file, "management"), args.timeout)
     try:
         workers = json.loads(body)[0].get("workers", []) if status == 200 else []
     except (ValueError, LookupError, AttributeError):

@@ -15,7 +15,6 @@ With --secure, TorchServe writes key_file.json (git-ignored) in the repository r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -25,18 +24,12 @@ from pathlib import Path
 from paths import ROOT
 
 from multidet import server
-from multidet.tsconfig import ADDRESS_KEYS, EXPOSED, PORT_KEYS, derived, read_properties, write_properties
+from multidet.tsconfig import ADDRESS_KEYS, EXPOSED, PORT_KEYS, bearer, derived, read_properties, write_properties
 
 
 def auth(kind: str) -> dict:
     """The bearer header for ``kind`` (inference/management) when token authorisation is on."""
-    key_file = ROOT / "key_file.json"
-    if not key_file.exists():
-        return {}
-    try:
-        return {"Authorization": f"Bearer {json.loads(key_file.read_text())[kind]['key']}"}
-    except (ValueError, KeyError):
-        return {}
+    return bearer(ROOT / "key_file.json", kind)
 
 
 def healthy(inference: str) -> bool:

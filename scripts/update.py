@@ -13,7 +13,6 @@ management key comes from key_file.json (TorchServe writes it when token authori
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from multidet.config import ConfigError
 from multidet.packaging import build_mar
 from multidet.runners import SERVABLE
 from multidet.server import replace_model
-from multidet.tsconfig import read_properties
+from multidet.tsconfig import bearer, read_properties
 
 
 def main(argv=None) -> int:
@@ -42,11 +41,7 @@ def main(argv=None) -> int:
     props = read_properties(args.config)
     management = args.management or props["management_address"]
     store = args.model_store or (ROOT / props["model_store"])
-    try:
-        keys = json.loads(args.key_file.read_text())
-        headers = {"Authorization": f"Bearer {keys['management']['key']}"}
-    except (OSError, ValueError, KeyError):
-        headers = {}
+    headers = bearer(args.key_file, "management")
     try:
         versions = requests.get(f"{management}/models/{args.model}/all", headers=headers, timeout=30).json()
         current = max(float(v["modelVersion"]) for v in versions)
