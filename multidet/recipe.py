@@ -1,8 +1,9 @@
 """The training recipe as data (``training.yaml`` beside the model set): per model, its synthetic data
-(counts, class ids), where it starts (scratch or another model's run) and how long it trains.
+(counts, class ids), where it starts (scratch, another model's run, or its own current weights) and
+how long it trains.
 
 ``read_recipe`` checks the file against the model set (every recipe model is in the set; ``init``
-names an earlier model); ``datasets``, ``train_all`` and ``evaluate_all`` are what ``make dataset``,
+names an earlier model, or the model itself); ``datasets``, ``train_all`` and ``evaluate_all`` are what ``make dataset``,
 ``make train`` and ``make eval`` run (``scripts/recipe.py``). Nothing here knows a model's name.
 """
 
@@ -44,7 +45,9 @@ class ModelRecipe:
     name: str
     train_count: int
     class_ids: tuple[int, ...] | None = None  # the ids its data draws (None: every named class)
-    init: str | None = None  # a model trained before it in the recipe (None: from scratch)
+    # a model trained before it in the recipe (its class layer sliced by kind), or its own name: continue
+    # from its current weights in the model set (None: from scratch)
+    init: str | None = None
     train: dict = field(default_factory=dict)  # TrainConfig fields: steps, image_size, lr, ...
     # runs one after another, each from the last one's weights (TrainConfig fields over ``train``);
     # empty: one run of ``train``
@@ -96,8 +99,11 @@ def read_recipe(path: Path, model_set: ModelSet, root: Path | None = None) -> Re
         unknown = set(m) - {"name", "train_count", "class_ids", "init", "phases", "also_train_on"} - train_keys
         if unknown:
             raise ConfigError(f"{where} ({m['name']}): unknown key(s) {sorted(unknown)}")
-        if m.get("init") is not None and m["init"] not in seen:
-            raise ConfigError(f"{where} ({m['name']}): init {m['init']!r} must be a model trained before it")
+        if m.get("init") is not None and m["init"] not in seen + [m["name"]]:
+            raise ConfigError(
+                f"{where} ({m['name']}): init {m['init']!r} must be a model trained before it, or its own name "
+                "(continue from its weights in the model set)"
+            )
         phases = m.get("phases") or []
         if not isinstance(phases, list) or any(not isinstance(p, dict) or set(p) - train_keys for p in phases):
             raise ConfigError(f"{where} ({m['name']}): phases must be a list of {{{', '.join(sorted(train_keys))}}}")
@@ -280,9 +286,9 @@ def train_config(recipe: Recipe, model_set: ModelSet, name: str, recipe_fields: 
         train_dir=recipe.dataset(name, "train"),
         val_dir=recipe.dataset(name, "val"),
         out_dir=recipe.run(name),
-        init=final_run(recipe, r.init) if r.init else None,
+        init=(model_set.source if r.init == name else final_run(recipe, r.init)) if r.init else None,
         init_model=r.init,
-        head_map=head_map(recipe, model_set, name, r.init) if r.init else None,
+        head_map=head_map(recipe, model_set, name, r.init) if r.init and r.init != name else None,
         seed=recipe.seed,
     )
     if recipe_fields:

@@ -12,7 +12,7 @@ import torch
 
 from helpers import IMAGES, NAMES, ROOT, SHIPPED
 from multidet.checkpoints import CheckpointMeta, load_checkpoint
-from multidet.config import Settings
+from multidet.config import ConfigError, Settings
 from multidet.modelset import read_model_set
 from multidet.pipeline import Detector
 from multidet.synthetic import DataSpec, make_dataset
@@ -199,6 +199,17 @@ def test_recipe_phases_and_shared_data(tmp_path):
     # the second model's kind k (its id k) is the first's k-th id: 1 -> 5, 2 -> 9, other kinds dropped
     assert {a["category_id"] for a in ann["annotations"]} <= {5, 9}
     assert shared_dataset(recipe, SET, first) == joined  # up to date: kept
+
+    # its own name as init: continue from its current weights in the model set, every layer kept
+    raw = yaml.safe_load(recipe_file.read_text())
+    raw["models"][0]["init"] = first
+    recipe_file.write_text(yaml.safe_dump(raw))
+    again = phase_configs(read_recipe(recipe_file, SET), SET, first)
+    assert again[0].init == SET.source and again[0].init_model == first and again[0].head_map is None
+    raw["models"][0]["init"] = second  # not trained before it
+    recipe_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="trained before it, or its own name"):
+        read_recipe(recipe_file, SET)
 
 
 def test_backbone_seeded_from_imagenet_lite0():
