@@ -3,8 +3,9 @@
 how long it trains.
 
 ``read_recipe`` checks the file against the model set (every recipe model is in the set; ``init``
-names an earlier model, or the model itself); ``datasets``, ``train_all`` and ``evaluate_all`` are what ``make dataset``,
-``make train`` and ``make eval`` run (``scripts/recipe.py``). Nothing here knows a model's name.
+names an earlier model, or the model itself); ``datasets``, ``train_all`` and ``evaluate_all`` are
+what ``make dataset``, ``make train`` and ``make eval`` run (``scripts/recipe.py``). Nothing here
+knows a model's name.
 """
 
 from __future__ import annotations

@@ -176,6 +176,26 @@ class TorchServe:
         self.stop()
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What serving this project from a checkout takes: the handler file, the model set file,
+    TorchServe's config.properties and the INT8 calibration photos (the command line resolves them)."""
+
+    handler: Path
+    model_set: Path
+    config: Path
+    calibration_photos: Path | None = None
+
+    def mar(self, **values) -> MarOptions:
+        """MarOptions.of(...) with this checkout's handler, model set and calibration photos filled in."""
+        fixed = {"handler": self.handler, "model_set": self.model_set, "calibration_photos": self.calibration_photos}
+        return MarOptions.of(**{**fixed, **values})
+
+    def start(self, workdir: Path, timeout: float = 600, **values) -> TorchServe:
+        """A TorchServe serving the archive ``mar(**values)`` builds, from this checkout's config."""
+        return start_torchserve(workdir, self.mar(**values), self.config, timeout=timeout)
+
+
 def start_torchserve(
     workdir: Path,
     mar: MarOptions,

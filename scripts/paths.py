@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from multidet.packaging import MarOptions
+from multidet.server import Serving
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER = ROOT / "handlers" / "efficientdet_handler.py"
@@ -17,6 +18,9 @@ CONFIG = ROOT / "config.properties"  # TorchServe's settings
 OUTPUTS = ROOT / "outputs"
 
 
+SERVING = Serving(HANDLER, MODEL_SET, CONFIG, PHOTOS)  # what the measuring scripts serve
+
+
 def mar_options(**values) -> MarOptions:
     """MarOptions.of(...) with this checkout's handler, model set and calibration photos filled in."""
-    return MarOptions.of(**{"handler": HANDLER, "model_set": MODEL_SET, "calibration_photos": PHOTOS, **values})
+    return SERVING.mar(**values)

@@ -1,162 +1,26 @@
 #!/usr/bin/env python
 """Ablation: every optimisation path on one device, its latency and speed-up over the baseline, and
-the quality of its answer against the baseline's, all in one run so the ratios are comparable.
+the quality of its answer against the baseline's, all in one run (multidet.experiments.ablation).
 
     python scripts/run_ablation.py                                   # every path the device supports
     python scripts/run_ablation.py --paths baseline,channels_last --requests 4     # quick
     python scripts/run_ablation.py --device cuda --requests 100
 
-Latency: end to end per image in the core package (decode to response) at the serving threshold,
-paths interleaved request by request after a warm-up, the device synchronised around each clock
-read. Quality: each path's mAP@0.5 and mAP@[.5:.95] per model on the labelled val images
-(`make dataset`; --val-images per model), through the whole data path, and its verdict under its
-tier's rule (multidet.quality): exact paths must give the baseline's detections at the serving
-threshold (boxes within 0.5 px, scores within 1e-3) and its mAP within 0.1 points; reduced-precision
-paths must stay within 0.5 points of the baseline's mAP. Each path's build step
-(what `make mar` runs: the ONNX export, the AOT compile, the Inductor cache)
-is timed separately from its load. Writes outputs/ablation/ablation_results.json,
-ablation_report.txt, ablation.png (build artifacts in outputs/ablation/artifacts/).
+Writes outputs/ablation/ablation_results.json, ablation_report.txt, ablation.png (build artifacts in
+outputs/ablation/artifacts/); mAP on the labelled val images of `make dataset`.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
-from paths import MODEL_SET, PHOTOS, ROOT
+from paths import MODEL_SET, OUTPUTS, PHOTOS, ROOT
 
-from multidet.bench import environment, photos, summarize, write_outputs
-from multidet.config import Settings
-from multidet.device import select_device, synchronize
-from multidet.evaluation import EvalResult, evaluate
-from multidet.pipeline import Detector
-from multidet.quality import judge
-from multidet.runners import RUNNERS, SERVABLE, BuildContext, build_path, list_runners
-from multidet.timing import interleaved
-
-
-def map_quality(reference: dict[str, EvalResult], results: dict[str, EvalResult], tier: str) -> dict:
-    """The path's mAP on each model's labelled val images, and its verdict under its tier's rule
-    (multidet.quality): exact = the baseline's detections at the serving threshold on every image and
-    mAP within 0.1 points; reduced = mAP at most 0.5 points below the baseline's."""
-    keys = [(m, i) for m in reference for i in reference[m].detections]
-    verdict = judge(
-        [reference[m].detections[i] for m, i in keys],
-        [results[m].detections[i] for m, i in keys],
-        {m: {"mAP@0.5": r.map50, "mAP": r.map} for m, r in reference.items()},
-        {m: {"mAP@0.5": r.map50, "mAP": r.map} for m, r in results.items()},
-        tier,
-    )
-    checks = verdict.checks
-    return {
-        "map50": {m: round(r.map50, 4) for m, r in results.items()},
-        "map": {m: round(r.map, 4) for m, r in results.items()},
-        "map50_mean": round(statistics.mean(r.map50 for r in results.values()), 4),
-        "map_mean": round(statistics.mean(r.map for r in results.values()), 4),
-        "delta_map50_points": round(100 * max((results[m].map50 - reference[m].map50 for m in reference), key=abs), 3),
-        "delta_map_points": round(100 * max((results[m].map - reference[m].map for m in reference), key=abs), 3),
-        "detections": sum(c.candidate for c in checks),
-        "matched": sum(c.matched for c in checks),
-        "missing": sum(c.missing for c in checks),
-        "extra": sum(c.extra for c in checks),
-        "swaps": sum(c.swaps for c in checks),
-        "max_box_diff_px": round(max((c.max_box_diff for c in checks), default=0.0), 5),
-        "max_score_diff": float(f"{max((c.max_score_diff for c in checks), default=0.0):.3g}"),
-        "images": sum(r.images for r in results.values()),
-        "same_answer": verdict.same,
-        "why_not": verdict.reasons,
-    }
-
-
-def plot(rows: list[dict], meta: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["path"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    colors = ["#4c72b0" if r["tier"] == "exact" else "#dd8452" for r in rows]
-    ax1.bar(names, [r["speedup_p50"] for r in rows], color=colors)
-    ax1.axhline(1.0, color="black", lw=0.8)
-    for i, r in enumerate(rows):
-        ax1.text(
-            i,
-            r["speedup_p50"],
-            f"{r['speedup_p50']:.2f}x\n{r['latency_ms']['p50']:.0f} ms",
-            ha="center",
-            va="bottom",
-            fontsize=7,
-        )
-    ax1.set_ylim(0, max(r["speedup_p50"] for r in rows) * 1.2)
-    ax1.set_ylabel("speed-up over baseline (p50 latency)")
-    ax1.set_title(f"{meta['device']} ({meta['device_name']}): blue exact, orange reduced precision", fontsize=9)
-    width = 0.4
-    xs = range(len(rows))
-    ax2.bar([x - width / 2 for x in xs], [r["quality"]["map50_mean"] for r in rows], width, label="mAP@0.5")
-    ax2.bar([x + width / 2 for x in xs], [r["quality"]["map_mean"] for r in rows], width, label="mAP@[.5:.95]")
-    ax2.set_xticks(list(xs), names)
-    ax2.set_ylim(0, 1.0)
-    for x, r in zip(xs, rows):
-        ax2.text(
-            x, r["quality"]["map50_mean"] + 0.01, "=" if r["quality"]["same_answer"] else "x", ha="center", fontsize=8
-        )
-    ax2.set_title(
-        "mAP on the labelled val images, mean of 3 models (=: the baseline's answer by the tier's rule)", fontsize=9
-    )
-    ax2.legend(fontsize=8, loc="lower left")
-    for ax in (ax1, ax2):
-        ax.tick_params(axis="x", labelsize=8)
-        plt.setp(ax.get_xticklabels(), rotation=35, ha="right", rotation_mode="anchor")
-    fig.suptitle(
-        f"Ablation, {meta['environment']['date'][:10]}, torch {meta['environment']['versions']['torch']}, "
-        f"{meta['requests']} requests/path",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def report(rows: list[dict], meta: dict) -> str:
-    env = meta["environment"]
-    lines = [
-        f"Ablation {env['date']}  {meta['device']} ({meta['device_name']}), {env['cpu_cores']} cores, "
-        f"torch {env['versions']['torch']}",
-        f"{meta['requests']} timed requests per path after {meta['warmup']} warm-up, interleaved; "
-        f"threshold {meta['threshold']}; photos {', '.join(meta['images'])}; "
-        f"quality: {meta['val_images']} labelled val images per model ({meta['val']})",
-        "",
-    ]
-    head = (
-        f"{'path':<24} {'tier':>7} {'p50 ms':>8} {'p99 ms':>8} {'mean':>8} {'std':>6} {'speed-up':>8} {'build s':>7} "
-        f"{'load s':>7} {'mAP@.5':>7} {'mAP':>6} {'dmAP pt':>7} {'max box':>8} {'same':>5}"
-    )
-    lines += [head, "-" * len(head)]
-    for r in rows:
-        q, lat = r["quality"], r["latency_ms"]
-        lines.append(
-            f"{r['path']:<24} {r['tier']:>7} {lat['p50']:>8.1f} {lat['p99']:>8.1f} "
-            f"{lat['mean']:>8.1f} {lat['std']:>6.1f} {r['speedup_p50']:>7.2f}x "
-            f"{r['build_s']:>7.1f} {r['load_s']:>7.1f} "
-            f"{q['map50_mean']:>7.3f} {q['map_mean']:>6.3f} {q['delta_map50_points']:>7.2f} "
-            f"{q['max_box_diff_px']:>8.3f} {'yes' if q['same_answer'] else 'NO':>5}"
-        )
-    best = max(
-        (r for r in rows if r["path"] != "auto"),  # auto is one of the others, chosen at load
-        key=lambda r: r["speedup_p50"] if r["quality"]["same_answer"] and r["tier"] == "exact" else 0,
-    )
-    lines += [
-        "",
-        "mAP@.5 / mAP: mean over the three models' val images (per model in the JSON); dmAP pt: the "
-        "largest change in mAP@.5 against the baseline, in points; same: the tier's rule (multidet.quality)",
-        f"fastest exact path with the baseline's answer: {best['path']} ({best['speedup_p50']:.2f}x, "
-        f"{best['latency_ms']['p50']:.1f} ms p50)",
-    ]
-    return "\n".join(lines) + "\n"
+from multidet.device import select_device
+from multidet.experiments import ablation
+from multidet.runners import RUNNERS, SERVABLE, list_runners
 
 
 def main(argv=None) -> int:
@@ -169,12 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--requests", type=int, default=24, help="timed requests per path")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "ablation")
+    p.add_argument("--model-set", type=Path, default=MODEL_SET)
+    p.add_argument("--out", type=Path, default=OUTPUTS / "ablation")
     p.add_argument(
-        "--val",
-        type=Path,
-        default=ROOT / "data",
-        help="folder with MODEL/val datasets (`make dataset`) for each path's mAP",
+        "--val", type=Path, default=ROOT / "data", help="folder with MODEL/val datasets (`make dataset`) for mAP"
     )
     p.add_argument("--val-images", type=int, default=50, help="val images per model for mAP (default 50; 200 = all)")
     args = p.parse_args(argv)
@@ -184,85 +46,18 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in RUNNERS]
     if unknown:
         p.error(f"unknown path(s) {unknown}; available: {SERVABLE}")
-    names = ["baseline"] + [n for n in names if n != "baseline" and RUNNERS[n].supports(device)]
-    images = photos(PHOTOS)
-    bodies = list(images.values())
-
-    detectors, load_s, build_s = {}, {}, {}
-    artifacts = args.out / "artifacts"  # each path's build step (ONNX export, AOT compile...), as make mar runs it
-    for name in names:
-        t0 = time.perf_counter()
-        if name != "baseline":
-            build_path(name, detectors["baseline"].models, artifacts, BuildContext(calibration_photos=PHOTOS))
-        build_s[name] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        det = Detector.from_model_set(MODEL_SET, Settings(optimization=name), device, artifacts)
-        for i in range(args.warmup):
-            det.predict_one(bodies[i % len(bodies)])
-        detectors[name], load_s[name] = det, time.perf_counter() - t0
-        print(
-            f"{name}: built in {build_s[name]:.1f} s, loaded as {det.description} in {load_s[name]:.1f} s "
-            f"(incl. {args.warmup} warm-up requests)",
-            flush=True,
-        )
-
-    evals = {}
-    for name, det in detectors.items():
-        t0 = time.perf_counter()
-        evals[name] = {m: evaluate(det, args.val / m / "val", m, limit=args.val_images) for m in det.model_names}
-        print(
-            f"mAP {name}: "
-            + "  ".join(f"{m} {r.map50:.3f}/{r.map:.3f}" for m, r in evals[name].items())
-            + f" ({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
-    t_start = time.perf_counter()
-
-    def progress(done: int, times: dict) -> None:
-        if done % max(1, args.requests // 6) == 0 or done == args.requests:
-            print(
-                f"{done}/{args.requests} ({time.perf_counter() - t_start:.0f} s): "
-                + "  ".join(f"{n} {statistics.median(v):.0f}" for n, v in times.items())
-                + " ms p50",
-                flush=True,
-            )
-
-    calls = {name: (lambda i, det=det: det.predict_one(bodies[i % len(bodies)])) for name, det in detectors.items()}
-    times = interleaved(calls, args.requests, sync=lambda: synchronize(device), progress=progress).ms
-
-    base = summarize(times["baseline"])
-    rows = []
-    for name, det in detectors.items():
-        lat = summarize(times[name])
-        rows.append(
-            {
-                "path": name,
-                "runs_as": det.description,
-                "tier": RUNNERS[name].tier,
-                "latency_ms": lat,
-                "speedup_p50": round(base["p50"] / lat["p50"], 3),
-                "speedup_mean": round(base["mean"] / lat["mean"], 3),
-                "build_s": round(build_s[name], 1),
-                "load_s": round(load_s[name], 1),
-                "quality": map_quality(evals["baseline"], evals[name], RUNNERS[name].tier),
-            }
-        )
-        print(f"quality {name}: {rows[-1]['quality']}", flush=True)
-    env = environment([device])
-    meta = {
-        "environment": env,
-        "device": str(device),
-        "device_name": env["devices"][str(device)],
-        "requests": args.requests,
-        "warmup": args.warmup,
-        "threshold": Settings().threshold,
-        "images": list(images),
-        "val": str(args.val.relative_to(ROOT) if args.val.is_relative_to(ROOT) else args.val),
-        "val_images": args.val_images,
-    }
-    write_outputs(args.out, "ablation", {"meta": meta, "paths": rows}, report(rows, meta))
-    plot(rows, meta, args.out / "ablation.png")
-    print(f"written: {args.out}/ablation.png")
+    result = ablation.run(
+        args.model_set,
+        names,
+        device,
+        PHOTOS,
+        args.val,
+        args.out / "artifacts",
+        requests=args.requests,
+        warmup=args.warmup,
+        val_images=args.val_images,
+    )
+    result.write(args.out)
     return 0
 
 

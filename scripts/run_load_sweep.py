@@ -1,162 +1,28 @@
 #!/usr/bin/env python
-"""HTTP latency and throughput under increasing load: Locust (the load_tests package, real JPEGs,
-every response checked) against a real TorchServe at 1, 2, 4, 8 ... concurrent users, with
-TorchServe's batching off and on.
+"""HTTP latency and throughput under increasing load (multidet.experiments.sweep): Locust (the
+load_tests package, real JPEGs, every response checked) against a real TorchServe at 1, 2, 4, 8 ...
+concurrent users, with TorchServe's batching off and on; TorchServe's own queue and worker figures per
+step, and the saturation point.
 
     python scripts/run_load_sweep.py                                  # 1,2,4,8 users x 30 s, batching off and on
     python scripts/run_load_sweep.py --users 1,2 --duration 5 --batching off     # quick (< 1 min)
     python scripts/run_load_sweep.py --url http://127.0.0.1:8080 --metrics-url http://127.0.0.1:8082
 
-Per step: achieved requests/s, client-side p50/p95/p99 and failures (Locust), and TorchServe's own
-figures for the same interval: queue time and frontend time per request (metrics endpoint
-counters), handler time per batch and requests per batch (the worker's metric lines in
-ts_log.log), so a reader sees whether latency grows in the queue or in the model. The saturation
-point is the first step after which adding users raises throughput by less than 10 %. Each
-configuration gets its own server (started here on free ports, stopped after) unless --url is
-given. Writes outputs/sweep/sweep.json, sweep.csv and sweep.png.
+Writes outputs/sweep/sweep_results.json, sweep_report.txt, sweep.csv and sweep.png; exits 1 when any
+request failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import subprocess
 import sys
-import tempfile
-import time
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
-import requests
-from paths import CONFIG, PHOTOS, ROOT, mar_options
+from paths import MODEL_SET, OUTPUTS, PHOTOS, ROOT, SERVING
 
-from multidet.bench import available_devices, backend_metrics, counter_delta, environment, photos, scrape_metrics
+from multidet.experiments import sweep
 from multidet.runners import SERVABLE
-from multidet.server import BIN, start_torchserve
-
-SATURATION_GAIN = 1.10
-
-
-def locust_step(host: str, users: int, duration: int, prefix: Path) -> dict:
-    cmd = [
-        str(BIN / "locust"),
-        "-f",
-        str(ROOT / "load_tests"),
-        "--headless",
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "-t",
-        f"{duration}s",
-        "--host",
-        host,
-        "--csv",
-        str(prefix),
-        "--only-summary",
-        "--stop-timeout",
-        "30",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=duration + 300)
-    stats_file = Path(f"{prefix}_stats.csv")
-    if not stats_file.exists():
-        raise RuntimeError(f"locust wrote no statistics (exit {r.returncode}):\n{r.stderr[-3000:]}")
-    rows = {row["Name"]: row for row in csv.DictReader(stats_file.open())}
-    row = rows.get("/predictions/all") or rows["Aggregated"]
-
-    def number(key: str) -> float:  # Locust writes "N/A" for a step in which no request completed
-        return float(row[key]) if row[key] not in ("", "N/A") else float("nan")
-
-    return {
-        "requests": int(row["Request Count"]),
-        "failures": int(row["Failure Count"]),
-        "rps": round(number("Requests/s"), 3),
-        "p50_ms": number("50%"),
-        "p95_ms": number("95%"),
-        "p99_ms": number("99%"),
-        "mean_ms": round(number("Average Response Time"), 1),
-        "max_ms": number("Max Response Time"),
-        "locust_exit": r.returncode,
-    }
-
-
-def server_figures(before: dict, after: dict, ts_log: Path | None, since: float, until: float) -> dict:
-    served = counter_delta(before, after, "ts_inference_requests_total")
-    out = {"served": int(served)}
-    if served > 0:
-        queue = counter_delta(before, after, "ts_queue_latency_microseconds") / served / 1e3
-        total = counter_delta(before, after, "ts_inference_latency_microseconds") / served / 1e3
-        out.update(queue_ms=round(queue, 2), frontend_ms=round(total, 2), worker_ms=round(total - queue, 2))
-    if ts_log is not None:
-        worker = backend_metrics(ts_log, since, until)
-        handler, sizes = worker.get("HandlerTime", []), worker.get("RequestsPerBatch", [])
-        if handler:
-            out["handler_ms_per_batch"] = round(sum(handler) / len(handler), 2)
-        if sizes:
-            out.update(batches=len(sizes), mean_batch_size=round(sum(sizes) / len(sizes), 2))
-    return out
-
-
-def saturation(steps: list[dict]) -> dict | None:
-    """The first step after which more users add < 10 % throughput (None if throughput kept rising)."""
-    for a, b in zip(steps, steps[1:]):
-        if b["rps"] < SATURATION_GAIN * a["rps"]:
-            return {"users": a["users"], "rps": a["rps"], "p50_ms": a["p50_ms"]}
-    return None
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for label, cfg in results["configs"].items():
-        users = [s["users"] for s in cfg["steps"]]
-        (line,) = axes[0].plot(users, [s["p50_ms"] for s in cfg["steps"]], "o-", label=f"{label} p50")
-        axes[0].plot(users, [s["p95_ms"] for s in cfg["steps"]], "s--", color=line.get_color(), label=f"{label} p95")
-        axes[1].plot(users, [s["rps"] for s in cfg["steps"]], "o-", color=line.get_color(), label=label)
-        axes[2].plot(
-            users,
-            [s["server"].get("queue_ms", 0) for s in cfg["steps"]],
-            "o-",
-            color=line.get_color(),
-            label=f"{label} queue",
-        )
-        axes[2].plot(
-            users,
-            [s["server"].get("worker_ms", 0) for s in cfg["steps"]],
-            "s--",
-            color=line.get_color(),
-            label=f"{label} worker",
-        )
-        if cfg.get("saturation"):
-            axes[1].axvline(cfg["saturation"]["users"], color=line.get_color(), ls=":", lw=1)
-    titles = (
-        "client latency (ms)",
-        "achieved requests/s (dotted: saturation)",
-        "TorchServe: queue vs worker ms/request",
-    )
-    axes[1].set_ylim(bottom=0)
-    for ax, title in zip(axes, titles):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(results["users"], [str(u) for u in results["users"]])
-        ax.set_xlabel("concurrent users")
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    env = results["environment"]
-    fig.suptitle(
-        f"Load sweep {env['date'][:10]}, {env['cpu']} ({env['cpu_cores']} cores), path {results['optimization']}, "
-        f"{results['duration_s']} s per step",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -170,120 +36,28 @@ def main(argv=None) -> int:
     p.add_argument("--url", default=None, help="use this running server instead of starting one per configuration")
     p.add_argument("--metrics-url", default=None, help="its metrics endpoint (with --url)")
     p.add_argument("--warmup", type=int, default=4, help="untimed requests before the first step")
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "sweep")
+    p.add_argument("--model-set", type=Path, default=MODEL_SET)
+    p.add_argument("--out", type=Path, default=OUTPUTS / "sweep")
     args = p.parse_args(argv)
-
-    levels = [int(u) for u in args.users.split(",")]
-    configs = ["external"] if args.url else [b.strip() for b in args.batching.split(",")]
-    if not set(configs) <= {"off", "on", "external"}:
+    batching = [b.strip() for b in args.batching.split(",")]
+    if not set(batching) <= {"off", "on"}:
         p.error("--batching takes off, on or off,on")
-    args.out.mkdir(parents=True, exist_ok=True)
-    images = photos(PHOTOS)
-    results = {
-        "environment": environment(available_devices()),
-        "optimization": args.optimization,
-        "duration_s": args.duration,
-        "users": levels,
-        "images": list(images),
-        "configs": {},
-    }
-    body = next(iter(images.values()))
-    for config in configs:
-        label = {
-            "off": "batching off",
-            "on": f"batching on (batchSize {args.batch_size}, maxBatchDelay {args.max_batch_delay} ms)",
-            "external": args.url,
-        }[config]
-        with ExitStack() as stack:
-            if config == "external":
-                host, metrics_url, ts_log = args.url, args.metrics_url, None
-            else:
-                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"sweep-{config}-")))
-                t0 = time.perf_counter()
-                mar = mar_options(optimization=args.optimization)
-                if config == "on":
-                    mar = replace(mar, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay)
-                server = stack.enter_context(start_torchserve(tmp, mar, CONFIG, timeout=600))
-                host, metrics_url, ts_log = server.inference, server.metrics, server.workdir / "logs" / "ts_log.log"
-                print(f"[{label}] TorchServe ready in {time.perf_counter() - t0:.0f} s at {host}", flush=True)
-            for _ in range(args.warmup):
-                requests.put(f"{host}/predictions/all", data=body, timeout=120)
-            steps = []
-            for users in levels:
-                before, since = scrape_metrics(metrics_url), time.time()
-                step = locust_step(host, users, args.duration, args.out / f"locust_{config}_{users}u")
-                until = time.time()
-                step = {
-                    "users": users,
-                    **step,
-                    "server": server_figures(before, scrape_metrics(metrics_url), ts_log, since, until),
-                }
-                steps.append(step)
-                srv = step["server"]
-                print(
-                    f"[{label}] {users} users: {step['rps']:.2f} req/s, "
-                    f"p50 {step['p50_ms']:.0f} / p95 {step['p95_ms']:.0f} / "
-                    f"p99 {step['p99_ms']:.0f} ms, {step['failures']} failures of {step['requests']}; server queue "
-                    f"{srv.get('queue_ms', float('nan')):.0f} ms, worker {srv.get('worker_ms', float('nan')):.0f} ms, "
-                    f"batch {srv.get('mean_batch_size', float('nan')):.1f}",
-                    flush=True,
-                )
-        results["configs"][label] = {"batching": config, "steps": steps, "saturation": saturation(steps)}
-
-    (args.out / "sweep.json").write_text(json.dumps(results, indent=2) + "\n")
-    with (args.out / "sweep.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(
-            [
-                "config",
-                "users",
-                "requests",
-                "failures",
-                "rps",
-                "p50_ms",
-                "p95_ms",
-                "p99_ms",
-                "mean_ms",
-                "queue_ms",
-                "worker_ms",
-                "handler_ms_per_batch",
-                "mean_batch_size",
-            ]
-        )
-        for label, cfg in results["configs"].items():
-            for s in cfg["steps"]:
-                srv = s["server"]
-                w.writerow(
-                    [
-                        label,
-                        s["users"],
-                        s["requests"],
-                        s["failures"],
-                        s["rps"],
-                        s["p50_ms"],
-                        s["p95_ms"],
-                        s["p99_ms"],
-                        s["mean_ms"],
-                        srv.get("queue_ms"),
-                        srv.get("worker_ms"),
-                        srv.get("handler_ms_per_batch"),
-                        srv.get("mean_batch_size"),
-                    ]
-                )
-    plot(results, args.out / "sweep.png")
-    for label, cfg in results["configs"].items():
-        sat = cfg["saturation"]
-        print(
-            f"{label}: "
-            + (
-                f"saturates at {sat['users']} users, {sat['rps']:.2f} req/s (p50 {sat['p50_ms']:.0f} ms)"
-                if sat
-                else "throughput still rising at the last step"
-            )
-        )
-    print(f"written: {args.out}/sweep.json, sweep.csv, sweep.png")
-    failures = sum(s["failures"] for cfg in results["configs"].values() for s in cfg["steps"])
-    return 1 if failures else 0
+    result = sweep.run(
+        replace(SERVING, model_set=args.model_set),
+        ROOT / "load_tests",
+        PHOTOS,
+        users=[int(u) for u in args.users.split(",")],
+        duration=args.duration,
+        batching=batching,
+        batch_size=args.batch_size,
+        max_batch_delay=args.max_batch_delay,
+        optimization=args.optimization,
+        warmup=args.warmup,
+        external=args.url,
+        external_metrics=args.metrics_url,
+    )
+    result.write(args.out)
+    return 1 if result.failures else 0
 
 
 if __name__ == "__main__":

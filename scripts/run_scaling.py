@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """How a request's cost grows with the number of models: p50 in-process and over HTTP for sets of
-1..8 copies of the default set's models, per path (multidet.scaling).
+1..8 copies of the default set's models, per path (multidet.experiments.scaling).
 
     python scripts/run_scaling.py                                   # the full run (~20 min on 2 cores)
     python scripts/run_scaling.py --sizes 1,2 --paths baseline,grouped --requests 3 --no-http   # quick
@@ -11,18 +11,14 @@ Writes OUT/scaling_results.json, scaling_report.txt and scaling.png.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
-from paths import CONFIG, MODEL_SET, OUTPUTS, PHOTOS, mar_options
+from paths import MODEL_SET, OUTPUTS, PHOTOS, SERVING
 
-from multidet.bench import environment, photos, write_outputs
-from multidet.modelset import load_models, read_model_set
+from multidet.experiments import scaling
+from multidet.modelset import read_model_set
 from multidet.runners import RUNNERS
-from multidet.scaling import ScalingResult, plot, report, run_http, run_in_process
-from multidet.server import start_torchserve
 
 
 def main(argv=None) -> int:
@@ -40,23 +36,22 @@ def main(argv=None) -> int:
     unknown = [x for x in paths if x not in RUNNERS]
     if unknown:
         p.error(f"unknown path(s) {unknown}")
-    model_set = read_model_set(args.model_set)
-    base = load_models(model_set)
-    bodies = list(photos(PHOTOS).values())
-    result = ScalingResult(sizes, paths, args.requests, environment=environment())
-    say = lambda line: print(line, flush=True)  # noqa: E731
-    with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
-        result.in_process_p50 = run_in_process(base, sizes, paths, bodies, args.requests, Path(tmp), PHOTOS, say)
+    start = None
     if not args.no_http:
 
         def start(workdir, set_file, path):
-            return start_torchserve(workdir, mar_options(optimization=path, model_set=set_file), CONFIG, timeout=900)
+            return SERVING.start(workdir, timeout=900, optimization=path, model_set=set_file)
 
-        http_paths = [x for x in args.http_paths.split(",") if x]
-        result.http_p50 = run_http(model_set, sizes, http_paths, bodies, args.requests, start, say)
-    write_outputs(args.out, "scaling", result.to_json(), report(result))
-    plot(result, args.out / "scaling.png")
-    print(json.dumps({"png": str(args.out / "scaling.png")}))
+    result = scaling.run(
+        read_model_set(args.model_set),
+        sizes,
+        paths,
+        PHOTOS,
+        args.requests,
+        http_paths=[x for x in args.http_paths.split(",") if x],
+        start=start,
+    )
+    result.write(args.out)
     return 0
 
 

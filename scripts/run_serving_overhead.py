@@ -1,172 +1,26 @@
 #!/usr/bin/env python
-"""What serving costs on top of inference: the same photos through (a) the core package, (b) the
-TorchServe handler in embedded mode (TorchServe's Context, request dicts, JSON), (c) a real
-TorchServe over HTTP (started here on free ports, stopped after), per optimisation path.
+"""What serving costs on top of inference (multidet.experiments.overhead): the same photos through
+the core package, the TorchServe handler in embedded mode and a real TorchServe over HTTP (started
+here on free ports, stopped after), per optimisation path, in rotating rounds.
 
     python scripts/run_serving_overhead.py                          # baseline and auto, 24 requests each
     python scripts/run_serving_overhead.py --paths baseline --requests 4     # quick
 
-The three modes run in rounds (each mode sends every photo once, the order rotating per round), so
-a noisy machine does not favour one. Overhead = p50(b) - p50(a) (handler) and p50(c) - p50(b) (the
-frontend, IPC to the worker and HTTP), in ms and % of (a). Because those differences of percentiles
-carry the machine's noise, each request's wall clock minus the pipeline's own timing_ms.total (from
-the response itself) is reported too: the serving cost paired per request. TorchServe's own queue
-time (metrics endpoint) is reported alongside. Writes outputs/overhead/overhead_results.json and overhead_report.txt.
+Writes outputs/overhead/overhead_results.json and overhead_report.txt.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
+from dataclasses import replace
 from pathlib import Path
 
-import requests
-from paths import CONFIG, HANDLER, MODEL_SET, PHOTOS, ROOT, mar_options
+from paths import MODEL_SET, OUTPUTS, PHOTOS, SERVING
 
-from multidet.bench import (
-    SEED,
-    counter_delta,
-    environment,
-    photos,
-    scrape_metrics,
-    summarize,
-    timed_predict,
-    write_outputs,
-)
-from multidet.config import Settings
 from multidet.device import select_device
-from multidet.embedded import EmbeddedService
-from multidet.pipeline import Detector
+from multidet.experiments import overhead
 from multidet.runners import SERVABLE
-from multidet.server import start_torchserve
-from multidet.timing import interleaved
-
-MODES = ("core", "embedded", "http")
-
-
-def measure_path(name: str, device, images: list[bytes], args) -> dict:
-    t0 = time.perf_counter()
-    core = Detector.from_model_set(MODEL_SET, Settings(optimization=name), device)
-    embedded = EmbeddedService(Settings(optimization=name), MODEL_SET.parent, HANDLER)
-    print(f"[{name}] core + embedded loaded in {time.perf_counter() - t0:.0f} s; starting TorchServe ...", flush=True)
-    with (
-        tempfile.TemporaryDirectory(prefix=f"overhead-{name}-") as tmp,
-        start_torchserve(Path(tmp), mar_options(optimization=name), CONFIG, timeout=args.server_timeout) as server,
-        requests.Session() as http,
-    ):
-        print(
-            f"[{name}] MAR built in {server.build_s:.0f} s; TorchServe started to a READY worker in "
-            f"{server.startup_s:.0f} s",
-            flush=True,
-        )
-        startup = {"mar_build_s": round(server.build_s, 1), "start_to_ready_s": round(server.startup_s, 1)}
-
-        def via_core(body):
-            ms, result = timed_predict(core, body)
-            return ms, result["timing_ms"]["total"]
-
-        def via_embedded(body):
-            t = time.perf_counter()
-            response = embedded.predict_one(body)
-            if response.status != 200:
-                raise RuntimeError(f"embedded handler answered {response.status}: {response.body}")
-            return (time.perf_counter() - t) * 1e3, response.body["timing_ms"]["total"]
-
-        def via_http(body):
-            t = time.perf_counter()
-            response = http.put(f"{server.inference}/predictions/all", data=body, timeout=120)
-            if response.status_code != 200:
-                raise RuntimeError(f"TorchServe answered {response.status_code}: {response.text[:300]}")
-            return (time.perf_counter() - t) * 1e3, response.json()["timing_ms"]["total"]
-
-        run = {"core": via_core, "embedded": via_embedded, "http": via_http}
-        calls = {m: (lambda i, fn=run[m]: fn(images[i % len(images)])) for m in MODES}
-
-        def progress(done: int, times: dict) -> None:
-            if done % len(images) == 0 or done == args.requests:
-                print(
-                    f"[{name}] {done}/{args.requests}: "
-                    + ", ".join(f"{m} {sorted(v)[len(v) // 2]:.1f} ms" for m, v in times.items()),
-                    flush=True,
-                )
-
-        before = scrape_metrics(server.metrics)
-        timings = interleaved(calls, args.requests, warmup=args.warmup, keep_results=True, progress=progress)
-        after = scrape_metrics(server.metrics)
-        times = {m: [wall for wall, _ in timings.results[m]] for m in MODES}
-        # per request: wall clock minus the pipeline's own timing_ms.total
-        outside = {m: [wall - inner for wall, inner in timings.results[m]] for m in MODES}
-
-    served = counter_delta(before, after, "ts_inference_requests_total")
-    stats = {m: summarize(v) for m, v in times.items()}
-    core_p50 = stats["core"]["p50"]
-
-    def overhead(a: str, b: str) -> dict:
-        ms = stats[b]["p50"] - stats[a]["p50"]
-        return {"ms": round(ms, 2), "pct_of_core": round(100 * ms / core_p50, 2)}
-
-    return {
-        "runs_as": core.description,
-        "torchserve_startup": startup,
-        "latency_ms": stats,
-        "overhead_p50": {
-            "handler (embedded - core)": overhead("core", "embedded"),
-            "frontend+ipc+http (http - embedded)": overhead("embedded", "http"),
-            "total (http - core)": overhead("core", "http"),
-        },
-        # paired per request, so far less noisy than differences of percentiles across modes
-        "outside_pipeline_ms": {m: summarize(v) for m, v in outside.items()},
-        "torchserve_metrics_per_request_ms": {
-            "queue": round(
-                (after.get("ts_queue_latency_microseconds", 0) - before.get("ts_queue_latency_microseconds", 0))
-                / max(served, 1)
-                / 1e3,
-                3,
-            ),
-            "frontend_total": round(
-                (after.get("ts_inference_latency_microseconds", 0) - before.get("ts_inference_latency_microseconds", 0))
-                / max(served, 1)
-                / 1e3,
-                3,
-            ),
-            "requests": served,
-        },
-    }
-
-
-def report(results: dict) -> str:
-    env = results["environment"]
-    lines = [
-        f"Serving overhead {env['date']}  {results['device']} ({env['devices'][results['device']]}), "
-        f"{env['cpu_cores']} cores, torch {env['versions']['torch']}, TorchServe {env['versions']['torchserve']}",
-        f"{results['requests']} requests per mode and path, modes in rotating rounds, one client, photos "
-        f"{', '.join(results['images'])}",
-        "",
-    ]
-    head = f"{'path':<16} {'mode':<9} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}"
-    lines += [head, "-" * len(head)]
-    for name, r in results["paths"].items():
-        for mode in MODES:
-            s = r["latency_ms"][mode]
-            lines.append(f"{name:<16} {mode:<9} {s['p50']:>8.1f} {s['p99']:>8.1f} {s['mean']:>8.1f}")
-    lines.append("")
-    for name, r in results["paths"].items():
-        parts = "; ".join(f"{k}: {v['ms']:+.1f} ms ({v['pct_of_core']:+.1f} %)" for k, v in r["overhead_p50"].items())
-        m = r["torchserve_metrics_per_request_ms"]
-        lines.append(f"{name} (runs as {r['runs_as']}): {parts}; TorchServe queue {m['queue']:.2f} ms/request")
-        lines.append(
-            f"  MAR build {r['torchserve_startup']['mar_build_s']:.0f} s, TorchServe start to a READY worker "
-            f"{r['torchserve_startup']['start_to_ready_s']:.0f} s"
-        )
-        paired = ", ".join(
-            f"{mode} {r['outside_pipeline_ms'][mode]['p50']:.2f} ms (p99 {r['outside_pipeline_ms'][mode]['p99']:.2f})"
-            for mode in MODES
-        )
-        lines.append(f"  paired per request, wall clock minus the pipeline's own timing (p50): {paired}")
-    lines.append(f"\nSeed report: TorchServe overhead {SEED['torchserve_overhead_ms']} ms")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -176,24 +30,23 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=24, help="timed requests per mode and path")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--server-timeout", type=float, default=600, help="seconds to wait for TorchServe's worker")
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "overhead")
+    p.add_argument("--model-set", type=Path, default=MODEL_SET)
+    p.add_argument("--out", type=Path, default=OUTPUTS / "overhead")
     args = p.parse_args(argv)
     names = args.paths.split(",")
     bad = [n for n in names if n not in SERVABLE]
     if bad:
         p.error(f"unknown path(s) {bad}; available: {SERVABLE}")
-    device = select_device(args.device)
-    images = photos(PHOTOS)
-    results = {
-        "environment": environment([device]),
-        "device": str(device),
-        "requests": args.requests,
-        "images": list(images),
-        "paths": {},
-    }
-    for name in names:
-        results["paths"][name] = measure_path(name, device, list(images.values()), args)
-    write_outputs(args.out, "overhead", results, report(results))
+    result = overhead.run(
+        replace(SERVING, model_set=args.model_set),
+        names,
+        select_device(args.device),
+        PHOTOS,
+        requests=args.requests,
+        warmup=args.warmup,
+        server_timeout=args.server_timeout,
+    )
+    result.write(args.out)
     return 0
 
 

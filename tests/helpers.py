@@ -15,7 +15,7 @@ from multidet.embedded import EmbeddedService
 from multidet.modelset import read_model_set
 from multidet.packaging import MarOptions
 from multidet.quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, coco_results, map_ok
-from multidet.server import BIN, free_ports, start_torchserve  # noqa: F401  (re-exported for the tests)
+from multidet.server import BIN, Serving, free_ports, start_torchserve  # noqa: F401  (re-exported for the tests)
 from multidet.tsconfig import read_properties  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +29,7 @@ CHECKPOINTS = ROOT / "checkpoints"  # the same models with seeded random weights
 RANDOM = CHECKPOINTS / "models.yaml"  # arithmetic tests
 NAMES = read_model_set(SHIPPED).names  # the default set's model names, in order
 TRAINED = Settings()  # what `make serve` serves (the default set)
+SERVING = Serving(HANDLER, SHIPPED, CONFIG, IMAGES)  # this checkout's handler, default set, config, photos
 
 
 def data_spec(name: str):
@@ -42,7 +43,7 @@ def data_spec(name: str):
 
 def mar_options(**values) -> MarOptions:
     """MarOptions.of(...) for this checkout: its handler, the default model set, the calibration photos."""
-    return MarOptions.of(**{"handler": HANDLER, "model_set": SHIPPED, "calibration_photos": IMAGES, **values})
+    return SERVING.mar(**values)
 
 
 def start(workdir, mar: MarOptions | None = None, extra: dict | None = None, **kw):

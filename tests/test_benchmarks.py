@@ -1,6 +1,7 @@
-"""The measuring scripts in their quick modes: they run, write well-formed outputs with the required
-keys, and pass sanity checks (the mock lower bound is faster than the real path; the baseline agrees
-with itself). Speed itself is never asserted: it is measured and reported (docs/benchmarks.md)."""
+"""The experiments (multidet.experiments) in-process on tiny inputs: they run, write well-formed
+outputs with the required keys, and pass sanity checks (the mock lower bound is faster than the real
+path; the baseline agrees with itself). Speed itself is never asserted: it is measured and reported
+(docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from helpers import IMAGES, NAMES, PHOTOS, RANDOM, ROOT, data_spec
+from helpers import IMAGES, NAMES, PHOTOS, RANDOM, ROOT, SERVING, SHIPPED, data_spec
 
 LATENCY_KEYS = {"p50", "p90", "p95", "p99", "mean", "std", "min", "max", "n"}
 
@@ -35,19 +37,13 @@ def assert_environment(env: dict) -> None:
 
 
 def test_full_benchmark_quick(tmp_path):
-    r = run(
-        "run_full_benchmark.py",
-        "--mock",
-        "--devices",
-        "cpu",
-        "--requests",
-        "4",
-        "--warmup",
-        "1",
-        "--out",
-        str(tmp_path),
-    )
+    from multidet.experiments import benchmark
+
+    lines = []
+    result = benchmark.run(SHIPPED, [torch.device("cpu")], ["baseline", "mock"], IMAGES, 4, 1, say=lines.append)
+    result.write(tmp_path)
     results = json.loads((tmp_path / "benchmark_results.json").read_text())
+    assert results == json.loads(json.dumps(result.data))
     assert_environment(results["environment"])
     assert results["environment"]["devices"] == {"cpu": results["environment"]["cpu"]}
     cpu = results["devices"]["cpu"]
@@ -68,31 +64,20 @@ def test_full_benchmark_quick(tmp_path):
     )
     text = (tmp_path / "benchmark_report.txt").read_text()
     assert "mock lower bound" in text and "Seed report" in text
-    assert "4/4 requests per config" in r.stdout  # progress
+    assert any("4/4 requests per config" in x for x in lines)  # progress
 
 
 def test_ablation_quick(tmp_path):
+    from multidet.experiments import ablation
     from multidet.synthetic import make_dataset
 
     for m in NAMES:
         make_dataset(data_spec(m), "val", 4, 0, tmp_path / "data" / m / "val", IMAGES)
-    run(
-        "run_ablation.py",
-        "--paths",
-        "baseline,channels_last,openvino_int8",
-        "--requests",
-        "3",
-        "--warmup",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path),
-        "--val",
-        str(tmp_path / "data"),
-        "--val-images",
-        "4",
+    names = ["channels_last", "openvino_int8"]  # the baseline is added first
+    result = ablation.run(
+        SHIPPED, names, torch.device("cpu"), IMAGES, tmp_path / "data", tmp_path / "art", 3, 1, 4, say=lambda _: None
     )
+    result.write(tmp_path)
     results = json.loads((tmp_path / "ablation_results.json").read_text())
     assert_environment(results["meta"]["environment"])
     rows = {r["path"]: r for r in results["paths"]}
@@ -113,7 +98,9 @@ def test_ablation_quick(tmp_path):
 
 @pytest.mark.integration
 def test_serving_overhead_quick(tmp_path):
-    run("run_serving_overhead.py", "--paths", "baseline", "--requests", "4", "--warmup", "1", "--out", str(tmp_path))
+    from multidet.experiments import overhead
+
+    overhead.run(SERVING, ["baseline"], torch.device("cpu"), IMAGES, 4, 1, say=lambda _: None).write(tmp_path)
     results = json.loads((tmp_path / "overhead_results.json").read_text())
     assert_environment(results["environment"])
     r = results["paths"]["baseline"]
@@ -132,26 +119,24 @@ def test_serving_overhead_quick(tmp_path):
 
 @pytest.mark.integration
 def test_load_sweep_quick(tmp_path):
-    run(
-        "run_load_sweep.py",
-        "--users",
-        "1,2",
-        "--duration",
-        "4",
-        "--batching",
-        "on",
-        "--batch-size",
-        "2",
-        "--max-batch-delay",
-        "100",
-        "--optimization",
-        "channels_last",
-        "--warmup",
-        "1",
-        "--out",
-        str(tmp_path),
+    from multidet.experiments import sweep
+
+    result = sweep.run(
+        SERVING,
+        ROOT / "load_tests",
+        IMAGES,
+        users=[1, 2],
+        duration=4,
+        batching=["on"],
+        batch_size=2,
+        max_batch_delay=100,
+        optimization="channels_last",
+        warmup=1,
+        say=lambda _: None,
     )
-    results = json.loads((tmp_path / "sweep.json").read_text())
+    result.write(tmp_path)
+    results = json.loads((tmp_path / "sweep_results.json").read_text())
+    assert "batching on" in (tmp_path / "sweep_report.txt").read_text()
     assert_environment(results["environment"])
     assert "cpu" in results["environment"]["devices"]
     ((label, cfg),) = results["configs"].items()
@@ -174,19 +159,9 @@ def test_load_sweep_quick(tmp_path):
 
 def test_peers_quick(tmp_path):
     """The served path over HTTP against ONNX Runtime and OpenVINO running the same networks alone, one run."""
-    run(
-        "run_peers.py",
-        "--optimization",
-        "channels_last",
-        "--requests",
-        "2",
-        "--warmup",
-        "1",
-        "--no-int8",
-        "--out",
-        str(tmp_path),
-        timeout=900,
-    )
+    from multidet.experiments import peers
+
+    peers.run(SERVING, IMAGES, "channels_last", requests=2, warmup=1, int8=False, say=lambda _: None).write(tmp_path)
     results = json.loads((tmp_path / "peers_results.json").read_text())
     assert_environment(results["environment"])
     assert results["served_as"] == "channels_last"
@@ -202,10 +177,10 @@ def test_peers_quick(tmp_path):
 
 
 def test_scaling_in_process_on_tiny_sets(tmp_path):
-    """multidet.scaling in-process (its HTTP half is the same loop against servers: make scaling)."""
+    """Scaling in-process (its HTTP half is the same loop against servers: make scaling)."""
     from multidet.bench import environment
+    from multidet.experiments.scaling import ScalingResult, cycled, plot, report, run_in_process
     from multidet.modelset import load_models, read_model_set
-    from multidet.scaling import ScalingResult, cycled, plot, report, run_in_process
 
     base = load_models(read_model_set(RANDOM))
     four = cycled(base, 4)
@@ -219,3 +194,20 @@ def test_scaling_in_process_on_tiny_sets(tmp_path):
     result = ScalingResult([1, 2], ["baseline", "grouped"], 2, table, environment=environment())
     assert "speed-up vs baseline" in report(result) and result.to_json()["in_process_ms_per_model"]["baseline"][2]
     assert plot(result, tmp_path / "scaling.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "run_full_benchmark.py",
+        "run_ablation.py",
+        "run_serving_overhead.py",
+        "run_scaling.py",
+        "run_peers.py",
+        "run_load_sweep.py",
+    ],
+)
+def test_measuring_command_lines_parse(script):
+    """The thin command lines over multidet.experiments start and describe themselves (their runs are
+    the functions above, called in-process)."""
+    assert "usage:" in run(script, "--help").stdout

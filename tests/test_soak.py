@@ -4,39 +4,22 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from helpers import BIN, ROOT
+from helpers import BIN, IMAGES, ROOT
 
 pytestmark = pytest.mark.integration
 
 
 def test_short_soak(server, tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "soak.py"),
-            "--duration",
-            "45",
-            "--window",
-            "15",
-            "--warmup",
-            "15",
-            "--inference",
-            server.inference,
-            "--management",
-            server.management,
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    report = json.loads((tmp_path / "soak.json").read_text())
-    assert r.returncode == 0, r.stdout + r.stderr
+    from multidet.experiments import soak
+
+    lines = []
+    result = soak.run(server.inference, server.management, 45, 2, 15, 15, IMAGES, say=lines.append)
+    result.write(tmp_path)
+    report = json.loads((tmp_path / "soak_results.json").read_text())
+    assert report == json.loads(json.dumps(result.data))
     assert report["unexpected_failures"] == 0, report["unexpected_detail"]
     assert report["worker_restarts"] == 0  # the hostile files of the mixed windows kill nothing
     assert [w["phase"] for w in report["windows"]][:2] == ["clean", "mixed"]
@@ -45,9 +28,10 @@ def test_short_soak(server, tmp_path):
     # status its input expects (unexpected 0, above); each kind of hostile file against a real server
     # is test_integration's
     assert report["requests"] > 0 and sum(report["by_input"].values()) == report["requests"]
-    assert report["worker_rss_mib"]["growth_pct"] <= 10
+    assert report["worker_rss_mib"]["growth_pct"] <= 10 and result.ok()
     assert len(report["windows"]) >= 3 and (tmp_path / "soak.png").stat().st_size > 1000
-    assert "unexpected 0" in r.stdout  # progress lines were printed
+    assert any("unexpected 0" in x for x in lines)  # progress lines
+    assert "unexpected 0" in (tmp_path / "soak_report.txt").read_text()
 
 
 def test_locust_load_package(server, tmp_path):

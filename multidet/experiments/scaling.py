@@ -5,8 +5,7 @@ base model k mod len(base), named ``m<k>``): copies of the same weights cost wha
 In-process, every (path, n) is a Detector timed on the same photos, all of them interleaved in one
 loop (``timing.interleaved``); over HTTP, each (path, n) is a real TorchServe serving that set
 (started one after another; each timed alone on the same photos, the baseline of that n first).
-``run`` returns a ``ScalingResult``; ``report`` and ``plot`` write it; ``scripts/run_scaling.py`` is
-the command line (``make scaling``).
+``run`` returns a ``ScalingResult``; ``scripts/run_scaling.py`` is the command line (``make scaling``).
 """
 
 from __future__ import annotations
@@ -17,20 +16,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from .checkpoints import LoadedModel
-from .config import Settings
-from .device import synchronize
-from .modelset import ModelSet
-from .pipeline import Detector
-from .runners import BuildContext, build_path
-from .timing import interleaved
+from ..checkpoints import LoadedModel
+from ..config import Settings
+from ..device import synchronize
+from ..modelset import ModelSet
+from ..pipeline import Detector
+from ..runners import BuildContext, build_path
+from ..timing import interleaved
+from . import Result, Say, say_flush
 
 
 @dataclass
-class ScalingResult:
+class ScalingResult(Result):
+    stem: ClassVar[str] = "scaling"
     sizes: list[int]
     paths: list[str]
     requests: int
@@ -45,6 +47,12 @@ class ScalingResult:
         out = asdict(self)
         out["in_process_ms_per_model"] = self.per_model(self.in_process_p50)
         return out
+
+    def report(self) -> str:
+        return report(self)
+
+    def plot(self, png: Path) -> Path:
+        return plot(self, png)
 
 
 def cycled(models: Sequence[LoadedModel], n: int) -> list[LoadedModel]:
@@ -66,7 +74,7 @@ def run_in_process(
     requests: int,
     work: Path,
     calibration_photos: Path | None = None,
-    say: Callable[[str], None] = print,
+    say: Say = say_flush,
 ) -> dict[str, dict[int, float]]:
     device = torch.device("cpu")
     detectors: dict[tuple[str, int], Detector] = {}
@@ -99,7 +107,7 @@ def run_http(
     bodies: Sequence[bytes],
     requests: int,
     start: Callable,  # (workdir, model set file, path) -> a started multidet.server.TorchServe
-    say: Callable[[str], None] = print,
+    say: Say = say_flush,
 ) -> dict[str, dict[int, float]]:
     import requests as http_client
 
@@ -176,3 +184,28 @@ def plot(result: ScalingResult, png: Path) -> Path:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def run(
+    model_set: ModelSet,
+    sizes: Sequence[int],
+    paths: Sequence[str],
+    photo_dir: Path,
+    requests: int = 10,
+    http_paths: Sequence[str] = (),
+    start: Callable | None = None,  # for HTTP: (workdir, model set file, path) -> a started TorchServe
+    say: Say = say_flush,
+) -> ScalingResult:
+    """In-process for ``paths`` and, with ``start``, over HTTP for ``http_paths``, at each of ``sizes``."""
+    from ..bench import environment, photos
+    from ..modelset import load_models
+
+    bodies = list(photos(photo_dir).values())
+    result = ScalingResult(list(sizes), list(paths), requests, environment=environment())
+    with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
+        result.in_process_p50 = run_in_process(
+            load_models(model_set), sizes, paths, bodies, requests, Path(tmp), photo_dir, say
+        )
+    if start is not None and http_paths:
+        result.http_p50 = run_http(model_set, sizes, http_paths, bodies, requests, start, say)
+    return result
