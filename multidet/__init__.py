@@ -1,9 +1,9 @@
 """multidet: three EfficientDet-D0 detectors answering every request together.
 
 The data path, one module per step:
-    decode -> preprocess -> runners (the three networks + effdet's top-k/NMS) -> postprocess
-and ``pipeline.Detector`` ties them together. Optimisation paths are runner classes registered
-by name in ``multidet.runners``.
+    decode -> preprocess -> optimizations (the three networks + effdet's top-k/NMS) -> postprocess
+and ``pipeline.Detector`` ties them together. Optimization paths are optimization classes registered
+by name in ``multidet.optimizations``.
 """
 
 import warnings

@@ -1,8 +1,8 @@
-"""Build files of a path (ONNX exports, OpenVINO IR, AOTInductor packages) and the one rule for them:
+"""Build files of an optimization (ONNX exports, OpenVINO IR, AOTInductor packages) and the one rule for them:
 fresh when a JSON stamp of what they were built from (weights' hashes, versions, settings) matches
 and every file is there; otherwise rebuilt once, at load, with one logged warning (never per request).
 
-Where they live: the MAR's ``artifacts/`` (made at archive build), or, for a runner built without an
+Where they live: the MAR's ``artifacts/`` (made at archive build), or, for an optimization built without an
 artifact folder (a script, a test), ``cache_dir()/artifacts/<path>``, never the current directory.
 """
 

@@ -176,7 +176,7 @@ def timed_batch(detector: Detector, bodies: Sequence[bytes], options: RequestOpt
 @torch.inference_mode()
 def model_breakdown(detector: Detector, body: bytes, threshold: float | None = None) -> dict[str, float]:
     """One request with a clock around each step, the models one at a time: decode, preprocess,
-    then per model its network and its top-k/NMS, in milliseconds. For paths that run the models
+    then per model its network and its top-k/NMS, in milliseconds. For optimizations that run the models
     separately (baseline, channels_last, mock); fused paths only have a total."""
     device = detector.device
     threshold = detector.settings.threshold if threshold is None else threshold
@@ -193,10 +193,10 @@ def model_breakdown(detector: Detector, body: bytes, threshold: float | None = N
         for j, k in enumerate(group.indices):
             synchronize(device)
             t3 = time.perf_counter()
-            raw = group.runner.forward(batch.tensor, [j])[j]
+            raw = group.optimization.forward(batch.tensor, [j])[j]
             synchronize(device)
             t4 = time.perf_counter()
-            group.runner.select(j, raw, batch, thresholds).cpu()
+            group.optimization.select(j, raw, batch, thresholds).cpu()
             t5 = time.perf_counter()
             out[f"{detector.models[k].name}.network"] = (t4 - t3) * 1e3
             out[f"{detector.models[k].name}.nms"] = (t5 - t4) * 1e3

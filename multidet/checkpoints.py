@@ -277,11 +277,11 @@ def save_checkpoint(
 
 @dataclass
 class LoadedModel:
-    """One model of the set, loaded: what every path runs."""
+    """One model of the set, loaded: what every optimization runs."""
 
     name: str
     class_names: tuple[str, ...]
-    net: EfficientDet  # eval mode, on CPU as loaded; shared by every path, never moved (runners.base.on_device)
+    net: EfficientDet  # eval mode, on CPU as loaded; shared by every optimization, never moved (base.on_device)
     threshold: float | None = None  # the model's own default score threshold (None: the service's)
     # the class ids its training data used, where its metadata records them (labelled check sets)
     trained_ids: tuple[int, ...] | None = None

@@ -43,10 +43,10 @@ class Settings:
     max_instances: int = 16  # images in one request (KServe v1 instances); more: 413
     max_request_pixels: int = 80_000_000  # pixels of all of one request's images together; more: 413
     model_set: str = "models.yaml"  # the model set file, relative to the model directory
-    artifact_dir: str = "artifacts"  # build-time files of a path (ONNX), relative too
+    artifact_dir: str = "artifacts"  # build-time files of an optimization (ONNX), relative too
     models: tuple[str, ...] = ()  # a subset of the set's names, in any order (empty: all of them)
     warmup: bool = True
-    allow_reduced: bool = False  # auto may serve a reduced-precision path (bf16/fp16/INT8)
+    allow_reduced: bool = False  # auto may serve a reduced-precision optimization (bf16/fp16/INT8)
     profile: bool = False  # read by TorchServe itself (ts.handler_utils.timer): ts_handler_* timing metrics
 
     def __post_init__(self) -> None:

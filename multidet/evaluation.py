@@ -1,4 +1,4 @@
-"""COCO mAP of the whole data path (decode -> letterbox -> runner -> NMS -> original-pixel boxes).
+"""COCO mAP of the whole data path (decode -> letterbox -> optimization -> NMS -> original-pixel boxes).
 
 ``evaluate`` feeds a COCO-format dataset's JPEG bytes through ``Detector.predict`` exactly as a
 request would arrive (threshold 0, one model), and scores the returned detections with

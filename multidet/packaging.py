@@ -1,10 +1,10 @@
-"""Packaging: one model archive (MAR) for one optimisation path. Where the handler, the model set
+"""Packaging: one model archive (MAR) for one optimization. Where the handler, the model set
 and the calibration photos are is the caller's to say (``MarOptions``): the package knows no checkout.
 
 A MAR holds the handler file, this package, the model set (a ``models.yaml`` and each model's
 weights under ``models/``, with its classes and sha256 written out, so every load verifies them;
-by default the repository's ``models.yaml``: the trained weights in ``weights/``), the path's
-build-time files (an ONNX export, AOT packages, an Inductor cache, made here by ``Runner.build``)
+by default the repository's ``models.yaml``: the trained weights in ``weights/``), the optimization's
+build-time files (an ONNX export, AOT packages, an Inductor cache, made here by ``Optimization.build``)
 and a ``model-config.yaml``: TorchServe's per-model worker settings plus the ``handler:`` section,
 which is ``Settings`` (multidet.config). ``build_mar`` is what ``scripts/create_mar.py`` (``make mar``),
 the Dockerfiles and ``multidet.server`` all call.
@@ -71,11 +71,15 @@ class MarOptions:
 def build_mar(options: MarOptions, export_path: Path, log: Callable[[str], None] = print) -> Path:
     """Write ``<export_path>/<model_name>.mar``. Every model of the set is checked before packing (the
     file's form, each weights file: integrity, no code, architecture, class count); raises ConfigError
-    (a user's mistake, naming the entry) or the path's build error."""
-    from .runners import RUNNERS, BuildContext, build_path  # the registry imports torch and every path
+    (a user's mistake, naming the entry) or the optimization's build error."""
+    from .optimizations import (
+        OPTIMIZATIONS,
+        BuildContext,
+        build_optimization,
+    )  # the registry imports torch and every optimization
 
     settings = options.settings
-    if settings.optimization not in RUNNERS or RUNNERS[settings.optimization].benchmark_only:
+    if settings.optimization not in OPTIMIZATIONS or OPTIMIZATIONS[settings.optimization].benchmark_only:
         raise ConfigError(f"no MAR for optimization {settings.optimization!r}")
     if options.model_set is None or options.handler is None:
         raise ConfigError("MarOptions needs model_set and handler (the command line resolves them)")
@@ -93,7 +97,13 @@ def build_mar(options: MarOptions, export_path: Path, log: Callable[[str], None]
         shutil.copytree(package, extra / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         write_model_set(packed, extra)
         context = BuildContext(settings.allow_reduced, options.calibration_photos, log)
-        for path in dict.fromkeys(build_path(settings.optimization, models, extra / settings.artifact_dir, context)):
+        opt = OPTIMIZATIONS[settings.optimization]
+        if opt.build_step:
+            took = f" (about {opt.build_minutes:.0f} min on 2 cores)" if opt.build_minutes >= 1 else ""
+            log(f"{settings.optimization}: {opt.build_step}{took}")
+        for path in dict.fromkeys(
+            build_optimization(settings.optimization, models, extra / settings.artifact_dir, context)
+        ):
             log(f"built {path.name} for {settings.optimization} ({path.stat().st_size / 1e6:.1f} MB)")
         config_file = Path(tmp) / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(options.model_config(), sort_keys=False))

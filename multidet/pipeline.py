@@ -1,8 +1,8 @@
 """The whole data path for a batch of requests: decode -> preprocess -> run -> postprocess -> JSON.
 
 The models may be of several effdet architectures: each image is letterboxed once per distinct
-input size, and each architecture's models run on one runner of the chosen path (``Group``), so
-paths that stack models (vmap, grouped, the grouped ONNX graph) stack the models of one architecture.
+input size, and each architecture's models run on one instance of the chosen optimization (``Group``), so
+optimizations that stack models (vmap, grouped, the grouped ONNX graph) stack the models of one architecture.
 
 ``Detector.predict`` takes raw image bytes with per-request options and returns, per request,
 either the response dict (schema in README) or the ``InputError`` that request caused. One bad
@@ -27,25 +27,25 @@ from .device import synchronize
 from .envelopes import RequestOptions
 from .errors import InputError, ProcessingFailed
 from .modelset import ModelSet, load_models, read_model_set
+from .optimizations import LoadedModel, Optimization, architecture_groups, create_optimization, group_artifact_dir
 from .postprocess import detections_for, merge
 from .preprocess import Batch, Letterbox, Preprocessor
-from .runners import LoadedModel, Runner, architecture_groups, create_runner, group_artifact_dir
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Group:
-    """The models of one architecture: one letterbox size, one runner of the chosen path."""
+    """The models of one architecture: one letterbox size, one instance of the chosen optimization."""
 
     architecture: str
     indices: list[int]  # positions in Detector.models
     preprocessor: Preprocessor
-    runner: Runner
+    optimization: Optimization
 
 
 class Detector:
-    """The models of a model set (or a subset of it) behind one runner per architecture."""
+    """The models of a model set (or a subset of it) behind one optimization per architecture."""
 
     def __init__(
         self, models: Sequence[LoadedModel], settings: Settings, device: torch.device, artifact_dir: Path | None = None
@@ -64,7 +64,7 @@ class Detector:
         for arch, idx in groups:
             pre = Preprocessor(self.models[idx[0]].net.config)
             pre = preprocessors.setdefault(pre.key, pre)  # one letterbox per distinct input size
-            runner = create_runner(
+            optimization = create_optimization(
                 settings.optimization,
                 [self.models[k] for k in idx],
                 self.device,
@@ -72,7 +72,7 @@ class Detector:
                 group_artifact_dir(artifact_dir, arch, len(groups)),
                 allow_reduced=settings.allow_reduced,
             )
-            self.groups.append(Group(arch, idx, pre, runner))
+            self.groups.append(Group(arch, idx, pre, optimization))
         self.preprocessors = list(preprocessors.values())
 
     @classmethod
@@ -90,13 +90,13 @@ class Detector:
         models = load_models(model_set, settings.models or None)
         return cls(models, settings, device, Path(artifact_dir) if artifact_dir is not None else None)
 
-    # -- one architecture (the usual set): its runner and letterbox ---------------------------------
+    # -- one architecture (the usual set): its optimization and letterbox ---------------------------------
     @property
-    def runner(self) -> Runner:
-        """The runner of a one-architecture set (a mixed set has one per group: ``groups``)."""
+    def optimization(self) -> Optimization:
+        """The optimization of a one-architecture set (a mixed set has one per group: ``groups``)."""
         if len(self.groups) != 1:
             raise AttributeError(f"this set has {len(self.groups)} architectures: use Detector.groups")
-        return self.groups[0].runner
+        return self.groups[0].optimization
 
     @property
     def preprocessor(self) -> Preprocessor:
@@ -107,7 +107,7 @@ class Detector:
     @property
     def description(self) -> str:
         """What the response's "optimization" field says: the path, or per architecture where they differ."""
-        names = [g.runner.description for g in self.groups]
+        names = [g.optimization.description for g in self.groups]
         if len(set(names)) == 1:
             return names[0]
         return ",".join(f"{g.architecture}={n}" for g, n in zip(self.groups, names))
@@ -129,7 +129,7 @@ class Detector:
             if not local:
                 continue
             per_model = None if thresholds is None else {j: thresholds[g.indices[j]] for j in local}
-            for j, dets in g.runner.detect(batches[g.preprocessor.key], local, per_model).items():
+            for j, dets in g.optimization.detect(batches[g.preprocessor.key], local, per_model).items():
                 out[g.indices[j]] = dets
         return out
 
@@ -222,7 +222,7 @@ class Detector:
         return result
 
     def warmup(self, iterations: int = 2) -> float:
-        """Run a synthetic image through the whole path; returns the last run's milliseconds."""
+        """Run a synthetic image through the whole data path; returns the last run's milliseconds."""
         import io
 
         buf = io.BytesIO()

@@ -38,7 +38,7 @@ class Letterbox:
 
 @dataclass
 class Batch:
-    """A normalised batch and where each image sits in it: what every path's ``detect`` takes."""
+    """A normalised batch and where each image sits in it: what every optimization's ``detect`` takes."""
 
     tensor: torch.Tensor  # [B, 3, H, W] float32, normalised, on the device
     img_scale: torch.Tensor  # [B] original pixels per network pixel (effdet's img_info)

@@ -1,4 +1,4 @@
-"""One definition of "the same answer", by precision tier. Each path declares its tier (``Runner.tier``)
+"""One definition of "the same answer", by precision tier. Each optimization declares its tier (``Optimization.tier``)
 and ``auto``, the tests and the ablation judge it with the rule here.
 
 exact (fp32 paths: other kernels, layouts, grouping, runtimes)
@@ -8,7 +8,7 @@ exact (fp32 paths: other kernels, layouts, grouping, runtimes)
 reduced (bf16, fp16, INT8)
     mAP at most 0.5 points (0.005) below the baseline's. Detections may move.
 random weights (unit tests, no training)
-    raw network outputs (class logits, box regressions) within the path's ``raw_tolerance``,
+    raw network outputs (class logits, box regressions) within the optimization's ``raw_tolerance``,
     relative to the largest baseline output of that tensor: ties are not errors there.
 
 Near-ties, which no fp32 path can promise to break the same way, are not errors either:
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 SERVING_THRESHOLD = 0.5
-TIE = 1e-5  # two scores this close are a tie to fp32 paths that reassociate sums (measured ~1e-6)
+TIE = 1e-5  # two scores this close are a tie to fp32 optimizations that reassociate sums (measured ~1e-6)
 
 
 @dataclass(frozen=True)

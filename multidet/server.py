@@ -136,7 +136,7 @@ class TorchServe:
     env: dict
     proc: subprocess.Popen
     token: bool = False
-    build_s: float = 0.0  # build_mar (incl. a path's build step: ONNX export, AOT compile)
+    build_s: float = 0.0  # build_mar (incl. an optimization's build step: ONNX export, AOT compile)
     startup_s: float = 0.0  # torchserve --start until /ping healthy and the worker READY
 
     def logs(self, name: str = "model_log.log", tail: int = 60) -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Build model_store/all.mar: the handler, the multidet package, a model set (by default models.yaml:
-the trained models in weights/) and a model-config.yaml for one optimisation variant.
+the trained models in weights/) and a model-config.yaml for one optimization variant.
 
     python scripts/create_mar.py --optimization baseline
     python scripts/create_mar.py --optimization auto --model-set my_models.yaml
@@ -20,8 +20,8 @@ from paths import HANDLER, MODEL_SET, PHOTOS, ROOT
 
 from multidet.checkpoints import CheckpointError
 from multidet.config import ConfigError, Settings
+from multidet.optimizations import SERVABLE
 from multidet.packaging import MarOptions, build_mar
-from multidet.runners import SERVABLE
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""COCO mAP of one model through the whole data path (decode -> letterbox -> runner -> NMS -> boxes).
+"""COCO mAP of one model through the whole data path (decode -> letterbox -> optimization -> NMS -> boxes).
 
     python scripts/evaluate.py --data data/NAME/val --model NAME --optimization baseline
     python scripts/evaluate.py --data my_export/valid --model pets --model-set my.yaml --json outputs/eval/pets.json
 
 Prints (and with --json writes) {"model", "optimization", "map50", "map", "images"}; map50 is AP at
-IoU 0.5, map the COCO AP over IoU 0.5:0.95, both in 0..1. Every path the registry serves can be
+IoU 0.5, map the COCO AP over IoU 0.5:0.95, both in 0..1. Every optimization the registry serves can be
 evaluated; paths with a build step (ONNX export, AOT compile) build into --artifacts first.
 """
 
@@ -23,8 +23,8 @@ from multidet.checkpoints import CheckpointError
 from multidet.config import Settings
 from multidet.device import select_device
 from multidet.evaluation import evaluate
+from multidet.optimizations import SERVABLE, BuildContext, build_optimization
 from multidet.pipeline import Detector
-from multidet.runners import SERVABLE, BuildContext, build_path
 
 
 def main(argv=None) -> int:
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         settings = Settings(optimization=args.optimization, models=(args.model,))
         if args.optimization != "baseline":  # its build step, as `make mar` runs it (most paths have none)
             base = Detector.from_model_set(args.model_set, Settings(models=(args.model,)), "cpu")
-            build_path(args.optimization, base.models, args.artifacts, BuildContext(calibration_photos=PHOTOS))
+            build_optimization(args.optimization, base.models, args.artifacts, BuildContext(calibration_photos=PHOTOS))
         detector = Detector.from_model_set(args.model_set, settings, device, args.artifacts)
     except (CheckpointError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

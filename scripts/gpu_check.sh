@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks in one run, on a machine with an NVIDIA GPU and PyTorch (e.g. a lent H200):
 # the CUDA tests (tests/test_gpu.py), the per-device benchmark with the mock lower bound, and the
-# ablation of the paths on CUDA; a short table at the end. Results go to $OUT (default outputs/gpu).
+# ablation of the optimizations on CUDA; a short table at the end. Results go to $OUT (default outputs/gpu).
 #
 #   make gpu-wheels          # here, once: the packages a bare GPU image lacks (effdet, omegaconf,
 #                            # pycocotools...) as wheels in .whl/ (git-ignored), carried along
@@ -34,7 +34,7 @@ VAL=${VAL_IMAGES:-50}  # labelled val images per model for the ablation's mAP (d
 status=0
 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" || status=1
 "$PY" scripts/run_full_benchmark.py --mock --devices cuda,cpu --requests "$REQ" --out "$OUT" || status=1
-# every path the registry says runs on CUDA (list_runners(device="cuda", servable=True, distinct=True))
+# every optimization the registry says runs on CUDA (list_optimizations(device="cuda", servable=True, distinct=True))
 "$PY" scripts/run_ablation.py --device cuda --requests "$REQ" --out "$OUT" --val-images "$VAL" || status=1
 
 echo

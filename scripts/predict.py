@@ -16,7 +16,7 @@ from paths import HANDLER, MODEL_SET
 
 from multidet.config import ConfigError, Settings
 from multidet.embedded import EmbeddedService
-from multidet.runners import SERVABLE
+from multidet.optimizations import SERVABLE
 
 
 def main(argv=None) -> int:

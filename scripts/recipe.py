@@ -25,9 +25,9 @@ from multidet.bench import environment
 from multidet.config import ConfigError, Settings
 from multidet.evaluation import evaluate
 from multidet.modelset import read_model_set
+from multidet.optimizations import SERVABLE, BuildContext, build_optimization
 from multidet.pipeline import Detector
 from multidet.recipe import ablate, datasets, read_recipe, train_all, train_config
-from multidet.runners import SERVABLE, BuildContext, build_path
 
 
 def main(argv=None) -> int:
@@ -72,7 +72,7 @@ def evaluate_all(recipe, model_set, optimization: str, out: Path) -> None:
         artifacts = out / "artifacts" / r.name
         if optimization != "baseline":  # its build step, as `make mar` runs it
             base = Detector.from_model_set(model_set, Settings(models=(r.name,)), "cpu")
-            build_path(optimization, base.models, artifacts, BuildContext(calibration_photos=PHOTOS))
+            build_optimization(optimization, base.models, artifacts, BuildContext(calibration_photos=PHOTOS))
         detector = Detector.from_model_set(model_set, settings, "cpu", artifacts)
         with tqdm(desc=f"eval {r.name} {optimization}", unit="img") as bar:
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Ablation: every optimisation path on one device, its latency and speed-up over the baseline, and
+"""Ablation: every optimization on one device, its latency and speed-up over the baseline, and
 the quality of its answer against the baseline's, all in one run (multidet.experiments.ablation).
 
-    python scripts/run_ablation.py                                   # every path the device supports
-    python scripts/run_ablation.py --paths baseline,channels_last --requests 4     # quick
+    python scripts/run_ablation.py                                   # every optimization the device supports
+    python scripts/run_ablation.py --optimizations baseline,channels_last --requests 4     # quick
     python scripts/run_ablation.py --device cuda --requests 100
 
 Writes outputs/ablation/ablation_results.json, ablation_report.txt, ablation.png (build artifacts in
@@ -20,15 +20,15 @@ from paths import MODEL_SET, OUTPUTS, PHOTOS, ROOT
 
 from multidet.device import select_device
 from multidet.experiments import ablation
-from multidet.runners import RUNNERS, SERVABLE, list_runners
+from multidet.optimizations import OPTIMIZATIONS, SERVABLE, list_optimizations
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--paths",
+        "--optimizations",
         default=None,
-        help="comma-separated (default: every path the device supports, less those identical to another there)",
+        help="comma-separated (default: every optimization the device supports, less those identical to another there)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--requests", type=int, default=24, help="timed requests per path")
@@ -42,8 +42,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = select_device(args.device)
-    names = args.paths.split(",") if args.paths else list_runners(device, servable=True, distinct=True)
-    unknown = [n for n in names if n not in RUNNERS]
+    names = (
+        args.optimizations.split(",")
+        if args.optimizations
+        else list_optimizations(device, servable=True, distinct=True)
+    )
+    unknown = [n for n in names if n not in OPTIMIZATIONS]
     if unknown:
         p.error(f"unknown path(s) {unknown}; available: {SERVABLE}")
     result = ablation.run(

@@ -4,7 +4,7 @@ the time goes (decode, preprocess, each model's network and top-k/NMS), paths in
 
     python scripts/run_full_benchmark.py --mock                 # every available device (cpu, cuda, mps)
     python scripts/run_full_benchmark.py --mock --requests 8    # quick (< 1 min on a 2-core CPU)
-    python scripts/run_full_benchmark.py --devices cpu --paths baseline,channels_last
+    python scripts/run_full_benchmark.py --devices cpu --optimizations baseline,channels_last
 
 ``--mock`` adds the lower bound (the same I/O path, constant "nothing detected" outputs). Writes
 outputs/benchmark/benchmark_results.json and benchmark_report.txt.
@@ -21,13 +21,13 @@ from paths import MODEL_SET, OUTPUTS, PHOTOS
 
 from multidet.bench import available_devices
 from multidet.experiments import benchmark
-from multidet.runners import RUNNERS
+from multidet.optimizations import OPTIMIZATIONS
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", default="auto", help="comma-separated (cpu,cuda,mps); auto: every available one")
-    p.add_argument("--paths", default="baseline", help="comma-separated optimisation paths (default baseline)")
+    p.add_argument("--optimizations", default="baseline", help="comma-separated optimizations (default baseline)")
     p.add_argument("--mock", action="store_true", help="also measure the mock lower bound, interleaved")
     p.add_argument("--requests", type=int, default=40, help="timed requests per configuration and device")
     p.add_argument("--warmup", type=int, default=3)
@@ -40,10 +40,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     devices = available_devices() if args.devices == "auto" else [torch.device(d) for d in args.devices.split(",")]
-    paths = args.paths.split(",") + (["mock"] if args.mock else [])
-    unknown = [n for n in paths if n not in RUNNERS]
+    paths = args.optimizations.split(",") + (["mock"] if args.mock else [])
+    unknown = [n for n in paths if n not in OPTIMIZATIONS]
     if unknown:
-        p.error(f"unknown path(s) {unknown}; available: {sorted(RUNNERS)}")
+        p.error(f"unknown path(s) {unknown}; available: {sorted(OPTIMIZATIONS)}")
     result = benchmark.run(
         args.model_set,
         devices,

@@ -22,7 +22,7 @@ from pathlib import Path
 from paths import MODEL_SET, OUTPUTS, PHOTOS, ROOT, SERVING
 
 from multidet.experiments import sweep
-from multidet.runners import SERVABLE
+from multidet.optimizations import SERVABLE
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ from multidet.experiments import peers
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--optimization", default="auto", help="the served path (default auto, as make serve)")
+    p.add_argument("--optimization", default="auto", help="the served optimization (default auto, as make serve)")
     p.add_argument("--allow-reduced", action="store_true", help="serve with handler.allow_reduced (auto)")
     p.add_argument("--requests", type=int, default=40, help="timed calls per entry")
     p.add_argument("--warmup", type=int, default=3)

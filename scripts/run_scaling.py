@@ -3,7 +3,7 @@
 1..8 copies of the default set's models, per path (multidet.experiments.scaling).
 
     python scripts/run_scaling.py                                   # the full run (~20 min on 2 cores)
-    python scripts/run_scaling.py --sizes 1,2 --paths baseline,grouped --requests 3 --no-http   # quick
+    python scripts/run_scaling.py --sizes 1,2 --optimizations baseline,grouped --requests 3 --no-http   # quick
 
 Writes OUT/scaling_results.json, scaling_report.txt and scaling.png.
 """
@@ -18,22 +18,26 @@ from paths import MODEL_SET, OUTPUTS, PHOTOS, SERVING
 
 from multidet.experiments import scaling
 from multidet.modelset import read_model_set
-from multidet.runners import RUNNERS
+from multidet.optimizations import OPTIMIZATIONS
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-set", type=Path, default=MODEL_SET, help="whose models are cycled (default: models.yaml)")
     p.add_argument("--sizes", default="1,2,3,4,6,8")
-    p.add_argument("--paths", default="baseline,channels_last,grouped,vmap_backbone,onnxruntime,onnxruntime_per_model")
-    p.add_argument("--http-paths", default="baseline,onnxruntime", help="the paths also measured over HTTP")
+    p.add_argument(
+        "--optimizations", default="baseline,channels_last,grouped,vmap_backbone,onnxruntime,onnxruntime_per_model"
+    )
+    p.add_argument(
+        "--http-optimizations", default="baseline,onnxruntime", help="the optimizations also measured over HTTP"
+    )
     p.add_argument("--requests", type=int, default=10)
     p.add_argument("--no-http", action="store_true")
     p.add_argument("--out", type=Path, default=OUTPUTS / "scaling")
     args = p.parse_args(argv)
     sizes = [int(n) for n in args.sizes.split(",")]
-    paths = [x for x in args.paths.split(",") if x]
-    unknown = [x for x in paths if x not in RUNNERS]
+    paths = [x for x in args.optimizations.split(",") if x]
+    unknown = [x for x in paths if x not in OPTIMIZATIONS]
     if unknown:
         p.error(f"unknown path(s) {unknown}")
     start = None
@@ -48,7 +52,7 @@ def main(argv=None) -> int:
         paths,
         PHOTOS,
         args.requests,
-        http_paths=[x for x in args.http_paths.split(",") if x],
+        http_paths=[x for x in args.http_optimizations.split(",") if x],
         start=start,
     )
     result.write(args.out)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """What serving costs on top of inference (multidet.experiments.overhead): the same photos through
 the core package, the TorchServe handler in embedded mode and a real TorchServe over HTTP (started
-here on free ports, stopped after), per optimisation path, in rotating rounds.
+here on free ports, stopped after), per optimization, in rotating rounds.
 
     python scripts/run_serving_overhead.py                          # baseline and auto, 24 requests each
-    python scripts/run_serving_overhead.py --paths baseline --requests 4     # quick
+    python scripts/run_serving_overhead.py --optimizations baseline --requests 4     # quick
 
 Writes outputs/overhead/overhead_results.json and overhead_report.txt.
 """
@@ -20,12 +20,12 @@ from paths import MODEL_SET, OUTPUTS, PHOTOS, SERVING
 
 from multidet.device import select_device
 from multidet.experiments import overhead
-from multidet.runners import SERVABLE
+from multidet.optimizations import SERVABLE
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--paths", default="baseline,auto", help="comma-separated optimisation paths")
+    p.add_argument("--optimizations", default="baseline,auto", help="comma-separated optimizations")
     p.add_argument("--device", default="auto")
     p.add_argument("--requests", type=int, default=24, help="timed requests per mode and path")
     p.add_argument("--warmup", type=int, default=2)
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-set", type=Path, default=MODEL_SET)
     p.add_argument("--out", type=Path, default=OUTPUTS / "overhead")
     args = p.parse_args(argv)
-    names = args.paths.split(",")
+    names = args.optimizations.split(",")
     bad = [n for n in names if n not in SERVABLE]
     if bad:
         p.error(f"unknown path(s) {bad}; available: {SERVABLE}")

@@ -20,8 +20,8 @@ import requests
 from paths import MODEL_SET, ROOT, mar_options
 
 from multidet.config import ConfigError
+from multidet.optimizations import SERVABLE
 from multidet.packaging import build_mar
-from multidet.runners import SERVABLE
 from multidet.server import replace_model
 from multidet.tsconfig import bearer, read_properties
 

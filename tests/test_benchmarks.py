@@ -80,7 +80,7 @@ def test_ablation_quick(tmp_path):
     result.write(tmp_path)
     results = json.loads((tmp_path / "ablation_results.json").read_text())
     assert_environment(results["meta"]["environment"])
-    rows = {r["path"]: r for r in results["paths"]}
+    rows = {r["optimization"]: r for r in results["optimizations"]}
     assert list(rows) == ["baseline", "channels_last", "openvino_int8"]
     for r in rows.values():
         assert set(r["latency_ms"]) == LATENCY_KEYS and r["speedup_p50"] > 0
@@ -93,7 +93,7 @@ def test_ablation_quick(tmp_path):
     assert rows["channels_last"]["quality"]["same_answer"] and rows["openvino_int8"]["tier"] == "reduced"
     assert (tmp_path / "ablation.png").stat().st_size > 5000
     report = (tmp_path / "ablation_report.txt").read_text()
-    assert "fastest exact path with the baseline's answer" in report and "mAP@.5" in report
+    assert "fastest exact optimization with the baseline's answer" in report and "mAP@.5" in report
 
 
 @pytest.mark.integration
@@ -103,7 +103,7 @@ def test_serving_overhead_quick(tmp_path):
     overhead.run(SERVING, ["baseline"], torch.device("cpu"), IMAGES, 4, 1, say=lambda _: None).write(tmp_path)
     results = json.loads((tmp_path / "overhead_results.json").read_text())
     assert_environment(results["environment"])
-    r = results["paths"]["baseline"]
+    r = results["optimizations"]["baseline"]
     assert set(r["latency_ms"]) == {"core", "embedded", "http"}
     assert all(set(v) == LATENCY_KEYS and v["n"] == 4 for v in r["latency_ms"].values())
     assert set(r["overhead_p50"]) == {

@@ -2,7 +2,7 @@
 cleanly); the rest are skipped. scripts/gpu_check.sh runs this file on a GPU machine.
 
 On CUDA, cuDNN runs fp32 convolutions in TF32 by default (PyTorch's setting, kept: it is what a
-deployment gets), so paths that use other kernels agree with the CUDA baseline to TF32 precision:
+deployment gets), so optimizations that use other kernels agree with the CUDA baseline to TF32 precision:
 >= 97 % of detections matched, boxes within 0.5 px, scores within 1e-3 (the bounds used for
 ONNX Runtime and Inductor on CPU). The figures measured are in docs/benchmarks.md.
 """
@@ -14,17 +14,17 @@ import torch
 
 from helpers import RANDOM, assert_schema
 from multidet.config import Settings
+from multidet.optimizations import OPTIMIZATIONS, create_optimization, list_optimizations
 from multidet.pipeline import Detector, RequestOptions
 from multidet.quality import agreement
-from multidet.runners import RUNNERS, create_runner, list_runners
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
-# every exact path that runs on CUDA (from the registry), compared with the CUDA baseline
+# every exact optimization that runs on CUDA (from the registry), compared with the CUDA baseline
 CUDA_EXACT = [
     n
-    for n in list_runners(device="cuda", tier="exact", servable=True, distinct=True)
-    if n != "baseline" and not RUNNERS[n].chooses
+    for n in list_optimizations(device="cuda", tier="exact", servable=True, distinct=True)
+    if n != "baseline" and not OPTIMIZATIONS[n].chooses
 ]
 ZERO = RequestOptions(threshold=0.0)
 
@@ -32,9 +32,9 @@ ZERO = RequestOptions(threshold=0.0)
 def test_cuda_graphs_is_refused_cleanly_without_cuda(detector):
     if CUDA:
         pytest.skip("CUDA present: the path runs (tests below)")
-    assert not RUNNERS["cuda_graphs"].supports(torch.device("cpu"))
+    assert not OPTIMIZATIONS["cuda_graphs"].supports(torch.device("cpu"))
     with pytest.raises(ValueError, match="does not run on cpu"):
-        create_runner("cuda_graphs", detector.models, "cpu")
+        create_optimization("cuda_graphs", detector.models, "cpu")
 
 
 def cuda_detector(name: str) -> Detector:
@@ -81,7 +81,7 @@ def test_cuda_graphs_batches_replay_one_graph_per_shape(photos, cuda_reference):
         for img, result in zip(list(photos)[:2], results):
             assert_close(cuda_reference[img], result["detections"])
     det.predict_one(bodies[0], ZERO)
-    graphs = det.runner.graphs
+    graphs = det.optimization.graphs
     assert sorted(shape[0][0] for shape in graphs) == [1, 2]
     assert {shape[0][0]: c.replays for shape, c in graphs.items()} == {1: 1, 2: 2}
 
@@ -90,7 +90,7 @@ def test_cuda_graphs_batches_replay_one_graph_per_shape(photos, cuda_reference):
 @pytest.mark.parametrize("name", ["fp16", "bf16"])
 def test_cuda_half_precision_quality(name, photos, cuda_reference):
     """Reduced precision is not exact: measured and held to the issue's bar where it can be."""
-    if not RUNNERS[name].supports(torch.device("cuda:0")):
+    if not OPTIMIZATIONS[name].supports(torch.device("cuda:0")):
         pytest.skip(f"{name} not supported on this GPU")
     det = cuda_detector(name)
     for img, body in photos.items():
@@ -101,6 +101,6 @@ def test_cuda_half_precision_quality(name, photos, cuda_reference):
 @needs_cuda
 def test_auto_on_cuda_picks_an_equal_path(photos, cuda_reference):
     det = cuda_detector("auto")
-    table = {row["path"]: row for row in det.runner.table}
-    assert "cuda_graphs" in table and table[det.runner.chosen.name]["equal"]
+    table = {row["optimization"]: row for row in det.optimization.table}
+    assert "cuda_graphs" in table and table[det.optimization.chosen.name]["equal"]
     assert_close(cuda_reference["coffee"], det.predict_one(photos["coffee"], ZERO)["detections"])

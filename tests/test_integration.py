@@ -12,8 +12,8 @@ import torch
 import helpers
 from helpers import NAMES, assert_same_answer, assert_schema, encode, jpeg_declaring, mar_options, start
 from multidet.config import Settings
+from multidet.optimizations import OPTIMIZATIONS, list_optimizations
 from multidet.quality import agreement
-from multidet.runners import RUNNERS, list_runners
 
 pytestmark = pytest.mark.integration
 
@@ -184,12 +184,12 @@ def test_bombs_do_not_grow_the_worker(server, photos):
 
 
 def mar_paths():
-    """Every servable path but the baseline (the suite's main server), from the registry; a path that is
+    """Every servable path but the baseline (the suite's main server), from the registry; an optimization that is
     identical to another on this machine's device is served where it differs."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = []
-    for name in list_runners(servable=True):
-        cls = RUNNERS[name]
+    for name in list_optimizations(servable=True):
+        cls = OPTIMIZATIONS[name]
         if name == "baseline":
             continue
         if not cls.supports(device):
@@ -206,11 +206,11 @@ def mar_paths():
 @pytest.mark.parametrize("optimization", mar_paths())
 def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_factory, embedded, labelled):
     """`make mar OPT=X` builds a MAR (trained weights) that TorchServe serves with the baseline's
-    answer: exact paths its detections at the serving threshold; reduced-precision paths are judged by
+    answer: exact optimizations its detections at the serving threshold; reduced-precision optimizations are judged by
     mAP (test_paths) and must find the objects here too."""
 
-    if "cpu" in RUNNERS[optimization].slow_on and not torch.cuda.is_available():
-        pytest.skip(f"{optimization} has no fast kernels on this CPU (seconds per request; the registry's slow_on)")
+    if OPTIMIZATIONS[optimization].without_fast_kernels("cpu") and not torch.cuda.is_available():
+        pytest.skip(f"{optimization} has no fast kernels on this CPU (seconds a request: its measured_speedup)")
     ts = start(tmp_path_factory.mktemp(optimization), mar_options(optimization=optimization))
     try:
         for body in labelled[0][:3]:
@@ -220,7 +220,7 @@ def test_mar_for_each_path_serves_the_baselines_answer(optimization, tmp_path_fa
             assert_schema(result)
             assert result["optimization"].split(":")[0] == optimization
             want = embedded.predict_one(body).body["detections"]
-            if RUNNERS[optimization].tier == "exact":
+            if OPTIMIZATIONS[optimization].tier == "exact":
                 assert_same_answer(want, result["detections"])
             else:
                 assert agreement(want, result["detections"]).matched >= len(want) // 2

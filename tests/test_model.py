@@ -18,7 +18,7 @@ def batch_of(detector, photos):
 def test_baseline_equals_detbenchpredict(detector, photos):
     batch = batch_of(detector, photos)
     x, img_scale, img_size, boxes = batch.tensor, batch.img_scale, batch.img_size, batch.letterboxes
-    ours = detector.runner.detect(batch)
+    ours = detector.optimization.detect(batch)
     for k, model in enumerate(detector.models):
         bench = DetBenchPredict(model.net).eval()
         with torch.inference_mode():
@@ -90,8 +90,8 @@ def test_threshold_prefilter_gives_effdets_answer(detector, photos, threshold):
     boxes = batch.letterboxes
     thresholds = torch.full((len(boxes),), threshold)
     thresholds[0] = 0.0  # a batch mixing a zero and a non-zero threshold
-    fast = detector.runner.detect(batch, thresholds=thresholds)
-    slow = detector.runner.detect(batch)
+    fast = detector.optimization.detect(batch, thresholds=thresholds)
+    slow = detector.optimization.detect(batch)
     for k, model in enumerate(detector.models):
         for i, lb in enumerate(boxes):
             t = float(thresholds[i])

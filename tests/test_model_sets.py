@@ -1,7 +1,7 @@
 """Model sets other than the shipped one: any names, classes, count and effdet architecture, mixed in one set.
 
 Built from seeded random weights (``checkpoints.generate_model_set``): a one-model set, and a mixed set
-of two D0 models and one ``tf_efficientdet_d1`` (640 px, TensorFlow "same" padding). Every exact path
+of two D0 models and one ``tf_efficientdet_d1`` (640 px, TensorFlow "same" padding). Every exact optimization
 runs the mixed set and gives the baseline's raw outputs within its declared tolerance; the path stacks
 the models of one architecture and runs the other beside them.
 """
@@ -22,9 +22,9 @@ from multidet.checkpoints import generate_model_set
 from multidet.config import Settings
 from multidet.envelopes import RequestOptions
 from multidet.modelset import read_model_set
+from multidet.optimizations import OPTIMIZATIONS, BuildContext, build_optimization, list_optimizations
 from multidet.pipeline import Detector
 from multidet.quality import raw_difference
-from multidet.runners import RUNNERS, BuildContext, build_path, list_runners
 
 CPU = torch.device("cpu")
 MIXED = [
@@ -61,7 +61,7 @@ def raw_outputs(detector: Detector, images: list[bytes]) -> dict[int, tuple]:
     out = {}
     with torch.inference_mode():
         for g in detector.groups:
-            got = g.runner.forward(batches[g.preprocessor.key].tensor, range(len(g.indices)))
+            got = g.optimization.forward(batches[g.preprocessor.key].tensor, range(len(g.indices)))
             out.update({g.indices[j]: v for j, v in got.items()})
     return out
 
@@ -82,16 +82,16 @@ def test_a_mixed_set_runs_each_architecture_at_its_own_size(mixed_baseline, mixe
     assert [m["name"] for m in one["models"]] == ["signs"]
     assert {d["model"] for d in one["detections"]} == {"signs"}
     with pytest.raises(AttributeError, match="use Detector.groups"):
-        det.runner  # noqa: B018  (one runner per architecture: there is no single one)
+        det.optimization  # noqa: B018  (one optimization per architecture: there is no single one)
 
 
 EXACT = [
     name
-    for name in list_runners(device=CPU, tier="exact", servable=True)
+    for name in list_optimizations(device=CPU, tier="exact", servable=True)
     if name != "baseline"
-    and not RUNNERS[name].chooses  # auto: its own test below
-    and not RUNNERS[name].slow_build  # compiled paths: minutes per network (test_integration serves them)
-    and RUNNERS[name].raw_tolerance is not None
+    and not OPTIMIZATIONS[name].chooses  # auto: its own test below
+    and OPTIMIZATIONS[name].build_minutes < 1  # compiled ones: minutes per network (test_integration serves them)
+    and OPTIMIZATIONS[name].raw_tolerance is not None
 ]
 
 
@@ -100,23 +100,23 @@ def test_every_exact_path_gives_the_baselines_raw_outputs_on_a_mixed_set(
     name, mixed, mixed_baseline, mixed_images, tmp_path
 ):
     """Stacking paths (vmap, grouped, the grouped ONNX graph) stack the two D0 models and run the D1 beside."""
-    build_path(name, mixed_baseline.models, tmp_path, BuildContext(calibration_photos=IMAGES))
+    build_optimization(name, mixed_baseline.models, tmp_path, BuildContext(calibration_photos=IMAGES))
     det = Detector.from_model_set(mixed, Settings(optimization=name), CPU, tmp_path)
-    assert [len(g.runner.models) for g in det.groups] == [2, 1] and det.description == name
+    assert [len(g.optimization.models) for g in det.groups] == [2, 1] and det.description == name
     want, got = raw_outputs(mixed_baseline, mixed_images), raw_outputs(det, mixed_images)
     for k in range(3):
         diff = raw_difference(want[k][0] + want[k][1], got[k][0] + got[k][1])
-        assert diff <= RUNNERS[name].raw_tolerance, (name, k, diff)
+        assert diff <= OPTIMIZATIONS[name].raw_tolerance, (name, k, diff)
     assert_schema(det.predict_one(mixed_images[0]), models=("pets", "signs", "birds"))
 
 
 def test_auto_chooses_for_the_set_it_is_given(mixed, mixed_baseline, mixed_images, tmp_path):
     """auto times and checks its candidates per architecture of the set; the response names what it chose."""
-    build_path("auto", mixed_baseline.models, tmp_path, BuildContext(calibration_photos=IMAGES))
+    build_optimization("auto", mixed_baseline.models, tmp_path, BuildContext(calibration_photos=IMAGES))
     det = Detector.from_model_set(mixed, Settings(optimization="auto"), CPU, tmp_path)
-    chosen = [g.runner.chosen.name for g in det.groups]
-    assert all(RUNNERS[c].tier == "exact" for c in chosen)
-    assert all({r["path"] for r in g.runner.table} >= {"baseline"} for g in det.groups)
+    chosen = [g.optimization.chosen.name for g in det.groups]
+    assert all(OPTIMIZATIONS[c].tier == "exact" for c in chosen)
+    assert all({r["optimization"] for r in g.optimization.table} >= {"baseline"} for g in det.groups)
     want = f"auto:{chosen[0]}" if len(set(chosen)) == 1 else f"efficientdet_d0=auto:{chosen[0]},"
     assert det.predict_one(mixed_images[0])["optimization"].startswith(want)
 
@@ -129,7 +129,7 @@ def test_a_one_model_set_and_its_stacking_paths(tmp_path, photos):
     for name in ("vmap_backbone", "grouped"):
         det = Detector.from_model_set(model_set.source, Settings(optimization=name), CPU)
         got = raw_outputs(det, image)
-        assert raw_difference(want[0][0] + want[0][1], got[0][0] + got[0][1]) <= RUNNERS[name].raw_tolerance
+        assert raw_difference(want[0][0] + want[0][1], got[0][0] + got[0][1]) <= OPTIMIZATIONS[name].raw_tolerance
     result = base.predict_one(image[0], RequestOptions(threshold=0.0))
     assert_schema(result, models=("solo",))
     assert {d["label"] for d in result["detections"]} == {"thing"}

@@ -1,10 +1,10 @@
 """Measurements, one module each, every one a function that returns a ``Result``:
 
 - ``benchmark``: latency, throughput and where the time goes per path and device (core package);
-- ``ablation``: every path's latency against the baseline's and its answer's quality (mAP, tier rule);
+- ``ablation``: every optimization's latency against the baseline's and its answer's quality (mAP, tier rule);
 - ``overhead``: what serving adds: the core package vs the TorchServe handler vs TorchServe over HTTP;
 - ``scaling``: how a request's cost grows with the number of models in the set;
-- ``peers``: the served path against ONNX Runtime and OpenVINO running the same networks alone;
+- ``peers``: the served optimization against ONNX Runtime and OpenVINO running the same networks alone;
 - ``sweep``: latency and throughput under load (concurrent users) against a real TorchServe;
 - ``soak``: a long mixed good/bad load, its windows, memory and worker restarts.
 

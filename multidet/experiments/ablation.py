@@ -1,13 +1,13 @@
-"""Ablation: every optimisation path on one device, its latency and speed-up over the baseline, and
+"""Ablation: every optimization on one device, its latency and speed-up over the baseline, and
 the quality of its answer against the baseline's, all in one run so the ratios are comparable.
 
 Latency: end to end per image in the core package (decode to response) at the serving threshold,
 paths interleaved request by request after a warm-up, the device synchronised around each clock
-read. Quality: each path's mAP@0.5 and mAP@[.5:.95] per model on the labelled val images
+read. Quality: each optimization's mAP@0.5 and mAP@[.5:.95] per model on the labelled val images
 (``<val>/<model>/val``, ``val_images`` per model), through the whole data path, and its verdict under
-its tier's rule (multidet.quality): exact paths must give the baseline's detections at the serving
-threshold and its mAP within 0.1 points; reduced-precision paths must stay within 0.5 points of the
-baseline's mAP. Each path's build step (what ``make mar`` runs: the ONNX export, the AOT compile, the
+its tier's rule (multidet.quality): exact optimizations must give the baseline's detections at the serving
+threshold and its mAP within 0.1 points; reduced-precision optimizations must stay within 0.5 points of the
+baseline's mAP. Each optimization's build step (what ``make mar`` runs: the ONNX export, the AOT compile, the
 Inductor cache) is timed separately from its load.
 """
 
@@ -24,9 +24,9 @@ from ..bench import environment, photos, summarize
 from ..config import Settings
 from ..device import synchronize
 from ..evaluation import EvalResult, evaluate
+from ..optimizations import OPTIMIZATIONS, BuildContext, build_optimization
 from ..pipeline import Detector
 from ..quality import judge
-from ..runners import RUNNERS, BuildContext, build_path
 from ..timing import interleaved
 from . import Result, Say, say_flush, shown
 
@@ -70,7 +70,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["path"] for r in rows]
+    names = [r["optimization"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     colors = ["#4c72b0" if r["tier"] == "exact" else "#dd8452" for r in rows]
     ax1.bar(names, [r["speedup_p50"] for r in rows], color=colors)
@@ -128,28 +128,28 @@ def report(rows: list[dict], meta: dict) -> str:
         "",
     ]
     head = (
-        f"{'path':<24} {'tier':>7} {'p50 ms':>8} {'p99 ms':>8} {'mean':>8} {'std':>6} {'speed-up':>8} {'build s':>7} "
-        f"{'load s':>7} {'mAP@.5':>7} {'mAP':>6} {'dmAP pt':>7} {'max box':>8} {'same':>5}"
+        f"{'optimization':<24} {'tier':>7} {'p50 ms':>8} {'p99 ms':>8} {'mean':>8} {'std':>6} {'speed-up':>8} "
+        f"{'build s':>7} {'load s':>7} {'mAP@.5':>7} {'mAP':>6} {'dmAP pt':>7} {'max box':>8} {'same':>5}"
     )
     lines += [head, "-" * len(head)]
     for r in rows:
         q, lat = r["quality"], r["latency_ms"]
         lines.append(
-            f"{r['path']:<24} {r['tier']:>7} {lat['p50']:>8.1f} {lat['p99']:>8.1f} "
+            f"{r['optimization']:<24} {r['tier']:>7} {lat['p50']:>8.1f} {lat['p99']:>8.1f} "
             f"{lat['mean']:>8.1f} {lat['std']:>6.1f} {r['speedup_p50']:>7.2f}x "
             f"{r['build_s']:>7.1f} {r['load_s']:>7.1f} "
             f"{q['map50_mean']:>7.3f} {q['map_mean']:>6.3f} {q['delta_map50_points']:>7.2f} "
             f"{q['max_box_diff_px']:>8.3f} {'yes' if q['same_answer'] else 'NO':>5}"
         )
     best = max(
-        (r for r in rows if r["path"] != "auto"),  # auto is one of the others, chosen at load
+        (r for r in rows if r["optimization"] != "auto"),  # auto is one of the others, chosen at load
         key=lambda r: r["speedup_p50"] if r["quality"]["same_answer"] and r["tier"] == "exact" else 0,
     )
     lines += [
         "",
         "mAP@.5 / mAP: mean over the models' val images (per model in the JSON); dmAP pt: the "
         "largest change in mAP@.5 against the baseline, in points; same: the tier's rule (multidet.quality)",
-        f"fastest exact path with the baseline's answer: {best['path']} ({best['speedup_p50']:.2f}x, "
+        f"fastest exact optimization with the baseline's answer: {best['optimization']} ({best['speedup_p50']:.2f}x, "
         f"{best['latency_ms']['p50']:.1f} ms p50)",
     ]
     return "\n".join(lines) + "\n"
@@ -160,7 +160,7 @@ class AblationResult(Result):
 
     @property
     def rows(self) -> list[dict]:
-        return self.data["paths"]
+        return self.data["optimizations"]
 
     def report(self) -> str:
         return report(self.rows, self.data["meta"])
@@ -183,7 +183,7 @@ def run(
 ) -> AblationResult:
     """Build, load, score and time ``names`` (the baseline first, added if missing) on ``device``;
     ``photo_dir``: the timed photos and INT8 calibration images; ``artifacts``: the build steps' output."""
-    names = ["baseline"] + [n for n in names if n != "baseline" and RUNNERS[n].supports(device)]
+    names = ["baseline"] + [n for n in names if n != "baseline" and OPTIMIZATIONS[n].supports(device)]
     images = photos(photo_dir)
     bodies = list(images.values())
 
@@ -191,7 +191,9 @@ def run(
     for name in names:
         t0 = time.perf_counter()
         if name != "baseline":
-            build_path(name, detectors["baseline"].models, artifacts, BuildContext(calibration_photos=photo_dir))
+            build_optimization(
+                name, detectors["baseline"].models, artifacts, BuildContext(calibration_photos=photo_dir)
+            )
         build_s[name] = time.perf_counter() - t0
         t0 = time.perf_counter()
         det = Detector.from_model_set(model_set, Settings(optimization=name), device, artifacts)
@@ -231,15 +233,15 @@ def run(
         lat = summarize(times[name])
         rows.append(
             {
-                "path": name,
+                "optimization": name,
                 "runs_as": det.description,
-                "tier": RUNNERS[name].tier,
+                "tier": OPTIMIZATIONS[name].tier,
                 "latency_ms": lat,
                 "speedup_p50": round(base["p50"] / lat["p50"], 3),
                 "speedup_mean": round(base["mean"] / lat["mean"], 3),
                 "build_s": round(build_s[name], 1),
                 "load_s": round(load_s[name], 1),
-                "quality": map_quality(evals["baseline"], evals[name], RUNNERS[name].tier),
+                "quality": map_quality(evals["baseline"], evals[name], OPTIMIZATIONS[name].tier),
             }
         )
         say(f"quality {name}: {rows[-1]['quality']}")
@@ -255,4 +257,4 @@ def run(
         "val": shown(val),
         "val_images": val_images,
     }
-    return AblationResult({"meta": meta, "paths": rows})
+    return AblationResult({"meta": meta, "optimizations": rows})

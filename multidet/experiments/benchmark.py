@@ -1,10 +1,10 @@
-"""Per-device benchmark of optimisation paths (and the mock lower bound): latency percentiles,
+"""Per-device benchmark of optimizations (and the mock lower bound): latency percentiles,
 throughput (one image per call and batched), and where the time goes (decode, preprocess, each
 model's network and top-k/NMS).
 
 For each device, every configuration is loaded, warmed up, then timed on the sample photos request by
 request in interleaved order (A, B, A, B, ...), synchronising the device around each clock read. The
-``mock`` path is the lower bound: the same I/O path with a runner that returns constant "nothing
+``mock`` path is the lower bound: the same I/O path with an optimization that returns constant "nothing
 detected" outputs instead of running the networks.
 """
 
@@ -20,8 +20,8 @@ import torch
 from ..bench import SEED, environment, model_breakdown, photos, summarize, timed_batch
 from ..config import Settings
 from ..device import synchronize
+from ..optimizations import OPTIMIZATIONS
 from ..pipeline import Detector
-from ..runners import RUNNERS
 from ..timing import interleaved
 from . import Result, Say, say_flush
 
@@ -75,7 +75,7 @@ def measure_device(
 
     breakdown = {}
     for name, det in configs.items():
-        if not all(g.runner.separable for g in det.groups):
+        if not all(g.optimization.separable for g in det.groups):
             continue
         runs = [model_breakdown(det, bodies[i % len(bodies)]) for i in range(breakdown_requests)]
         breakdown[name] = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
@@ -112,7 +112,7 @@ def report(results: dict) -> str:
     lines.append("")
     lines.append("Latency per image, end to end in the core package (decode to response), ms")
     head = (
-        f"{'device':<8} {'path':<16} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8} {'std':>7} {'min':>8} "
+        f"{'device':<8} {'optimization':<16} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8} {'std':>7} {'min':>8} "
         f"{'max':>8} {'img/s':>7} {'batch img/s':>12}"
     )
     lines += [head, "-" * len(head)]
@@ -185,11 +185,11 @@ def run(
         "warmup": warmup,
         "images": list(images),
         "threshold": Settings().threshold,
-        "paths": list(paths),
+        "optimizations": list(paths),
         "devices": {},
     }
     for device in devices:
-        valid = [n for n in paths if RUNNERS[n].supports(device)]
+        valid = [n for n in paths if OPTIMIZATIONS[n].supports(device)]
         results["devices"][device.type] = measure_device(
             model_set,
             device,

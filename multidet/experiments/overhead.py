@@ -1,6 +1,6 @@
 """What serving costs on top of inference: the same photos through (a) the core package, (b) the
 TorchServe handler in embedded mode (TorchServe's Context, request dicts, JSON), (c) a real
-TorchServe over HTTP (started on free ports, stopped after), per optimisation path.
+TorchServe over HTTP (started on free ports, stopped after), per optimization.
 
 The three modes run in rounds (each mode sends every photo once, the order rotating per round), so
 a noisy machine does not favour one. Overhead = p50(b) - p50(a) (handler) and p50(c) - p50(b) (the
@@ -137,14 +137,14 @@ def report(results: dict) -> str:
         f"{', '.join(results['images'])}",
         "",
     ]
-    head = f"{'path':<16} {'mode':<9} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}"
+    head = f"{'optimization':<16} {'mode':<9} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}"
     lines += [head, "-" * len(head)]
-    for name, r in results["paths"].items():
+    for name, r in results["optimizations"].items():
         for mode in MODES:
             s = r["latency_ms"][mode]
             lines.append(f"{name:<16} {mode:<9} {s['p50']:>8.1f} {s['p99']:>8.1f} {s['mean']:>8.1f}")
     lines.append("")
-    for name, r in results["paths"].items():
+    for name, r in results["optimizations"].items():
         parts = "; ".join(f"{k}: {v['ms']:+.1f} ms ({v['pct_of_core']:+.1f} %)" for k, v in r["overhead_p50"].items())
         m = r["torchserve_metrics_per_request_ms"]
         lines.append(f"{name} (runs as {r['runs_as']}): {parts}; TorchServe queue {m['queue']:.2f} ms/request")
@@ -184,10 +184,10 @@ def run(
         "device": str(device),
         "requests": requests,
         "images": list(images),
-        "paths": {},
+        "optimizations": {},
     }
     for name in paths:
-        results["paths"][name] = measure_path(
+        results["optimizations"][name] = measure_path(
             name, device, list(images.values()), serving, requests, warmup, server_timeout, say
         )
     return OverheadResult(results)

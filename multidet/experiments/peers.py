@@ -9,7 +9,7 @@ the run), on the same photos:
 - baseline: the project's baseline path end to end in-process (eager PyTorch, decode to response);
 - peers:    the same trained networks run ALONE by each runtime, on an already letterboxed and
             normalised [1, 3, H, W] array, no pre/post-processing: ONNX Runtime with one session per
-            network (graph optimisation "all", threads = cores), OpenVINO f32 (latency hint,
+            network (graph optimization "all", threads = cores), OpenVINO f32 (latency hint,
             threads = cores), OpenVINO bf16 (only where the CPU has native bf16) and OpenVINO INT8
             (NNCF, as ``openvino_int8`` builds it);
 - ours:     the project's grouped super-model (the ``onnxruntime`` path's graph) alone on ONNX Runtime,
@@ -36,11 +36,11 @@ from ..config import Settings
 from ..device import native_bf16
 from ..modelset import load_models as load_set
 from ..modelset import read_model_set
+from ..optimizations import BuildContext, LoadedModel
+from ..optimizations.auto import PAUSE_S  # between timed calls (runtimes' spinning threads)
+from ..optimizations.onnx import export_onnx, export_per_model, per_model_paths, session
+from ..optimizations.openvino import OpenVino, OpenVinoInt8
 from ..pipeline import Detector
-from ..runners import BuildContext, LoadedModel
-from ..runners.auto import PAUSE_S  # between timed calls (runtimes' spinning threads)
-from ..runners.onnx import export_onnx, export_per_model, per_model_paths, session
-from ..runners.openvino import OpenVinoInt8Runner, OpenVinoRunner
 from ..server import Serving
 from ..timing import interleaved
 from . import Result, Say, say_flush
@@ -66,15 +66,15 @@ def peers(models: list[LoadedModel], work: Path, int8: bool, calibration_photos:
         lambda x: [s.run(None, {"images": x}) for s in ort_sessions],
     )
     grouped = session(export_onnx(models, work / "grouped.onnx"), torch.device("cpu"))
-    # not a peer: the project's own fused graph (the onnxruntime path) alone, i.e. the served path minus
+    # not a peer: the project's own fused graph (the onnxruntime path) alone, i.e. the served optimization minus
     # decode, letterbox, top-k/NMS, JSON and TorchServe
     out["ours: grouped graph on onnxruntime"] = ("ours", lambda x: grouped.run(None, {"images": x}))
 
     core = ov.Core()
     threads = torch.get_num_threads()
 
-    def compiled(runner_cls, precision: str) -> list:
-        xmls = runner_cls._xmls(models, work)
+    def compiled(opt_cls, precision: str) -> list:
+        xmls = opt_cls._xmls(models, work)
         config = {
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": threads,
@@ -82,15 +82,15 @@ def peers(models: list[LoadedModel], work: Path, int8: bool, calibration_photos:
         }
         return [core.compile_model(str(x), "CPU", config) for x in xmls]
 
-    OpenVinoRunner.build(models, work)
-    ov_f32 = compiled(OpenVinoRunner, "f32")
+    OpenVino.build(models, work)
+    ov_f32 = compiled(OpenVino, "f32")
     out["openvino f32"] = ("exact", lambda x: [c(x) for c in ov_f32])
     if native_bf16():
-        ov_bf16 = compiled(OpenVinoRunner, "bf16")
+        ov_bf16 = compiled(OpenVino, "bf16")
         out["openvino bf16"] = ("reduced", lambda x: [c(x) for c in ov_bf16])
     if int8:
-        OpenVinoInt8Runner.build(models, work, BuildContext(calibration_photos=calibration_photos))
-        ov_int8 = compiled(OpenVinoInt8Runner, "f32")
+        OpenVinoInt8.build(models, work, BuildContext(calibration_photos=calibration_photos))
+        ov_int8 = compiled(OpenVinoInt8, "f32")
         out["openvino int8"] = ("reduced", lambda x: [c(x) for c in ov_int8])
     return out
 

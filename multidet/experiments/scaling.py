@@ -24,8 +24,8 @@ from ..checkpoints import LoadedModel
 from ..config import Settings
 from ..device import synchronize
 from ..modelset import ModelSet
+from ..optimizations import BuildContext, build_optimization
 from ..pipeline import Detector
-from ..runners import BuildContext, build_path
 from ..timing import interleaved
 from . import Result, Say, say_flush
 
@@ -83,7 +83,9 @@ def run_in_process(
         for path in paths:
             t0 = time.perf_counter()
             artifacts = work / f"{path}-{n}"
-            build_path(path, models, artifacts, BuildContext(calibration_photos=calibration_photos, log=lambda _: None))
+            build_optimization(
+                path, models, artifacts, BuildContext(calibration_photos=calibration_photos, log=lambda _: None)
+            )
             detectors[(path, n)] = Detector(models, Settings(optimization=path), device, artifacts)
             say(f"{path} x{n}: built and loaded in {time.perf_counter() - t0:.0f} s")
     calls = {f"{p}|{n}": (lambda i, d=d: d.predict_one(bodies[i % len(bodies)])) for (p, n), d in detectors.items()}

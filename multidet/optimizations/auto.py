@@ -1,15 +1,15 @@
-"""``auto``: at load time, on the actual device, time the candidate paths and keep the fastest whose
+"""``auto``: at load time, on the actual device, time the candidate optimizations and keep the fastest whose
 answer is the baseline's under its tier's rule (multidet.quality). The measured table goes to the log.
 
-Candidates come from the registry (``Runner.auto_candidate``, less the paths with no fast kernels on
-this device, ``Runner.slow_on``, or measured no faster than the baseline there, ``not_faster_on``);
+Candidates come from the registry (``Optimization.auto_candidate``, less the optimizations measured slower
+than the baseline on this device type, ``Optimization.measured_speedup``);
 their build step (ONNX exports, OpenVINO IR, the INT8 quantisation when reduced precision is
-allowed) runs at MAR build (``AutoRunner.build``), so a load only times them. Each is checked on a
+allowed) runs at MAR build (``Auto.build``), so a load only times them. Each is checked on a
 small labelled set made at archive build (``synthetic.check_set``: six images, every model's objects
 annotated, in ``artifacts/check_set/``; the serving path imports no dataset generator nor pycocotools)
 against the baseline:
 
-- exact tier: raw outputs within the path's ``raw_tolerance``, detections at the serving threshold
+- exact tier: raw outputs within the optimization's ``raw_tolerance``, detections at the serving threshold
   equal one to one (boxes within 0.5 px, scores within 1e-3), mAP within 0.1 points;
 - reduced tier (bf16/fp16, OpenVINO bf16/INT8), only with ``allow_reduced`` (model-config
   ``handler.allow_reduced``, ``make mar OPT=auto REDUCED=1``): mAP at most 0.5 points below the
@@ -19,7 +19,7 @@ Order, to keep start-up short: every candidate is timed first (after a warm-up, 
 single-image call per candidate, interleaved, the median kept); then the baseline's answer
 is computed, and the candidates faster than the baseline are checked fastest first until one
 passes. Slower ones could not be chosen, so they are not checked (their row says so). The table
-(ms, mAP@0.5 where checked, why a path was refused) goes to the log.
+(ms, mAP@0.5 where checked, why an optimization was refused) goes to the log.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..postprocess import detections_for
 from ..preprocess import Preprocessor
 from ..quality import coco_map, coco_results, judge, raw_difference
 from ..timing import interleaved
-from .base import RUNNERS, BuildContext, RawOutput, Runner, register
+from .base import OPTIMIZATIONS, BuildContext, Optimization, RawOutput, register
 
 log = logging.getLogger(__name__)
 CHECK_DIR = "check_set"  # under the artifact dir: the labelled images auto checks its candidates on
@@ -79,26 +79,25 @@ def read_check_set(models, artifact_dir: Path) -> tuple[list[bytes], dict]:
 
 
 # between timed calls: ONNX Runtime's and OpenVINO's worker threads spin for a moment after a call;
-# without a pause they would slow down whichever path is timed next
+# without a pause they would slow down whichever optimization is timed next
 PAUSE_S = 0.02
 
 
 def candidates(device: torch.device, allow_reduced: bool) -> list[str]:
-    """The paths auto times on ``device``, baseline first."""
+    """The optimizations auto times on ``device``, baseline first."""
     names = [
         n
-        for n, cls in RUNNERS.items()
+        for n, cls in OPTIMIZATIONS.items()
         if cls.auto_candidate
         and cls.supports(device)
-        and device.type not in cls.slow_on
-        and device.type not in cls.not_faster_on
+        and not cls.slower_than_baseline(device)
         and (cls.tier == "exact" or allow_reduced)
     ]
     return sorted(names, key=lambda n: n != "baseline")
 
 
 @register
-class AutoRunner(Runner):
+class Auto(Optimization):
     name = "auto"
     chooses = True
 
@@ -109,7 +108,7 @@ class AutoRunner(Runner):
         context = context or BuildContext()
         return write_check_set(models, artifact_dir) + [
             f
-            for c in RUNNERS.values()
+            for c in OPTIMIZATIONS.values()
             if c.auto_candidate and (c.tier == "exact" or context.allow_reduced)
             for f in c.build(models, artifact_dir, context)
         ]
@@ -124,25 +123,27 @@ class AutoRunner(Runner):
         one = batch.head(1)
         active = list(range(len(self.models)))
         self.table: list[dict] = []
-        timed: dict[str, tuple[Runner, dict, dict]] = {}  # name -> (runner, raw outputs of one image, row)
+        timed: dict[str, tuple[Optimization, dict, dict]] = {}  # name -> (optimization, raw outputs of one image, row)
         # 1. every candidate built and warmed up (any lazy init, a runtime's first-call allocations) ...
         for name in candidates(self.device, allow_reduced):
-            cls = RUNNERS[name]
+            cls = OPTIMIZATIONS[name]
             t0 = time.perf_counter()
             try:
-                runner = cls(self.models, self.device, max_detections, artifact_dir)
+                optimization = cls(self.models, self.device, max_detections, artifact_dir)
                 with torch.inference_mode():
-                    raw = runner.forward(one.tensor, active)  # also the raw outputs for the check
-                    runner.detect(one)
-            except Exception as exc:  # a path that fails here is simply not chosen
+                    raw = optimization.forward(one.tensor, active)  # also the raw outputs for the check
+                    optimization.detect(one)
+            except Exception as exc:  # an optimization that fails here is simply not chosen
                 log.warning("auto: %s failed on %s: %s", name, self.device, exc)
-                self.table.append({"path": name, "tier": cls.tier, "ms": None, "equal": False, "error": str(exc)})
+                self.table.append(
+                    {"optimization": name, "tier": cls.tier, "ms": None, "equal": False, "error": str(exc)}
+                )
                 continue
-            row = {"path": name, "tier": cls.tier, "load_s": round(time.perf_counter() - t0, 1)}
+            row = {"optimization": name, "tier": cls.tier, "load_s": round(time.perf_counter() - t0, 1)}
             self.table.append(row)
-            timed[name] = (runner, raw, row)
-        # ... then timed on one image in interleaved rounds (a noisy moment hits every path alike)
-        calls = {name: (lambda r, runner=entry[0]: runner.detect(one)) for name, entry in timed.items()}
+            timed[name] = (optimization, raw, row)
+        # ... then timed on one image in interleaved rounds (a noisy moment hits every optimization alike)
+        calls = {name: (lambda r, optimization=entry[0]: optimization.detect(one)) for name, entry in timed.items()}
         with torch.inference_mode():
             times = interleaved(calls, repeats, pause_s=PAUSE_S, sync=lambda: synchronize(self.device)).ms
         for name, ms in times.items():
@@ -150,22 +151,22 @@ class AutoRunner(Runner):
         if "baseline" not in timed:
             raise RuntimeError(f"auto: the baseline itself failed on {self.device}: {self.table[0].get('error')}")
         # 2. the baseline's answer on the labelled check set
-        base_runner, base_raw, chosen = timed["baseline"]
-        reference = self._check(base_runner, batch, truth)
+        base_optimization, base_raw, chosen = timed["baseline"]
+        reference = self._check(base_optimization, batch, truth)
         chosen.update(map50=reference[1], equal=True)
         # 3. the candidates faster than the baseline, fastest first, until one gives its answer; the
         #    slower ones cannot be chosen, so they are not checked (start-up time)
         for name in sorted(timed, key=lambda n: timed[n][2]["ms"]):
-            runner, raw, row = timed[name]
+            optimization, raw, row = timed[name]
             if name == "baseline":
                 continue
             if row["ms"] >= chosen["ms"]:
-                row.update(equal=None, why=f"not faster than {chosen['path']}: not checked")
+                row.update(equal=None, why=f"not faster than {chosen['optimization']}: not checked")
                 continue
-            answer, maps = self._check(runner, batch, truth)
+            answer, maps = self._check(optimization, batch, truth)
             row["map50"] = maps
             reasons = []
-            cls = RUNNERS[name]
+            cls = OPTIMIZATIONS[name]
             if cls.tier == "exact" and cls.raw_tolerance is not None:
                 diff = max(raw_difference(base_raw[k][0] + base_raw[k][1], raw[k][0] + raw[k][1]) for k in active)
                 row["raw_diff"] = float(f"{diff:.3g}")
@@ -179,14 +180,14 @@ class AutoRunner(Runner):
                 row["why"] = "; ".join(reasons)
             else:
                 chosen = row
-        self.chosen = timed[chosen["path"]][0]
-        timed.clear()  # the runners not chosen are released here
+        self.chosen = timed[chosen["optimization"]][0]
+        timed.clear()  # the optimizations not chosen are released here
         log.info(
             "auto on %s (reduced precision %s): %s -> %s",
             self.device,
             "allowed" if allow_reduced else "not allowed",
             "; ".join(
-                f"{r['path']} {r['ms']} ms"
+                f"{r['optimization']} {r['ms']} ms"
                 + (f" mAP@0.5 {r['map50']}" if r.get("map50") else "")
                 + ("" if r.get("equal") else f" ({r.get('why', r.get('error'))})")
                 for r in self.table
@@ -194,10 +195,10 @@ class AutoRunner(Runner):
             self.chosen.name,
         )
 
-    def _check(self, runner: Runner, batch, truth) -> tuple[list[list[dict]], dict[str, float]]:
-        """The path's answer on the check set and its mAP@0.5 per model."""
+    def _check(self, optimization: Optimization, batch, truth) -> tuple[list[list[dict]], dict[str, float]]:
+        """The optimization's answer on the check set and its mAP@0.5 per model."""
         with torch.inference_mode():
-            out = runner.detect(batch)
+            out = optimization.detect(batch)
         answer = self._answer(out, batch.letterboxes)
         maps = {
             m.name: round(coco_map(truth[m.name], coco_results(answer, m.name))[0], 4)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import RawOutput, register
-from .grouped import GroupedRunner, split_outputs
+from .grouped import Grouped, split_outputs
 
 log = logging.getLogger(__name__)
 WARMUP_PASSES = 3
@@ -36,7 +36,7 @@ class _Captured:
 
 
 @register
-class CudaGraphsRunner(GroupedRunner):
+class CudaGraphs(Grouped):
     name = "cuda_graphs"
     devices = ("cuda",)
 

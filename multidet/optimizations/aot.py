@@ -1,7 +1,7 @@
 """``aot_inductor``: the networks compiled ahead of time by AOTInductor, loaded in milliseconds.
 
 ``torch.compile`` compiles in the worker (about two minutes cold on the 2-core development CPU, ~50 s
-with the Inductor cache packed into the MAR, since Dynamo still traces at every start). This path
+with the Inductor cache packed into the MAR, since Dynamo still traces at every start). This optimization
 moves all of it to the build: ``make mar OPT=aot_inductor`` exports each network with
 ``torch.export`` (batch dimension dynamic, 1..MAX_BATCH, so TorchServe batching needs no recompile)
 and compiles it with ``torch._inductor.aoti_compile_and_package`` into ``artifacts/aoti_<model>.pt2``
@@ -13,7 +13,7 @@ Each package is checked against the eager network right after compiling (``verif
 if it differs: with torch 2.14 on CPU, AOTInductor produced packages whose outputs were off by
 thousands when the example batch was zeros or noise (a photo-like example compiles correctly),
 and for the fused ``grouped`` super-model. The three networks therefore stay separate here.
-Post-processing stays eager and shared, as for every path.
+Post-processing stays eager and shared, as for every optimization.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from PIL import Image
 from ..artifacts import Artifact, ensure
 from ..preprocess import Preprocessor
 from .base import BuildContext, LoadedModel, on_device, register, weights_stamp
-from .baseline import BaselineRunner
+from .baseline import Baseline
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 64
@@ -109,12 +109,12 @@ def compile_packages(
 
 
 @register
-class AotInductorRunner(BaselineRunner):
+class AotInductor(Baseline):
     name = "aot_inductor"
     auto_candidate = False  # its packages are compiled at MAR build (minutes)
     devices = ("cpu", "cuda")
     build_step = "AOTInductor compile of each network, each checked against eager"
-    slow_build = True
+    build_minutes = 2.0
 
     @classmethod
     def build(

@@ -1,7 +1,7 @@
 """``fp16`` / ``bf16``: the baseline's networks under autocast in half precision.
 
 Convolutions and matmuls run in the half type; autocast keeps numerically sensitive ops (and the
-BatchNorm statistics) in fp32, and the outputs go back to fp32 for top-k/NMS (Runner.detect). Reduced
+BatchNorm statistics) in fp32, and the outputs go back to fp32 for top-k/NMS (Optimization.detect). Reduced
 tier: judged by its mAP drop against the baseline (multidet.quality), not by detection equality.
 """
 
@@ -14,10 +14,10 @@ import torch
 
 from ..device import native_bf16
 from .base import RawOutput, register
-from .baseline import BaselineRunner
+from .baseline import Baseline
 
 
-class AutocastRunner(BaselineRunner):
+class Autocast(Baseline):
     dtype: ClassVar[torch.dtype]
     tier = "reduced"
     auto_candidate = True  # only when the user allows reduced precision
@@ -38,16 +38,16 @@ class AutocastRunner(BaselineRunner):
 
 
 @register
-class Fp16Runner(AutocastRunner):
+class Fp16(Autocast):
     name = "fp16"
-    slow_on = ("cpu",)  # no fast fp16 kernels on common CPUs: seconds per image
+    measured_speedup = {"cpu": 0.05}  # no fast fp16 kernels on common CPUs: 4.3 s a request (docs/benchmarks.md)
     dtype = torch.float16
 
 
 @register
-class Bf16Runner(AutocastRunner):
+class Bf16(Autocast):
     name = "bf16"
     # without native bf16 (AMX / AVX-512 BF16) the CPU emulates it: measured 11.7 s a request against
     # the baseline's 0.75 s on an AVX2-only EPYC with the trained weights
-    slow_on = () if native_bf16() else ("cpu",)
+    measured_speedup = {} if native_bf16() else {"cpu": 0.064}
     dtype = torch.bfloat16

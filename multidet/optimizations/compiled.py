@@ -1,8 +1,8 @@
 """``compile`` / ``compile_reduce_overhead``: the baseline's three networks under ``torch.compile``
-(Inductor). Post-processing stays eager (NMS breaks graphs; it is shared by every path anyway).
+(Inductor). Post-processing stays eager (NMS breaks graphs; it is shared by every optimization anyway).
 
 Compilation is slow on a small CPU (about a minute per network on the 2-core development VM), so it
-is paid once, at MAR build time: ``Runner.build`` compiles the three networks on a 512x512 batch of
+is paid once, at MAR build time: ``Optimization.build`` compiles the three networks on a 512x512 batch of
 one, under ``torch.inference_mode`` exactly as serving calls them, and saves Inductor's portable
 cache (``torch.compiler.save_cache_artifacts``) to ``artifacts/compile_cache.bin``, packed into the
 MAR. A worker loads it before its first call, so start-up replays compiled kernels instead of
@@ -21,21 +21,21 @@ from pathlib import Path
 import torch
 
 from .base import BuildContext, LoadedModel, register
-from .baseline import BaselineRunner
+from .baseline import Baseline
 
 log = logging.getLogger(__name__)
 CACHE_FILE = "compile_cache.bin"
 # Dynamo counts every compiled variant of one code object (EfficientDet.forward) against one limit:
-# three networks x each batch size TorchServe hands over (or several compiled paths in one process,
+# three networks x each batch size TorchServe hands over (or several compiled optimizations in one process,
 # as in the ablation) pass the default of 8, after which Dynamo silently runs the rest eagerly.
 RECOMPILE_LIMIT = 64
 
 
-class CompiledRunner(BaselineRunner):
+class Compiled(Baseline):
     mode: str | None = None
     auto_candidate = False  # compiles for minutes unless its MAR-built cache is there
     build_step = "torch.compile of each network; Inductor's cache saved"
-    slow_build = True  # about a minute per network on 2 cores: the tests compile it once, through a MAR
+    build_minutes = 3.0  # about a minute per network on 2 cores: the tests compile it once, through a MAR
 
     @classmethod
     def build(
@@ -43,10 +43,10 @@ class CompiledRunner(BaselineRunner):
     ) -> list[Path]:
         say = (context or BuildContext()).log
         t0 = time.perf_counter()
-        runner = cls(models, torch.device("cpu"))
+        optimization = cls(models, torch.device("cpu"))
         x = torch.zeros(1, 3, *models[0].net.config.image_size)
         with torch.inference_mode():
-            for k, net in enumerate(runner.nets):
+            for k, net in enumerate(optimization.nets):
                 say(f"compiling {models[k].name} ({k + 1}/{len(models)}, mode={cls.mode})...")
                 net(x)
         artifacts = torch.compiler.save_cache_artifacts()
@@ -73,12 +73,12 @@ class CompiledRunner(BaselineRunner):
 
 
 @register
-class CompileRunner(CompiledRunner):
+class Compile(Compiled):
     name = "compile"
 
 
 @register
-class CompileReduceOverheadRunner(CompiledRunner):
+class CompileReduceOverhead(Compiled):
     name = "compile_reduce_overhead"
     mode = "reduce-overhead"
     same_as = {"cpu": "compile"}  # CUDA graphs need CUDA: on a CPU this is compile

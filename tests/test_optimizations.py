@@ -1,11 +1,11 @@
-"""Every optimisation path against the baseline, with the one rule of multidet.quality.
+"""Every optimization against the baseline, with the one rule of multidet.quality.
 
-Derived from the registry (``list_runners``): every path is tested, or skipped here with the test
+Derived from the registry (``list_optimizations``): every optimization is tested, or skipped here with the test
 that covers it named. On the seeded random checkpoints (no training) the raw network outputs of each
-exact path must be within its declared ``raw_tolerance`` of the baseline's: their NMS'd detections
-tie to 4-5 decimals, and ties are not errors. On the trained checkpoints each exact path must give the
+exact optimization must be within its declared ``raw_tolerance`` of the baseline's: their NMS'd detections
+tie to 4-5 decimals, and ties are not errors. On the trained checkpoints each exact optimization must give the
 baseline's detections at the serving threshold (boxes within 0.5 px, scores within 1e-3) and the same
-mAP within 0.1 points, on a labelled set; a reduced-precision path must keep mAP within 0.5 points.
+mAP within 0.1 points, on a labelled set; a reduced-precision optimization must keep mAP within 0.5 points.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import torch
 
 from helpers import IMAGES, RANDOM, SHIPPED, answers, assert_same_answer, assert_same_map, assert_schema, map50
 from multidet.config import Settings
+from multidet.optimizations import OPTIMIZATIONS, BuildContext, build_optimization, list_optimizations
+from multidet.optimizations.grouped import conv_calls, merge_networks
 from multidet.pipeline import Detector, RequestOptions
 from multidet.quality import RULES, map_ok, raw_difference
-from multidet.runners import RUNNERS, BuildContext, build_path, list_runners
-from multidet.runners.grouped import conv_calls, merge_networks
 
 CPU = torch.device("cpu")
 CONTEXT = BuildContext(calibration_photos=IMAGES)  # as the MAR build has it
 
 
 def elsewhere(name: str) -> str | None:
-    """Where a path's own test is, when not in this file's parametrised tests (from the registry)."""
-    cls = RUNNERS[name]
+    """Where an optimization's own test is, when not in this file's parametrised tests (from the registry)."""
+    cls = OPTIMIZATIONS[name]
     if cls.chooses:
         return "chooses among the others: test_auto_*"
     if cls.benchmark_only:
@@ -35,7 +35,7 @@ def elsewhere(name: str) -> str | None:
         return f"needs {cls.requires}" if cls.requires else "does not run on this CPU: tests/test_gpu.py"
     if CPU.type in cls.same_as:
         return f"on CPU the same as {cls.same_as[CPU.type]}"
-    if cls.slow_build:
+    if cls.build_minutes >= 1:
         return f"{cls.build_step} takes minutes: test_integration serves it from a MAR"
     return None
 
@@ -48,9 +48,9 @@ def params(names, reason_for=lambda n: None):
     return out
 
 
-RAW = [n for n in list_runners(tier="exact") if n != "baseline" and RUNNERS[n].raw_tolerance is not None]
-EXACT = [n for n in list_runners(tier="exact") if n != "baseline"]
-REDUCED = list_runners(tier="reduced")
+RAW = [n for n in list_optimizations(tier="exact") if n != "baseline" and OPTIMIZATIONS[n].raw_tolerance is not None]
+EXACT = [n for n in list_optimizations(tier="exact") if n != "baseline"]
+REDUCED = list_optimizations(tier="reduced")
 
 
 def path_detector(name: str, model_set=SHIPPED) -> Detector:
@@ -58,10 +58,10 @@ def path_detector(name: str, model_set=SHIPPED) -> Detector:
 
 
 def not_on_cpu(name):
-    cls = RUNNERS[name]
+    cls = OPTIMIZATIONS[name]
     if not cls.supports(CPU):
         return f"{name} does not run on this CPU"
-    if "cpu" in cls.slow_on:
+    if cls.without_fast_kernels(CPU):
         return f"{name} has no fast CPU kernels (seconds per image): its mAP is in the ablation, CUDA in test_gpu"
     return None
 
@@ -69,7 +69,7 @@ def not_on_cpu(name):
 def test_every_path_is_tested_or_says_where():
     """Both directions: each registered path is parametrised above, and each name above is registered."""
     tested = set(RAW) | set(EXACT) | set(REDUCED) | {"baseline"}
-    assert tested == set(RUNNERS), set(RUNNERS) ^ tested
+    assert tested == set(OPTIMIZATIONS), set(OPTIMIZATIONS) ^ tested
     assert "compile" in EXACT and "onnxruntime" in RAW and "bf16" in REDUCED
 
 
@@ -82,27 +82,27 @@ def random_batch(detector, photos):
 @pytest.fixture(scope="module")
 def random_reference(detector, random_batch):
     with torch.inference_mode():
-        return detector.runner.forward(random_batch, [0, 1, 2])
+        return detector.optimization.forward(random_batch, [0, 1, 2])
 
 
 @pytest.mark.parametrize("name", params(RAW, not_on_cpu))
 def test_raw_outputs_match_baseline_on_random_weights(name, detector, random_batch, random_reference, tmp_path):
-    """Class logits and box regressions of all three networks, every level, within the path's
+    """Class logits and box regressions of all three networks, every level, within the optimization's
     declared tolerance of the baseline's (relative to the largest output of each tensor)."""
-    build_path(name, detector.models, tmp_path, CONTEXT)
+    build_optimization(name, detector.models, tmp_path, CONTEXT)
     det = Detector.from_model_set(RANDOM, Settings(optimization=name), CPU, tmp_path)
     with torch.inference_mode():
-        got = det.runner.forward(random_batch, [0, 1, 2])
+        got = det.optimization.forward(random_batch, [0, 1, 2])
     for k in range(3):
         diff = raw_difference(random_reference[k][0] + random_reference[k][1], got[k][0] + got[k][1])
-        assert diff <= RUNNERS[name].raw_tolerance, (name, k, diff)
+        assert diff <= OPTIMIZATIONS[name].raw_tolerance, (name, k, diff)
 
 
 @pytest.mark.parametrize("name", params(EXACT, not_on_cpu))
 def test_exact_path_gives_baselines_answer(name, trained, labelled, labelled_reference, tmp_path):
     """Trained weights, labelled images, all eight in one batch: per image the baseline's detections at
     the serving threshold, and per model the baseline's mAP@0.5 within 0.1 points."""
-    build_path(name, trained.models, tmp_path, CONTEXT)
+    build_optimization(name, trained.models, tmp_path, CONTEXT)
     det = Detector.from_model_set(SHIPPED, Settings(optimization=name), CPU, tmp_path)
     got = answers(det, labelled[0])
     assert sum(len([d for d in a if d["score"] >= 0.5]) for a in labelled_reference) >= 8  # it finds things
@@ -120,7 +120,7 @@ def test_reduced_path_finds_the_objects(name, trained, labelled, labelled_refere
     on 8 images one detection moves it by several points either way, e.g. INT8 measured +11 on one
     model's). Whether a reduced path is *served* is decided by the 0.5-point rule, measured by auto at
     load (below) and reported by the ablation."""
-    build_path(name, trained.models, tmp_path, CONTEXT)  # e.g. INT8 quantisation, as at MAR build
+    build_optimization(name, trained.models, tmp_path, CONTEXT)  # e.g. INT8 quantisation, as at MAR build
     det = Detector.from_model_set(SHIPPED, Settings(optimization=name), CPU, tmp_path)
     got = answers(det, labelled[0])
     base, mine = map50(labelled_reference, labelled[1]), map50(got, labelled[1])
@@ -131,9 +131,9 @@ def test_reduced_path_finds_the_objects(name, trained, labelled, labelled_refere
 
 def test_onnxruntime_is_built_once_and_checked_at_load(detector, tmp_path, caplog):
     """The export is a build step with a stamp of the weights (its answer: the tests above)."""
-    from multidet.runners.onnx import ONNX_FILE, OnnxRuntimeRunner
+    from multidet.optimizations.onnx import ONNX_FILE, OnnxRuntime
 
-    built = OnnxRuntimeRunner.build(detector.models, tmp_path)
+    built = OnnxRuntime.build(detector.models, tmp_path)
     assert [p.name for p in built] == [ONNX_FILE, "grouped.json"]
     before = (tmp_path / ONNX_FILE).stat().st_mtime_ns
     Detector.from_model_set(RANDOM, Settings(optimization="onnxruntime"), CPU, tmp_path)
@@ -147,24 +147,24 @@ def test_onnxruntime_is_built_once_and_checked_at_load(detector, tmp_path, caplo
 
 
 def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled, labelled_reference, tmp_path, caplog):
-    build_path("auto", trained.models, tmp_path, CONTEXT)
-    with caplog.at_level("INFO", logger="multidet.runners.auto"):
+    build_optimization("auto", trained.models, tmp_path, CONTEXT)
+    with caplog.at_level("INFO", logger="multidet.optimizations.auto"):
         det = Detector.from_model_set(SHIPPED, Settings(optimization="auto"), CPU, tmp_path)
-    runner = det.runner
-    table = {row["path"]: row for row in runner.table}
+    optimization = det.optimization
+    table = {row["optimization"]: row for row in optimization.table}
     assert set(table) == {
         n
-        for n in list_runners(device=CPU, tier="exact", auto_candidate=True)
-        if "cpu" not in RUNNERS[n].slow_on + RUNNERS[n].not_faster_on
+        for n in list_optimizations(device=CPU, tier="exact", auto_candidate=True)
+        if not OPTIMIZATIONS[n].slower_than_baseline(CPU)
     }
     assert table["baseline"]["equal"] and all(r["map50"] for r in table.values() if r.get("equal") is not None)
-    chosen = runner.chosen.name
-    assert RUNNERS[chosen].tier == "exact" and table[chosen]["equal"]
+    chosen = optimization.chosen.name
+    assert OPTIMIZATIONS[chosen].tier == "exact" and table[chosen]["equal"]
     assert table[chosen]["ms"] == min(r["ms"] for r in table.values() if r["equal"])
     for row in table.values():  # faster paths were checked and refused; slower ones could not win
         if row["ms"] is not None and row["ms"] < table[chosen]["ms"]:
             assert row["equal"] is False and row["why"], row
-        elif row["path"] not in (chosen, "baseline") and row["ms"] is not None:
+        elif row["optimization"] not in (chosen, "baseline") and row["ms"] is not None:
             assert row["equal"] is None and "not checked" in row["why"], row
     assert f"-> {chosen}" in caplog.text and "mAP@0.5" in caplog.text  # the measured table is logged
     got = answers(det, labelled[0])
@@ -174,21 +174,21 @@ def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled
 
 
 def test_auto_considers_reduced_precision_only_when_allowed(trained, tmp_path, caplog):
-    build_path("auto", trained.models, tmp_path, BuildContext(True, IMAGES))  # as `make mar OPT=auto REDUCED=1`
-    with caplog.at_level("INFO", logger="multidet.runners.auto"):
+    build_optimization("auto", trained.models, tmp_path, BuildContext(True, IMAGES))  # as `make mar OPT=auto REDUCED=1`
+    with caplog.at_level("INFO", logger="multidet.optimizations.auto"):
         det = Detector.from_model_set(SHIPPED, Settings(optimization="auto", allow_reduced=True), CPU, tmp_path)
-    table = {row["path"]: row for row in det.runner.table}
+    table = {row["optimization"]: row for row in det.optimization.table}
     reduced = [
         n
-        for n in list_runners(device=CPU, tier="reduced", auto_candidate=True)
-        if "cpu" not in RUNNERS[n].slow_on + RUNNERS[n].not_faster_on
+        for n in list_optimizations(device=CPU, tier="reduced", auto_candidate=True)
+        if not OPTIMIZATIONS[n].slower_than_baseline(CPU)
     ]
     assert set(reduced) <= set(table) and "reduced precision allowed" in caplog.text
-    if not reduced:  # e.g. an AVX2-only CPU: bf16 is emulated there (slow_on), fp16 everywhere on CPU
-        assert all(RUNNERS[n].tier == "exact" for n in table)
-        pytest.skip("no reduced-precision path runs fast on this CPU (no AMX / AVX-512 BF16)")
+    if not reduced:  # e.g. an AVX2-only CPU: bf16 is emulated there (measured_speedup), fp16 everywhere on CPU
+        assert all(OPTIMIZATIONS[n].tier == "exact" for n in table)
+        pytest.skip("no reduced-precision optimization runs fast on this CPU (no AMX / AVX-512 BF16)")
     base = table["baseline"]["map50"]
-    chosen = det.runner.chosen.name
+    chosen = det.optimization.chosen.name
     assert table[chosen]["equal"] and table[chosen]["ms"] == min(r["ms"] for r in table.values() if r["equal"])
     for name in reduced:  # judged by the reduced rule where it could win: its mAP is measured, logged, decides
         row = table[name]
@@ -232,7 +232,7 @@ def test_grouped_exports_as_a_static_graph(detector):
 def test_aot_inductor_refuses_a_package_that_differs(detector):
     """Every AOTInductor package is checked against the eager network right after compiling (the
     path itself is built and served through TorchServe in test_integration). A wrong one is refused."""
-    from multidet.runners.aot import example_batch, verify
+    from multidet.optimizations.aot import example_batch, verify
 
     nets = [m.net for m in detector.models]
     example = example_batch(torch.device("cpu"), detector.models[1].architecture)
@@ -249,25 +249,25 @@ def test_aot_inductor_refuses_a_package_that_differs(detector):
 def test_a_path_refused_on_this_cpu_says_what_it_needs(detector):
     """openvino_bf16 needs native bf16: on a CPU without it, a clear error, not a slow emulation."""
     from multidet.device import native_bf16
-    from multidet.runners import create_runner
+    from multidet.optimizations import create_optimization
 
     if native_bf16():
-        assert RUNNERS["openvino_bf16"].supports(CPU)
+        assert OPTIMIZATIONS["openvino_bf16"].supports(CPU)
         pytest.skip("this CPU has native bf16: openvino_bf16 runs (its tests above)")
     with pytest.raises(ValueError, match="needs native bf16 \\(AMX or AVX-512 BF16\\)"):
-        create_runner("openvino_bf16", detector.models, CPU)
+        create_optimization("openvino_bf16", detector.models, CPU)
 
 
 def test_openvino_ir_is_built_once_and_reused(detector, tmp_path, caplog):
     """The IR is a build step with a stamp; a second build (another MAR, same weights) reuses it."""
-    from multidet.runners.openvino import OpenVinoRunner
+    from multidet.optimizations.openvino import OpenVino
 
-    files = OpenVinoRunner.build(detector.models, tmp_path / "a")
+    files = OpenVino.build(detector.models, tmp_path / "a")
     assert sorted(f.name for f in files)[-1] == "stamp.json" and len(files) == 7
     before = files[0].stat().st_mtime_ns
     Detector.from_model_set(RANDOM, Settings(optimization="openvino"), CPU, tmp_path / "a")
     assert files[0].stat().st_mtime_ns == before, "a fresh IR must not be rebuilt at load"
-    again = OpenVinoRunner.build(detector.models, tmp_path / "b")
+    again = OpenVino.build(detector.models, tmp_path / "b")
     assert [f.read_bytes() for f in again] == [f.read_bytes() for f in files]
     with caplog.at_level("WARNING"):
         Detector.from_model_set(RANDOM, Settings(optimization="openvino"), CPU, tmp_path / "c")
@@ -275,7 +275,7 @@ def test_openvino_ir_is_built_once_and_reused(detector, tmp_path, caplog):
 
 
 def test_mock_lower_bound_detects_nothing_and_is_not_servable(photos):
-    from multidet.runners import SERVABLE
+    from multidet.optimizations import SERVABLE
 
     det = path_detector("mock")
     got = det.predict_one(photos["coffee"], RequestOptions(threshold=0.01))
@@ -287,15 +287,15 @@ def test_compiled_paths_allow_a_variant_per_network_and_batch_size(detector):
     """Dynamo counts compiled variants of EfficientDet.forward against one limit; 3 networks x the
     batch sizes TorchServe hands over must fit, or later variants silently run eager (found in the
     ablation: compile_reduce_overhead ran at the baseline's speed)."""
-    from multidet.runners import create_runner
+    from multidet.optimizations import create_optimization
 
-    create_runner("compile", detector.models, "cpu")  # wraps lazily: nothing compiles here
+    create_optimization("compile", detector.models, "cpu")  # wraps lazily: nothing compiles here
     assert torch._dynamo.config.recompile_limit >= 3 * 16
 
 
-def test_paths_never_move_the_shared_loaded_networks(detector):
-    """LoadedModel.net is shared by every path built from it: a path on another device works on a copy."""
-    from multidet.runners.base import on_device
+def test_optimizations_never_move_the_shared_loaded_networks(detector):
+    """LoadedModel.net is shared by every optimization built from it: one on another device works on a copy."""
+    from multidet.optimizations.base import on_device
 
     net = detector.models[0].net
     assert on_device(net, CPU) is net

@@ -9,17 +9,17 @@ from collections.abc import Sequence
 import torch
 
 from .base import RawOutput, register
-from .baseline import BaselineRunner
+from .baseline import Baseline
 
 
 @register
-class ChannelsLastRunner(BaselineRunner):
+class ChannelsLast(Baseline):
     name = "channels_last"
     auto_candidate = True
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
-        # a copy: Module.to(memory_format) works in place, and the loaded nets are shared with other paths
+        # a copy: Module.to(memory_format) works in place, and the loaded nets are shared with other optimizations
         self.nets = [copy.deepcopy(net).to(memory_format=torch.channels_last) for net in self.nets]
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:

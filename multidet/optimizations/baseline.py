@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import RawOutput, Runner, on_device, register
+from .base import Optimization, RawOutput, on_device, register
 
 
 @register
-class BaselineRunner(Runner):
+class Baseline(Optimization):
     name = "baseline"
     auto_candidate = True
     separable = True

@@ -1,10 +1,10 @@
-"""The model-running step: one interface, one class per optimisation path, chosen by name.
+"""The model-running step: one interface, one class per optimization, chosen by name.
 
-A runner gets loaded networks of ONE architecture (the Detector gives each architecture of a mixed
-set its own runner of the same path: ``architecture_groups``) and turns a normalised NCHW batch
-into, per model, effdet's detections ``[B, max_det, 6]`` in network pixels. Paths differ in how they run the
+An optimization gets loaded networks of ONE architecture (the Detector gives each architecture of a mixed
+set its own instance of the same optimization: ``architecture_groups``) and turns a normalised NCHW batch
+into, per model, effdet's detections ``[B, max_det, 6]`` in network pixels. Optimizations differ in how they run the
 networks (``forward``); the top-k/NMS step (``postprocess.select_detections``) is shared, so every
-path is compared with the baseline on the same post-processing.
+optimization is compared with the baseline on the same post-processing.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ Thresholds = torch.Tensor | Mapping[int, torch.Tensor] | None  # [B] for every m
 
 
 def architecture_groups(models: Sequence[LoadedModel]) -> list[tuple[str, list[int]]]:
-    """The set's architectures in order of first appearance, each with its models' indices: one runner
+    """The set's architectures in order of first appearance, each with its models' indices: one optimization
     (and one letterbox size) each. A set of one architecture is one group of every model."""
     groups: dict[str, list[int]] = {}
     for k, m in enumerate(models):
@@ -57,11 +57,11 @@ class BuildContext:
     log: Callable[[str], None] = print  # build progress
 
 
-def build_path(
+def build_optimization(
     name: str, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
 ) -> list[Path]:
-    """A path's build step for a whole set: ``Runner.build`` once per architecture group."""
-    cls = RUNNERS[name]
+    """An optimization's build step for a whole set: ``Optimization.build`` once per architecture group."""
+    cls = OPTIMIZATIONS[name]
     groups = architecture_groups(models)
     files: list[Path] = []
     for arch, idx in groups:
@@ -100,7 +100,11 @@ def on_device(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return copy.deepcopy(net).to(device)
 
 
-class Runner(ABC):
+# a measured speed-up below this: the device has no fast kernels for it (seconds a request)
+NO_FAST_KERNELS = 0.2
+
+
+class Optimization(ABC):
     name: ClassVar[str]
     # the precision tier (multidet.quality.RULES): "exact" = fp32, the baseline's arithmetic up to float
     # reassociation; "reduced" = bf16/fp16/INT8, judged by its mAP drop and served by auto only if allowed
@@ -108,22 +112,33 @@ class Runner(ABC):
     # random weights: raw outputs within this fraction of the baseline's largest output (None: not compared)
     raw_tolerance: ClassVar[float | None] = 1e-3
     benchmark_only: ClassVar[bool] = False  # a measuring aid (the mock lower bound), never served
-    # whether ``auto`` may time it at load (no compilation from scratch at start-up), and devices where it
-    # has no fast kernels (auto leaves it out there: e.g. fp16 on CPU takes seconds per image)
+    # whether ``auto`` may time it at load (no compilation from scratch at start-up)
     auto_candidate: ClassVar[bool] = False
-    slow_on: ClassVar[tuple[str, ...]] = ()
-    # device types where it measured no faster than the baseline: auto does not time it there (start-up)
-    not_faster_on: ClassVar[tuple[str, ...]] = ()
-    chooses: ClassVar[bool] = False  # picks among other paths at load (auto); gets the reduced-precision switch
+    # device type -> its p50 speed-up over the baseline measured there (docs/benchmarks.md; absent: not
+    # known, measure it). Below 1 ``auto`` does not time it there (start-up time for nothing); below
+    # ``NO_FAST_KERNELS`` (seconds a request, e.g. fp16 on a CPU) the integration tests serve it only
+    # where it is fast. ``slower_than_baseline`` / ``without_fast_kernels`` read it.
+    measured_speedup: ClassVar[dict[str, float]] = {}
+    chooses: ClassVar[bool] = False  # picks among other optimizations at load (auto); gets the reduced-precision switch
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "mps")  # device types it runs on (``supports`` may narrow)
-    # what ``build`` makes at MAR build time (None: nothing), and whether it is slow enough (minutes, with
-    # checks) that the tests build it once, through a MAR, instead of in-process
+    # what ``build`` makes at MAR build time (None: nothing) and about how many minutes that takes on two
+    # cores: ``make mar`` says both before it builds (from 1 minute on, the tests build it once, in a MAR)
     build_step: ClassVar[str | None] = None
-    slow_build: ClassVar[bool] = False
-    # device type -> the path it is identical to there (e.g. compile_reduce_overhead on CPU is compile)
+    build_minutes: ClassVar[float] = 0.0
+    # device type -> the optimization it is identical to there (e.g. compile_reduce_overhead on CPU is compile)
     same_as: ClassVar[dict[str, str]] = {}
     requires: ClassVar[str] = ""  # what it needs beyond the device type (said when it is refused)
     separable: ClassVar[bool] = False  # forward(x, [k]) runs model k alone (per-model timings make sense)
+
+    @classmethod
+    def slower_than_baseline(cls, device: torch.device) -> bool:
+        """Measured slower than the baseline on this device type (auto leaves it out there)."""
+        return cls.measured_speedup.get(torch.device(device).type, 1.0) < 1.0
+
+    @classmethod
+    def without_fast_kernels(cls, device: torch.device) -> bool:
+        """Measured an order of magnitude slower than the baseline here: no fast kernels (seconds a request)."""
+        return cls.measured_speedup.get(torch.device(device).type, 1.0) < NO_FAST_KERNELS
 
     def __init__(
         self,
@@ -133,11 +148,11 @@ class Runner(ABC):
         artifact_dir: Path | None = None,
     ):
         if not models:
-            raise ValueError("a runner needs at least one model")
+            raise ValueError("an optimization needs at least one model")
         if len({m.architecture for m in models}) != 1:
             raise ValueError(
-                f"a runner runs models of one architecture, got {sorted({m.architecture for m in models})}: "
-                "the Detector gives each architecture its own runner"
+                f"an optimization runs models of one architecture, got {sorted({m.architecture for m in models})}: "
+                "the Detector gives each architecture its own optimization"
             )
         self.models = list(models)
         self.device = torch.device(device)
@@ -149,19 +164,19 @@ class Runner(ABC):
 
     @classmethod
     def supports(cls, device: torch.device) -> bool:
-        """Whether this path can run on ``device`` (checked before construction)."""
+        """Whether this optimization can run on ``device`` (checked before construction)."""
         return torch.device(device).type in cls.devices
 
     @classmethod
     def build(
         cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
     ) -> list[Path]:
-        """Build-time work for this path (e.g. an ONNX export), written to ``artifact_dir`` and
-        packed into the MAR by create_mar.py. Returns the files written; most paths need none."""
+        """Build-time work for this optimization (e.g. an ONNX export), written to ``artifact_dir`` and
+        packed into the MAR by create_mar.py. Returns the files written; most optimizations need none."""
         return []
 
     def artifacts(self) -> Path:
-        """Where this runner's build files are: its artifact dir, else a per-path folder of the cache."""
+        """Where this optimization's build files are: its artifact dir, else a per-optimization folder of the cache."""
         if self.artifact_dir is not None:
             return self.artifact_dir
         from ..artifacts import default_dir
@@ -205,29 +220,29 @@ class Runner(ABC):
         )
 
 
-RUNNERS: dict[str, type[Runner]] = {}
+OPTIMIZATIONS: dict[str, type[Optimization]] = {}
 
 
-def register(cls: type[Runner]) -> type[Runner]:
-    if cls.name in RUNNERS:
-        raise ValueError(f"runner {cls.name!r} registered twice")
-    RUNNERS[cls.name] = cls
+def register(cls: type[Optimization]) -> type[Optimization]:
+    if cls.name in OPTIMIZATIONS:
+        raise ValueError(f"optimization {cls.name!r} registered twice")
+    OPTIMIZATIONS[cls.name] = cls
     return cls
 
 
-def create_runner(
+def create_optimization(
     name: str,
     models: Sequence[LoadedModel],
     device: torch.device | str,
     max_detections: int = 100,
     artifact_dir: Path | None = None,
     allow_reduced: bool = False,
-) -> Runner:
+) -> Optimization:
     device = torch.device(device)
     try:
-        cls = RUNNERS[name]
+        cls = OPTIMIZATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown optimization {name!r}; available: {sorted(RUNNERS)}") from None
+        raise ValueError(f"unknown optimization {name!r}; available: {sorted(OPTIMIZATIONS)}") from None
     if not cls.supports(device):
         need = f": it needs {cls.requires}" if cls.requires else ""
         raise ValueError(f"optimization {name!r} does not run on {device}{need}")
@@ -236,20 +251,20 @@ def create_runner(
     return cls(models, device, max_detections, artifact_dir)
 
 
-def list_runners(
+def list_optimizations(
     device: torch.device | str | None = None,
     tier: str | None = None,
     servable: bool | None = None,
     auto_candidate: bool | None = None,
     distinct: bool = False,
 ) -> list[str]:
-    """Registered path names with the given properties (None: any), in registration order, the way
-    timm's ``list_models`` is queried. ``distinct`` (with a device) leaves out paths that are identical
-    to another path on that device (``same_as``)."""
+    """Registered optimization names with the given properties (None: any), in registration order, the way
+    timm's ``list_models`` is queried. ``distinct`` (with a device) leaves out optimizations that are identical
+    to another optimization on that device (``same_as``)."""
     dev = torch.device(device) if device is not None else None
     return [
         name
-        for name, cls in RUNNERS.items()
+        for name, cls in OPTIMIZATIONS.items()
         if (dev is None or cls.supports(dev))
         and (tier is None or cls.tier == tier)
         and (servable is None or servable == (not cls.benchmark_only))

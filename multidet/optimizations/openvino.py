@@ -35,7 +35,7 @@ import torch
 from ..artifacts import Artifact, ensure
 from ..artifacts import cache_dir as artifacts_cache
 from ..device import native_bf16
-from .base import BuildContext, LoadedModel, RawOutput, Runner, register, weights_stamp
+from .base import BuildContext, LoadedModel, Optimization, RawOutput, register, weights_stamp
 from .onnx import export_graph
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def calibration_batches(model: LoadedModel, photos: Path | None, count: int = CA
     return [pre.prepare([img], "cpu").tensor.numpy() for img in images]
 
 
-class _OpenVinoRunner(Runner):
+class _OpenVino(Optimization):
     devices = ("cpu",)
     separable = True
     auto_candidate = True
@@ -213,13 +213,13 @@ class _OpenVinoRunner(Runner):
 
 
 @register
-class OpenVinoRunner(_OpenVinoRunner):
+class OpenVino(_OpenVino):
     name = "openvino"
     build_step = "ONNX export + OpenVINO IR conversion of each network"
 
 
 @register
-class OpenVinoBf16Runner(_OpenVinoRunner):
+class OpenVinoBf16(_OpenVino):
     name = "openvino_bf16"
     tier = "reduced"
     raw_tolerance = None  # judged by mAP on trained weights
@@ -233,7 +233,7 @@ class OpenVinoBf16Runner(_OpenVinoRunner):
 
 
 @register
-class OpenVinoInt8Runner(_OpenVinoRunner):
+class OpenVinoInt8(_OpenVino):
     name = "openvino_int8"
     tier = "reduced"
     raw_tolerance = None

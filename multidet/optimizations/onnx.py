@@ -8,7 +8,7 @@ session per network (what a user running the models on ONNX Runtime alone would 
 The export is a build step: ``make mar OPT=onnxruntime`` writes ``artifacts/grouped.onnx`` (or
 ``artifacts/onnx/<model>.onnx``) plus a JSON stamp naming the checkpoints' sha256 it was exported
 from, and packs them into the MAR. At load the stamp is checked; a missing or stale file is
-re-exported once at load (a warning in the log), never per request. Sessions use graph optimisation
+re-exported once at load (a warning in the log), never per request. Sessions use graph optimization
 level "all" and as many intra-op threads as PyTorch (the cores); ONNX Runtime's CUDA provider is
 used on a CUDA device when onnxruntime-gpu is installed. Post-processing (top-k/NMS) stays in
 PyTorch, shared with every other path.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..artifacts import Artifact, ensure
-from .base import BuildContext, LoadedModel, RawOutput, Runner, class_head_widths, register, weights_stamp
+from .base import BuildContext, LoadedModel, Optimization, RawOutput, class_head_widths, register, weights_stamp
 from .grouped import merge_networks, split_outputs
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def session(path: Path, device: torch.device):
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
-class _OrtRunner(Runner):
+class _Ort(Optimization):
     auto_candidate = True
     devices = ("cpu", "cuda")
 
@@ -118,7 +118,7 @@ class _OrtRunner(Runner):
 
 
 @register
-class OnnxRuntimeRunner(_OrtRunner):
+class OnnxRuntime(_Ort):
     name = "onnxruntime"
     build_step = "ONNX export of the grouped super-model"
 
@@ -145,7 +145,7 @@ class OnnxRuntimeRunner(_OrtRunner):
 
 
 @register
-class OnnxRuntimePerModelRunner(_OrtRunner):
+class OnnxRuntimePerModel(_Ort):
     name = "onnxruntime_per_model"
     build_step = "ONNX export of each network"
     separable = True

@@ -1,7 +1,7 @@
 """``mock``: the benchmarks' lower bound. No network runs: every call returns the same constant raw
 outputs (box regressions 0, class logits so low that no score reaches any threshold > 0), so a
 request pays for decode, preprocess, tensor transfer, the shared top-k/threshold step and the JSON,
-and nothing else. The real path's latency minus the mock's is what the three networks cost.
+and nothing else. The real optimization's latency minus the mock's is what the three networks cost.
 
 It answers "nothing detected" for every image, so it is for measuring only: scripts/create_mar.py
 does not offer it and ``auto`` never considers it.
@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import RawOutput, Runner, class_head_widths, register
+from .base import Optimization, RawOutput, class_head_widths, register
 
 NO_OBJECT_LOGIT = -30.0  # sigmoid(-30) ~ 9e-14
 
 
 @register
-class MockRunner(Runner):
+class Mock(Optimization):
     name = "mock"
     benchmark_only = True
     separable = True
