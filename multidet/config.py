@@ -40,6 +40,10 @@ class Settings:
     max_jpeg_scans: int = DecodeLimits.max_jpeg_scans
     max_gif_blocks: int = DecodeLimits.max_gif_blocks
     max_rle_pixels: int = DecodeLimits.max_rle_pixels
+    # > 0: each image is decoded in a child process within this many seconds (else 422) and that child
+    # within decode_memory_mib of address space (else 413): multidet.isolation. 0: in-process, no bound
+    decode_deadline_s: float = 10.0
+    decode_memory_mib: int = 2048
     max_instances: int = 16  # images in one request (KServe v1 instances); more: 413
     max_request_pixels: int = 80_000_000  # pixels of all of one request's images together; more: 413
     model_set: str = "models.yaml"  # the model set file, relative to the model directory
@@ -54,6 +58,11 @@ class Settings:
             raise ConfigError(f"threshold must be within 0..1, got {self.threshold}")
         if self.max_detections < 1:
             raise ConfigError(f"max_detections must be >= 1, got {self.max_detections}")
+        if self.decode_deadline_s < 0 or self.decode_memory_mib < 64:
+            raise ConfigError(
+                f"decode_deadline_s must be >= 0 and decode_memory_mib >= 64, got {self.decode_deadline_s}, "
+                f"{self.decode_memory_mib}"
+            )
         if self.max_instances < 1:
             raise ConfigError(f"max_instances must be >= 1, got {self.max_instances}")
         for key in [f.name for f in fields(DecodeLimits)] + ["max_request_pixels"]:

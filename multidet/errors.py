@@ -8,7 +8,8 @@ One rule for the whole service:
 - 413 also: a KServe v1 request whose instances together declare more than ``max_request_pixels``.
 - 422 Unprocessable Entity: an accepted format whose data is corrupt or truncated, or whose structure
   would cost the decoder more than a limit allows (``ImageTooComplex``: e.g. a JPEG with thousands of
-  scans), found before any pixel is decoded.
+  scans), found before any pixel is decoded; or whose decoding took longer than ``decode_deadline_s``
+  (``multidet.isolation.DecodeTimeout``). 413 too when decoding needs more than ``decode_memory_mib``.
 - 500 (``ProcessingFailed``): an image we accepted but failed on; a bug of ours, reported for that
   request alone (the others in its batch are served) and logged with its traceback.
 """

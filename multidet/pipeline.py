@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 
 from .config import Settings
-from .decode import decode_image
 from .device import synchronize
 from .envelopes import RequestOptions
 from .errors import InputError, ProcessingFailed
+from .isolation import decoder_for
 from .modelset import ModelSet, load_models, read_model_set
 from .optimizations import LoadedModel, Optimization, architecture_groups, create_optimization, group_artifact_dir
 from .postprocess import detections_for, merge
@@ -74,6 +74,7 @@ class Detector:
             )
             self.groups.append(Group(arch, idx, pre, optimization))
         self.preprocessors = list(preprocessors.values())
+        self.decoder = decoder_for(settings)  # in-process, or a child with a deadline (decode_deadline_s)
 
     @classmethod
     def from_model_set(
@@ -151,7 +152,7 @@ class Detector:
         for idx, body in enumerate(bodies):
             t0 = time.perf_counter()
             try:
-                image = decode_image(body, self.settings.decode_limits)
+                image = self.decoder(body)
                 t1 = time.perf_counter()
                 boxes = {pre.key: pre.letterbox(image) for pre in self.preprocessors}
             except InputError as err:

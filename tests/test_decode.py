@@ -192,3 +192,90 @@ def test_16bit_conversion_in_bands_equals_the_whole_image():
     img = decode_image(encode(Image.fromarray(arr), "PNG"), MAX)
     expected = np.clip(np.rint(arr.astype(np.float64) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
     assert np.array_equal(np.asarray(img)[..., 0], expected)
+
+
+# -- decoding in a child process: a deadline and a memory bound (multidet.isolation) -----------------
+
+
+def first(photos: dict[str, bytes]) -> bytes:
+    return next(iter(photos.values()))
+
+
+def test_isolated_decode_gives_the_same_pixels(photos):
+    from multidet.isolation import InProcessDecoder, IsolatedDecoder
+
+    iso, here = IsolatedDecoder(DecodeLimits(), 30, 1024), InProcessDecoder(DecodeLimits())
+    try:
+        for body in [*photos.values(), hostile.png16(), encode(Image.new("RGBA", (7, 5)), "PNG")]:
+            assert iso(body).tobytes() == here(body).tobytes()
+        for body, cls in (
+            (b"", BadRequest),
+            (b"not an image", UnsupportedImage),
+            (hostile.jpeg_many_scans(), ImageTooComplex),
+        ):
+            with pytest.raises(cls):
+                iso(body)  # the same refusals, raised in the parent
+        assert iso.restarts == 0
+    finally:
+        iso.close()
+    assert Settings().decode_deadline_s > 0  # served this way by default
+
+
+def test_decode_past_its_deadline_is_422_and_the_next_image_decodes(photos):
+    """A run-length BMP of 40 M one-pixel runs takes Pillow's Python decoder many seconds; with its
+    structure limit lifted only the deadline stops it: 422, the child is replaced, the next image is
+    served. (The margin is 0.2 s against several seconds: no machine is that fast.)"""
+    from multidet.isolation import DecodeTimeout, IsolatedDecoder
+
+    iso = IsolatedDecoder(DecodeLimits(max_rle_pixels=10**9), 0.2, 1024)
+    try:
+        with pytest.raises(DecodeTimeout) as err:
+            iso(hostile.bmp_rle(8000, 5000))
+        assert err.value.status == 422 and "decode_deadline_s" in err.value.message and iso.restarts == 1
+        assert iso(first(photos)).size == Image.open(io.BytesIO(first(photos))).size
+    finally:
+        iso.close()
+
+
+def test_decode_needing_more_memory_than_allowed_is_413(photos):
+    """A 12k x 12k grey PNG (a few hundred kB, header within max_image_pixels once raised) needs 144 MB
+    as L and 432 MB as RGB; a child capped at 256 MiB cannot: 413, and the next image is served."""
+    from multidet.isolation import DecodeOutOfMemory, IsolatedDecoder
+
+    buf = io.BytesIO()
+    Image.new("L", (12_000, 12_000), 0).save(buf, "PNG")
+    iso = IsolatedDecoder(DecodeLimits(max_image_pixels=300_000_000), 120, 256)
+    try:
+        with pytest.raises(DecodeOutOfMemory) as err:
+            iso(buf.getvalue())
+        assert err.value.status == 413 and "decode_memory_mib" in err.value.message
+        assert iso(first(photos)).size == Image.open(io.BytesIO(first(photos))).size
+    finally:
+        iso.close()
+
+
+def test_a_decoder_that_dies_fails_its_image_alone(photos):
+    import os
+    import signal
+
+    from multidet.isolation import IsolatedDecoder
+
+    iso = IsolatedDecoder(DecodeLimits(), 30, 1024)
+    try:
+        iso(first(photos))
+        os.kill(iso._proc.pid, signal.SIGKILL)  # as a segfault in a codec would
+        iso._proc.wait()
+        assert iso(first(photos)).size == Image.open(io.BytesIO(first(photos))).size  # a new child took over
+    finally:
+        iso.close()
+
+
+def test_decode_bounds_are_settings():
+    from multidet.isolation import InProcessDecoder, IsolatedDecoder, decoder_for
+
+    assert isinstance(decoder_for(Settings(decode_deadline_s=0)), InProcessDecoder)
+    iso = decoder_for(Settings.from_mapping({"decode_deadline_s": "2.5", "decode_memory_mib": "512"}))
+    assert isinstance(iso, IsolatedDecoder) and (iso.deadline_s, iso.memory_mib) == (2.5, 512)
+    for bad in ({"decode_deadline_s": -1}, {"decode_memory_mib": 8}):
+        with pytest.raises(ConfigError):
+            Settings(**bad)

@@ -77,6 +77,24 @@ def test_batch_with_one_bad_request(service, photos):
     assert out[1].body["type"] == "UnsupportedMediaType"
 
 
+def test_a_decode_past_its_deadline_fails_alone_in_its_batch(photos):
+    """The handler with a short decode deadline and the run-length limit lifted: the slow image of a
+    batch gets 422 while the photos beside it are served, and the next batch is served too."""
+    from multidet import hostile
+
+    slow = embedded(Settings(decode_deadline_s=0.2, max_rle_pixels=10**9), RANDOM, batch_size=3)
+    out = slow.predict(
+        [
+            EmbeddedRequest(photos["coffee"]),
+            EmbeddedRequest(hostile.bmp_rle(8000, 5000)),
+            EmbeddedRequest(photos["rocket"]),
+        ]
+    )
+    assert [r.status for r in out] == [200, 422, 200]
+    assert out[1].body["type"] == "ImageTooComplex" and "decode_deadline_s" in out[1].body["message"]
+    assert slow.predict_one(photos["chelsea"]).status == 200
+
+
 def test_missing_image_field(service, photos):
     r = service.predict([EmbeddedRequest(photos["coffee"], field_name="upload")])[0]
     assert r.status == 400 and "no image" in r.body["message"]
