@@ -122,7 +122,7 @@ sweep: install
 peers: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_peers.py $(ARGS)
 
-# p50 in-process and over HTTP for sets of 1..8 models, per path (multidet.experiments.scaling)
+# p50 in-process and over HTTP for sets of 1..8 models, per optimization (multidet.experiments.scaling)
 scaling: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_scaling.py $(ARGS)
 
