@@ -1,4 +1,4 @@
-"""Measuring helpers shared by the benchmark, ablation, serving-overhead and load-sweep scripts.
+"""Measuring helpers shared by the experiments (multidet.experiments): photos, percentiles, environment, metrics.
 
 Rules every script follows: warm-up excluded; the device synchronised before each clock read; the
 same photos for every configuration; configurations interleaved request by request so a noisy
