@@ -43,7 +43,7 @@ class Settings:
     # > 0: each image is decoded in a child process within this many seconds (else 422) and that child
     # within decode_memory_mib of address space (else 413): multidet.isolation. 0: in-process, no bound
     decode_deadline_s: float = 10.0
-    decode_memory_mib: int = 2048
+    decode_memory_mib: int = 1024
     max_instances: int = 16  # images in one request (KServe v1 instances); more: 413
     max_request_pixels: int = 80_000_000  # pixels of all of one request's images together; more: 413
     model_set: str = "models.yaml"  # the model set file, relative to the model directory

@@ -206,6 +206,11 @@ def decoder_for(settings: Settings) -> InProcessDecoder | IsolatedDecoder:
 def _child(limits: DecodeLimits, memory_mib: int, memfd: int | None) -> None:
     import resource
 
+    try:  # under a pod's memory limit the kernel kills this child first, not the worker
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     cap = memory_mib * 2**20
     try:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
