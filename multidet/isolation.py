@@ -78,6 +78,8 @@ class IsolatedDecoder:
         self._memfd: int | None = None  # the pixels' way back (Linux), else the pipe
         self._lock = threading.Lock()
         self.restarts = 0  # children replaced after a timeout, a memory error or a crash
+        with self._lock:  # started now, so the first request does not wait for an interpreter
+            self._proc = self._start()
 
     # -- the child ----------------------------------------------------------------------------------
     def _start(self) -> subprocess.Popen:
