@@ -178,7 +178,8 @@ def test_shipped_trained_weights_are_verified_safetensors_with_their_record():
         assert entry.weights.suffix == ".safetensors" and meta.source == "trained" and not model.net.training
         assert tuple(meta.class_names) == model.class_names and model.trained_ids
         t = meta.training
-        assert t["steps"] > 0 and t["seed"] is not None and t["dataset_sha256"] and t["wall_s"] > 0
+        assert t["seed"] is not None and t["dataset_sha256"] and t["wall_s"] >= 0
+        assert t["steps"] > 0 or "sliced from it" in t["start"]  # 0 steps: its class layer sliced from another
         assert (
             t["val"]["model"] == entry.name and t["val"]["images"] >= 200 and 0 < t["val"]["map"] <= t["val"]["map50"]
         )
