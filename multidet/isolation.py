@@ -78,8 +78,7 @@ class IsolatedDecoder:
         self._memfd: int | None = None  # the pixels' way back (Linux), else the pipe
         self._lock = threading.Lock()
         self.restarts = 0  # children replaced after a timeout, a memory error or a crash
-        with self._lock:  # started now, so the first request does not wait for an interpreter
-            self._proc = self._start()
+        self._proc = self._start()  # now, so the first request does not wait for an interpreter
 
     # -- the child ----------------------------------------------------------------------------------
     def _start(self) -> subprocess.Popen:
@@ -129,7 +128,7 @@ class IsolatedDecoder:
 
     def __del__(self) -> None:
         try:
-            self._kill()
+            self.close()  # the child and the memory file
         except Exception:  # interpreter shutdown
             pass
 
