@@ -16,18 +16,20 @@ IMG ?= docs/example.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints dataset train train-ablation eval annotate mar serve serve-secure update stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean
+.PHONY: help install java-check checkpoints dataset train train-ablation eval annotate mar serve serve-secure serve-ray update stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean fronts
 
 help:
 	@echo "make serve [OPT=auto] [MODELS=models.yaml] [BATCH=1]  install, build the MAR of a model set, start TorchServe"
 	@echo "make serve-secure                   the same with token authorisation on (keys in key_file.json)"
 	@echo "make update [MODELS=...] [OPT=...]  a new model set on the running server, no request lost"
 	@echo "                                    (start it with make serve-secure MODEL_API=1)"
-	@echo "make stop                           stop TorchServe"
+	@echo "make serve-ray [OPT=auto] [MODELS=models.yaml] [REPLICAS=1] [RAY_ARGS='--set KEY=VALUE ...']"
+	@echo "                                    the same model set on Ray Serve (port 8000; OIP v2 too), local cluster"
+	@echo "make stop                           stop TorchServe and Ray Serve"
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
 	@echo "make soak [DURATION=600]            sustained good+bad load against the server, worker memory"
 	@echo "make load [USERS=2] [LOAD_TIME=60s] Locust, headless, against the server; CSV in outputs/load/"
-	@echo "make bench | ablation | overhead | sweep | peers | scaling   measurements -> outputs/{benchmark,...}/"
+	@echo "make bench | ablation | overhead | sweep | peers | scaling | fronts   measurements -> outputs/{benchmark,...}/"
 	@echo "make benchmarks                     all five (docs/benchmarks.md explains them); ARGS=... passes flags"
 	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint"
 	@echo "make dataset | train | eval [OPT=baseline] | annotate   recipe (training.yaml): data, weights/, mAP"
@@ -84,8 +86,16 @@ serve-secure: mar
 update: install
 	$(PY) scripts/update.py --model-set $(MODELS) --optimization $(OPT)
 
+# The same model set on Ray Serve (multidet.ray_app): /predictions/all and OIP v2 on port 8000
+REPLICAS ?= 1
+RAY_ARGS ?=
+serve-ray: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve_ray.py start --model-set $(MODELS) --optimization $(OPT) \
+		--set num_replicas=$(REPLICAS) $(if $(filter 1,$(REDUCED)),--set allow_reduced=true) $(RAY_ARGS)
+
 stop: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py stop
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve_ray.py stop
 
 status: install
 	$(PY) scripts/serve.py status
@@ -126,7 +136,11 @@ peers: install
 scaling: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_scaling.py $(ARGS)
 
-benchmarks: bench ablation overhead sweep peers scaling
+# TorchServe and Ray Serve side by side: latency per front and protocol, saturation, replica memory
+fronts: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_fronts.py $(ARGS)
+
+benchmarks: bench ablation overhead sweep peers scaling fronts
 
 # Wheels a bare GPU image (Python 3.12) lacks, for scripts/gpu_check.sh there (see that script).
 GPU_WHEEL_PLATFORMS := $(foreach n,2_28 2_27 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64

@@ -10,9 +10,17 @@
 #   INFERENCE_PORT MANAGEMENT_PORT METRICS_PORT GRPC_INFERENCE_PORT GRPC_MANAGEMENT_PORT
 #   CONFIG_OUT    where the generated config is written (default /tmp/multidet-config.properties)
 #   DRAIN_SECONDS serving after SIGTERM with readiness off (default 5); DRAIN_FILE the marker probe.py reads
+#   FRONT         torchserve (default) or ray: the same model set on Ray Serve (scripts/serve_ray.py
+#                 foreground: a one-node Ray cluster in the container, port RAY_PORT 8000, OPT and
+#                 MODELS as the image was built with). On KubeRay the operator starts Ray itself:
+#                 deploy/k8s/rayservice.yaml
 set -eu
 APP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$APP"
+if [ "${FRONT:-torchserve}" = "ray" ]; then
+    exec python scripts/serve_ray.py foreground --bind "${BIND:-127.0.0.1}" --port "${RAY_PORT:-8000}" \
+        --model-set "${MODELS:-$APP/models.yaml}" --optimization "${OPT:-auto}"
+fi
 set -- foreground --bind "${BIND:-127.0.0.1}" --expose "${EXPOSE:-inference,metrics}" \
     --model-store "${MODEL_STORE:-$APP/model_store}" \
     --write-config "${CONFIG_OUT:-/tmp/multidet-config.properties}"

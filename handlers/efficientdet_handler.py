@@ -17,8 +17,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from multidet.config import Settings
 from multidet.device import select_device
-from multidet.envelopes import ParsedRequest, parse_request
-from multidet.errors import BadRequest, InputError
+from multidet.envelopes import parse_request
+from multidet.errors import BadRequest
 from multidet.pipeline import Detector
 from multidet.server import busy_dir
 
@@ -125,15 +125,7 @@ class EfficientDetHandler(BaseHandler):
     @timed
     def inference(self, data, *args, **kwargs):
         """Every good instance of the batch in one Detector.predict call; per request (request, results)."""
-        requests = [r for r in data if isinstance(r, ParsedRequest)]
-        good = [item for r in requests for item in r.instances if not isinstance(item, InputError)]
-        outputs = iter(self.detector.predict([body for body, _ in good], [opts for _, opts in good]))
-        return [
-            (r, [item if isinstance(item, InputError) else next(outputs) for item in r.instances])
-            if isinstance(r, ParsedRequest)
-            else (r, None)
-            for r in data
-        ]
+        return self.detector.answer(data)
 
     @timed
     def postprocess(self, data):

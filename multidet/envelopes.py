@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -74,7 +75,7 @@ Instance = tuple[bytes, RequestOptions]
 Result = dict | InputError
 
 
-def _header_options(headers: Mapping[str, str] | None) -> dict[str, object]:
+def header_options(headers: Mapping[str, str] | None) -> dict[str, object]:
     out: dict[str, object] = {}
     for name, value in (headers or {}).items():
         option = HEADER_OPTIONS.get(str(name).lower())
@@ -86,7 +87,7 @@ def _header_options(headers: Mapping[str, str] | None) -> dict[str, object]:
 def _options(own: Mapping[str, object], headers: Mapping[str, str] | None, loaded: Sequence[str]) -> RequestOptions:
     """The request's own options (fields, query parameters, instance keys) win over headers."""
     params = {k: v for k, v in own.items() if k not in ROUTING_KEYS}
-    return parse_options({**_header_options(headers), **params}, loaded)
+    return parse_options({**header_options(headers), **params}, loaded)
 
 
 _WHITESPACE = str.maketrans("", "", " \t\r\n\v\f")
@@ -119,6 +120,33 @@ def _image_bytes(value: Any, where: str, declared_base64: bool = False) -> bytes
     if value is None:
         return b""
     raise UnsupportedImage(f"{where} is not an image ({type(value).__name__})")
+
+
+def check_request_pixels(bodies: Sequence[bytes], limits: DecodeLimits, max_request_pixels: int) -> None:
+    """Several images of one request: the pixels their headers declare together, at most ``max_request_pixels``
+    (413 RequestTooLarge before any is decoded)."""
+    if len(bodies) > 1:
+        total = sum(header_pixels(b, limits) for b in bodies)
+        if total > max_request_pixels:
+            raise RequestTooLarge(
+                f"the images have {total} pixels together; at most {max_request_pixels} in one request "
+                "(setting max_request_pixels): send them in several requests"
+            )
+
+
+def torchserve_value(value: bytes, content_type: str | None) -> object:
+    """A body or form part as TorchServe's worker hands it to a handler: JSON parsed for application/json (the
+    bytes where it does not parse), text decoded for text/*, bytes otherwise. Other fronts (multidet.ray_app)
+    build the handler's rows with it, so every request format is parsed by the same envelopes."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        try:
+            return json.loads(value)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return value
+    if kind.startswith("text/"):
+        return value.decode("utf-8", "replace")
+    return value
 
 
 class Envelope(ABC):
@@ -180,14 +208,9 @@ class KServeV1Envelope(Envelope):
                 out.append(err)
             except Exception as exc:  # e.g. RecursionError from a deeply nested option
                 out.append(BadRequest(f"instance {i} is malformed ({type(exc).__name__}: {str(exc)[:200]})"))
-        bodies = [item[0] for item in out if not isinstance(item, InputError)]
-        if len(bodies) > 1:
-            total = sum(header_pixels(b, self.limits) for b in bodies)
-            if total > self.max_request_pixels:
-                raise RequestTooLarge(
-                    f"the instances have {total} pixels together; at most {self.max_request_pixels} in one request "
-                    "(setting max_request_pixels): send them in several requests"
-                )
+        check_request_pixels(
+            [item[0] for item in out if not isinstance(item, InputError)], self.limits, self.max_request_pixels
+        )
         return out
 
     def format(self, results):

@@ -69,3 +69,8 @@ class ImageTooComplex(InputError):
 class ProcessingFailed(InputError):
     status = 500
     kind = "ProcessingFailed"
+
+
+class NotFound(InputError):
+    status = 404
+    kind = "ModelNotFoundException"

@@ -216,6 +216,21 @@ class Detector:
             }
         return results
 
+    def answer(self, requests: Sequence[object]) -> list[tuple[object, list[dict | InputError] | None]]:
+        """A batch of parsed requests (any object with ``instances``: image + options pairs or the
+        InputError each is; anything else, e.g. an InputError for a whole request, passes through) ->
+        per request ``(request, results)``, every good instance of the batch run in one ``predict`` call.
+        What every serving front calls (the TorchServe handler, the Ray Serve deployment)."""
+        parsed = [r for r in requests if isinstance(getattr(r, "instances", None), list)]
+        good = [item for r in parsed for item in r.instances if not isinstance(item, InputError)]
+        outputs = iter(self.predict([body for body, _ in good], [opts for _, opts in good]) if good else [])
+        return [
+            (r, [item if isinstance(item, InputError) else next(outputs) for item in r.instances])
+            if isinstance(getattr(r, "instances", None), list)
+            else (r, None)
+            for r in requests
+        ]
+
     def predict_one(self, body: bytes, options: RequestOptions | None = None) -> dict:
         result = self.predict([body], [options or RequestOptions()])[0]
         if isinstance(result, InputError):

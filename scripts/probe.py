@@ -6,6 +6,10 @@ torch, no requests import: a probe runs every few seconds), token-aware.
     python scripts/probe.py ready    # /ping answers AND the model has a READY worker (loaded, warmed up)
                                      # AND the server is not draining (serve.py foreground got SIGTERM)
 
+With FRONT=ray (the image serving the Ray Serve front: docker/entrypoint.sh), both ask Ray Serve's
+OIP health routes instead (live: /v2/health/live; ready: /v2/health/ready and not draining), on
+127.0.0.1:$RAY_PORT (8000).
+
 Exit status 0 when the check holds, 1 otherwise (with one line saying why). Addresses come from
 config.properties as seen from inside the container (loopback), ports from the same environment
 variables as docker/entrypoint.sh (INFERENCE_PORT, MANAGEMENT_PORT); with token authorisation on,
@@ -43,6 +47,23 @@ def get(url: str, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
         return 0, str(exc).encode()
 
 
+def draining() -> Path | None:
+    """The drain marker while a foreground server drains after SIGTERM (serve.py / serve_ray.py foreground)."""
+    drain_file = Path(os.environ.get("DRAIN_FILE", "/tmp/multidet-draining"))
+    return drain_file if drain_file.exists() else None
+
+
+def ray_probe(check: str, url: str, timeout: float) -> int:
+    status, body = get(f"{url}/v2/health/{check}", {}, timeout)
+    if status != 200:
+        print(f"not {check}: {url}/v2/health/{check} answered {status or body.decode(errors='replace')}")
+        return 1
+    if check == "ready" and draining():
+        print("not ready: draining")
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("check", choices=("live", "ready"))
@@ -52,7 +73,10 @@ def main(argv=None) -> int:
     p.add_argument("--key-file", type=Path, default=Path(os.environ.get("KEY_FILE", ROOT / "key_file.json")))
     p.add_argument("--model", default="all")
     p.add_argument("--timeout", type=float, default=4)
+    p.add_argument("--front", choices=("torchserve", "ray"), default=os.environ.get("FRONT", "torchserve"))
     args = p.parse_args(argv)
+    if args.front == "ray":
+        return ray_probe(args.check, f"http://127.0.0.1:{os.environ.get('RAY_PORT', '8000')}", args.timeout)
     props = read_properties(args.config)
     inference = args.inference or address(props, "inference_address", "INFERENCE_PORT")
     status, body = get(f"{inference}/ping", bearer(args.key_file, "inference"), args.timeout)
@@ -61,8 +85,8 @@ def main(argv=None) -> int:
         return 1
     if args.check == "live":
         return 0
-    drain_file = Path(os.environ.get("DRAIN_FILE", "/tmp/multidet-draining"))
-    if drain_file.exists():  # scripts/serve.py foreground got SIGTERM: out of the load balancer first
+    drain_file = draining()
+    if drain_file:  # scripts/serve.py foreground got SIGTERM: out of the load balancer first
         print(f"not ready: draining ({drain_file})")
         return 1
     management = args.management or address(props, "management_address", "MANAGEMENT_PORT")

@@ -123,3 +123,23 @@ def jpeg_declaring(photo: bytes, width: int, height: int) -> bytes:
             struct.pack_into(">HH", data, i + 5, height, width)
             return bytes(data)
     raise AssertionError("no SOF marker")
+
+
+BAD_INPUTS = ("empty", "text", "html", "truncated", "garbage_jpeg", "bomb", "threshold", "models")
+
+
+def bad_input(photos: dict[str, bytes], case: str) -> tuple[bytes, dict[str, str], int]:
+    """One kind of bad request for /predictions/all: its body, headers and the status every front answers."""
+    body, headers, content_type, status = {
+        "empty": (b"", {}, None, 400),
+        "text": (b"just some text", {}, "text/plain", 415),
+        "html": (b"<html><body>hi</body></html>", {}, "text/html", 415),
+        "truncated": (photos["coffee"][:3000], {}, "image/jpeg", 422),
+        "garbage_jpeg": (b"\xff\xd8\xff\xe0" + b"\x00garbage" * 100, {}, "image/jpeg", 422),
+        "bomb": (jpeg_declaring(photos["chelsea"], 30000, 30000), {}, "image/jpeg", 413),
+        "threshold": (photos["coffee"], {"X-Threshold": "2"}, None, 400),
+        "models": (photos["coffee"], {"X-Models": "unknown"}, None, 400),
+    }[case]
+    if content_type:
+        headers = {**headers, "Content-Type": content_type}
+    return body, headers, status

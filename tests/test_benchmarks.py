@@ -205,6 +205,8 @@ def test_scaling_in_process_on_tiny_sets(tmp_path):
         "run_scaling.py",
         "run_peers.py",
         "run_load_sweep.py",
+        "run_fronts.py",
+        "serve_ray.py",
     ],
 )
 def test_measuring_command_lines_parse(script):

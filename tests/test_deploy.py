@@ -41,7 +41,7 @@ def test_dockerfile_essentials(dockerfile):
     assert re.match(r"python:3\.11\.\d+-slim-\w+$", base), f"pinned base image, got {base}"
     assert "ARG OPT=" in text and '--optimization "${OPT}"' in text
     assert re.search(r"^USER 1000:1000$", text, re.M), "runs as a non-root user"
-    assert re.search(r"^EXPOSE 8080 8082$", text, re.M)  # management stays inside the container
+    assert re.search(r"^EXPOSE 8080 8082 8000$", text, re.M)  # management stays inside; 8000: FRONT=ray
     assert re.search(r'HEALTHCHECK .*\n\s+CMD \["python", "/app/scripts/probe.py", "ready"\]', text)
     assert 'ENTRYPOINT ["/app/docker/entrypoint.sh"]' in text and "BIND=0.0.0.0" in text
     assert "COPY weights" in text and "create_mar.py" in text  # the trained models, packed into the MAR
@@ -167,7 +167,7 @@ def test_kubernetes_manifests_validate_against_the_schema():
 
     checked = 0
     for _name, doc in manifests():
-        if doc["apiVersion"].startswith(("serving.kserve.io", "kustomize.config.k8s.io")):
+        if doc["apiVersion"].startswith(("serving.kserve.io", "kustomize.config.k8s.io", "ray.io")):
             continue  # CRD-defined kinds: checked field by field below
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         checked += 1
@@ -217,6 +217,40 @@ def test_manifests_match_config_properties():
     ]  # inference from anywhere; metrics only from the monitoring namespace
     assert {"name": "BIND", "value": "0.0.0.0"} in c["env"]
     assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(port["metrics"])
+
+
+def test_rayservice_pods_validate_and_its_serve_config_builds():
+    """The KubeRay RayService: its head and worker pod templates validate as Pods against the Kubernetes
+    schema; its Serve config names the Ray front's builder with arguments RayFront accepts, for the model
+    set and weights the image carries (/app), and places replicas only where their CPUs are."""
+    import importlib
+
+    import kubernetes_validate
+
+    from multidet.ray_app import RayFront
+
+    (svc,) = [d for _, d in manifests() if d.get("kind") == "RayService"]
+    assert svc["apiVersion"] == "ray.io/v1"
+    cluster = svc["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": group["template"]["spec"]}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        (c,) = group["template"]["spec"]["containers"]
+        assert c["image"] == "multidet:cpu" and c["resources"]["requests"] == c["resources"]["limits"]
+        assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    serve_config = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    module, name = app["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    front = RayFront.from_mapping(app["args"])
+    assert front.model_set == "/app/models.yaml" and (ROOT / "models.yaml").exists()  # the Dockerfile copies it
+    assert serve_config["http_options"]["port"] == 8000
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica on the head
+    for worker in cluster["workerGroupSpecs"]:
+        cpus = float(worker["rayStartParams"]["num-cpus"])
+        limit = float(worker["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+        assert front.num_cpus <= cpus <= limit and front.torch_threads <= front.num_cpus
 
 
 @pytest.mark.parametrize("path", ["/v1/models/all:predict", "/predictions/all"])

@@ -76,20 +76,9 @@ def test_default_threshold_and_invocations_query(server, photos):
     assert bad.status_code == 400 and "threshold" in bad.json()["message"]
 
 
-@pytest.mark.parametrize("case", ["empty", "text", "html", "truncated", "garbage_jpeg", "bomb", "threshold", "models"])
+@pytest.mark.parametrize("case", helpers.BAD_INPUTS)
 def test_bad_input_gets_4xx_json(server, photos, case):
-    body, headers, content_type, status = {
-        "empty": (b"", {}, None, 400),
-        "text": (b"just some text", {}, "text/plain", 415),
-        "html": (b"<html><body>hi</body></html>", {}, "text/html", 415),
-        "truncated": (photos["coffee"][:3000], {}, "image/jpeg", 422),
-        "garbage_jpeg": (b"\xff\xd8\xff\xe0" + b"\x00garbage" * 100, {}, "image/jpeg", 422),
-        "bomb": (jpeg_declaring(photos["chelsea"], 30000, 30000), {}, "image/jpeg", 413),
-        "threshold": (photos["coffee"], {"X-Threshold": "2"}, None, 400),
-        "models": (photos["coffee"], {"X-Models": "unknown"}, None, 400),
-    }[case]
-    if content_type:
-        headers = {**headers, "Content-Type": content_type}
+    body, headers, status = helpers.bad_input(photos, case)
     r = requests.put(url(server), data=body, headers=headers, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()

@@ -1,0 +1,373 @@
+"""The Ray Serve front: the same model set, data path, request formats and errors as the TorchServe handler,
+on a Ray cluster (one machine or many), speaking the project's routes and the Open Inference Protocol.
+
+A thin front like ``handlers/efficientdet_handler.py``: HTTP requests become the handler's rows
+(``envelopes.torchserve_value``) or OIP requests (``multidet.oip``); a ``@serve.batch`` method runs each
+batch through ``Detector.answer``; the envelopes format the answers. Routes:
+
+    PUT|POST /predictions/<name>          raw body, multipart form, KServe v1 JSON (as on TorchServe)
+    POST     /v1/models/<name>:predict    KServe v1
+    GET      /ping                        {"status": "Healthy"} once the replica is loaded
+    GET      /v2, /v2/health/live, /v2/health/ready, /v2/models/<name>, /v2/models/<name>/ready
+    POST     /v2/models/<name>/infer      OIP v2 (JSON or the binary-data extension)
+
+Start it with ``make serve-ray`` (``scripts/serve_ray.py``), or on any Ray cluster with Ray's own tools:
+``serve run multidet.ray_app:build model_set=/abs/models.yaml optimization=auto`` or a Serve config whose
+``import_path`` is ``multidet.ray_app:build`` and whose ``args`` are ``RayFront``'s fields (KubeRay:
+deploy/k8s/rayservice.yaml).
+"""
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from . import __version__
+from .config import ConfigError, Settings
+from .device import select_device
+from .envelopes import parse_request, torchserve_value
+from .errors import BadRequest, InputError, NotFound, ProcessingFailed, RequestTooLarge
+from .oip import error_body, model_metadata, parse_infer, server_metadata
+from .pipeline import Detector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RayFront:
+    """The Ray front's settings: the handler's ``Settings`` (``settings``) plus how Ray runs it. Each is an
+    ``args`` key of ``build`` (a Serve config's ``args:``), flat: Settings' keys and these in one mapping."""
+
+    model_set: str = "models.yaml"  # the model set file (absolute on a cluster: every node must have it)
+    name: str = "all"  # the endpoint: /predictions/<name>, /v2/models/<name>
+    version: str = "1"
+    artifact_dir: str | None = None  # an optimization's build files (default: the cache, built at load)
+    settings: Settings = field(default_factory=Settings)
+    # replicas: a fixed count, or autoscaling between min_replicas and max_replicas (max_replicas > 0)
+    num_replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 0
+    target_ongoing_requests: float = 2.0  # autoscaling's target per replica
+    num_cpus: float = 1.0  # Ray CPUs reserved per replica (its share of a node)
+    threads: int = 0  # torch threads per replica (0: num_cpus rounded up)
+    max_replicas_per_node: int = 0  # 0: no limit
+    # batching (@serve.batch): like TorchServe's batchSize / maxBatchDelay
+    max_batch_size: int = 4
+    batch_wait_s: float = 0.05
+    max_ongoing_requests: int = 16  # per replica, in flight at once (>= max_batch_size to fill batches)
+    max_queued_requests: int = 100  # waiting per caller; past it 503 (TorchServe's job_queue_size)
+    max_request_size: int = 16 * 1024 * 1024  # bytes; larger bodies get 413 (TorchServe's max_request_size)
+    max_surge_percent: int = 100  # a redeploy starts the new replicas before it stops the old
+
+    def __post_init__(self) -> None:
+        if self.num_replicas < 1 or self.min_replicas < 0 or self.max_replicas < 0:
+            raise ConfigError("num_replicas must be >= 1, min_replicas and max_replicas >= 0")
+        if self.max_replicas and self.max_replicas < max(self.min_replicas, 1):
+            raise ConfigError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
+        if self.num_cpus <= 0 or self.threads < 0 or self.max_batch_size < 1 or self.batch_wait_s < 0:
+            raise ConfigError("num_cpus must be > 0, threads >= 0, max_batch_size >= 1, batch_wait_s >= 0")
+        if self.max_ongoing_requests < 1 or self.max_request_size < 1:
+            raise ConfigError("max_ongoing_requests and max_request_size must be >= 1")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "RayFront":
+        """Flat ``args`` -> RayFront; unknown keys are errors (ConfigError naming them)."""
+        values = dict(values or {})
+        own = {f.name: f for f in fields(cls) if f.name != "settings"}
+        known_settings = {f.name for f in fields(Settings)}
+        unknown = sorted(set(values) - set(own) - known_settings)
+        if unknown:
+            raise ConfigError(f"unknown Ray front setting(s) {unknown}; known: {sorted(set(own) | known_settings)}")
+        settings = Settings.from_mapping({k: v for k, v in values.items() if k in known_settings})
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            if key not in own:
+                continue
+            default = getattr(cls, key)
+            try:
+                kwargs[key] = raw if raw is None or default is None else type(default)(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"setting {key}={raw!r}: {exc}") from exc
+        return cls(settings=settings, **kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
+        return {**out, **self.settings.to_mapping()}
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(-(-self.num_cpus // 1)))
+
+    def deployment_options(self) -> dict[str, Any]:
+        """What ``serve.deployment(...).options`` takes for these settings."""
+        opts: dict[str, Any] = {
+            "name": "multidet",
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "max_surge_percent": self.max_surge_percent,
+            "health_check_period_s": 5,
+            "graceful_shutdown_wait_loop_s": 1,
+        }
+        if self.max_replicas:
+            opts["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": max(self.min_replicas, 1),
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
+        else:
+            opts["num_replicas"] = self.num_replicas
+        if self.max_replicas_per_node:
+            opts["max_replicas_per_node"] = self.max_replicas_per_node
+        return opts
+
+
+async def read_limited(stream: AsyncIterator[bytes], declared: str | None, limit: int) -> bytes:
+    """The whole body, refused (413) past ``limit`` bytes: from Content-Length at once, else while reading."""
+    message = f"the request body is larger than {limit} bytes (setting max_request_size)"
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(message)
+    chunks, size = [], 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(message)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def form_row(body: bytes, headers: Mapping[str, str]) -> dict[str, object]:
+    """A multipart or url-encoded form -> the row TorchServe's worker would hand the handler."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import FormParser, MultiPartParser
+
+    async def once() -> AsyncIterator[bytes]:
+        yield body
+        yield b""
+
+    kind = headers.get("content-type", "").split(";")[0].strip().lower()
+    parser = MultiPartParser(headers, once()) if kind == "multipart/form-data" else FormParser(headers, once())
+    form = await parser.parse()
+    row: dict[str, object] = {}
+    for key, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            row[key] = torchserve_value(await value.read(), value.content_type)
+        else:
+            row[key] = value
+    return row
+
+
+api = FastAPI(title="multidet", docs_url=None, redoc_url=None)
+
+
+def error(err: InputError, oip: bool = False) -> JSONResponse:
+    return JSONResponse(error_body(err) if oip else err.to_dict(), status_code=err.status)
+
+
+def not_found(name: str, oip: bool = False) -> JSONResponse:
+    return error(NotFound(f"Model not found: {name}"), oip)
+
+
+@serve.deployment
+@serve.ingress(api)
+class MultiDet:
+    def __init__(self, config: Mapping[str, Any]):
+        import torch
+
+        self.front = front = RayFront.from_mapping(config)
+        torch.set_num_threads(front.torch_threads)
+        device = select_device(front.settings.device)
+        self.detector = Detector.from_model_set(
+            front.model_set, front.settings, device, Path(front.artifact_dir) if front.artifact_dir else None
+        )
+        warm = self.detector.warmup() if front.settings.warmup else None
+        self.run_batch.set_max_batch_size(front.max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(front.batch_wait_s)
+        log.info(
+            "replica pid %d: %s on %s, %s, %d thread(s), warm request %s ms",
+            os.getpid(),
+            ",".join(self.detector.model_names),
+            device,
+            self.detector.description,
+            front.torch_threads,
+            f"{warm:.0f}" if warm is not None else "skipped",
+        )
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def run_batch(self, requests: list) -> list:
+        """Requests of several HTTP calls, their images in one Detector.predict (in a thread: the event
+        loop keeps taking requests); per request (its results, the batch's image count)."""
+        loop = asyncio.get_running_loop()
+        answered = await loop.run_in_executor(None, self.detector.answer, requests)
+        images = sum(len(r.instances) for r in requests)
+        return [(results, images) for _, results in answered]
+
+    async def body(self, request: Request) -> bytes:
+        return await read_limited(request.stream(), request.headers.get("content-length"), self.front.max_request_size)
+
+    async def answer(self, parsed) -> tuple[list, int]:
+        try:
+            return await self.run_batch(parsed)
+        except Exception as exc:  # a bug of ours in the batch: every image of the request gets 500
+            log.exception("batch failed")
+            failed = ProcessingFailed(f"could not process this request ({type(exc).__name__}: {exc})")
+            return [failed] * len(parsed.instances), 0
+
+    # -- the project's routes (as on TorchServe) ------------------------------------------------------
+    @api.get("/ping")
+    async def ping(self) -> dict:
+        return {"status": "Healthy"}
+
+    @api.api_route("/predictions/{model}", methods=["POST", "PUT"])
+    async def predictions(self, model: str, request: Request):
+        if model != self.front.name:
+            return not_found(model)
+        headers = dict(request.headers)
+        if headers.get("describe") == "True":
+            return JSONResponse(self.describe())
+        if headers.get("explain") == "True":
+            return error(BadRequest("this model gives no explanations; ask /predictions/all for its detections"))
+        try:
+            raw = await self.body(request)
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+                row = await form_row(raw, request.headers)
+            else:
+                row = {"body": torchserve_value(raw, kind)}
+        except InputError as err:
+            return error(err)
+        except Exception as exc:  # an unreadable form: the client's 400
+            return error(BadRequest(f"malformed form ({type(exc).__name__}: {str(exc)[:200]})"))
+        return await self.respond(row, headers)
+
+    @api.post("/v1/models/{model}:predict")
+    async def kserve_v1(self, model: str, request: Request):
+        if model != self.front.name:
+            return not_found(model)
+        try:
+            raw = await self.body(request)
+        except InputError as err:
+            return error(err)
+        return await self.respond({"body": torchserve_value(raw, "application/json")}, dict(request.headers))
+
+    async def respond(self, row: dict, headers: dict):
+        s = self.detector.settings
+        parsed = parse_request(
+            row, headers, self.detector.model_names, s.max_instances, s.max_request_pixels, s.decode_limits
+        )
+        if isinstance(parsed, InputError):
+            return error(parsed)
+        results, images = await self.answer(parsed)
+        status, body = parsed.format(results)
+        return JSONResponse(body, status_code=status, headers={"x-batch-images": str(images)})
+
+    def describe(self) -> dict:
+        d = self.detector
+        return {
+            "models": [
+                {"name": m.name, "architecture": m.architecture, "classes": len(m.class_names)} for m in d.models
+            ],
+            "optimization": d.description,
+            "device": str(d.device),
+        }
+
+    # -- the Open Inference Protocol (KServe v2) ------------------------------------------------------
+    @api.get("/v2")
+    async def v2_server(self) -> dict:
+        return server_metadata(__version__)
+
+    @api.get("/v2/health/live")
+    async def v2_live(self) -> dict:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def v2_ready(self) -> dict:
+        return {"ready": True}
+
+    @api.get("/v2/models/{model}")
+    async def v2_metadata(self, model: str):
+        if model != self.front.name:
+            return not_found(model, oip=True)
+        return model_metadata(self.front.name, self.front.version, self.detector.models)
+
+    @api.get("/v2/models/{model}/ready")
+    async def v2_model_ready(self, model: str):
+        if model != self.front.name:
+            return not_found(model, oip=True)
+        return {"name": model, "ready": True}
+
+    @api.post("/v2/models/{model}/infer")
+    async def v2_infer(self, model: str, request: Request):
+        if model != self.front.name:
+            return not_found(model, oip=True)
+        try:
+            raw = await self.body(request)
+        except InputError as err:
+            return error(err, oip=True)
+        s = self.detector.settings
+        parsed = parse_infer(
+            raw,
+            request.headers,
+            self.front.name,
+            self.detector.model_names,
+            s.max_instances,
+            s.max_request_pixels,
+            s.decode_limits,
+        )
+        if isinstance(parsed, InputError):
+            return error(parsed, oip=True)
+        results, images = await self.answer(parsed)
+        status, body, headers = parsed.format(results)
+        headers = {**headers, "x-batch-images": str(images)}
+        return Response(body, status_code=status, headers=headers, media_type=headers.pop("content-type"))
+
+
+def build(args: Mapping[str, Any] | None = None) -> serve.Application:
+    """Ray Serve's application builder: ``serve run multidet.ray_app:build key=value ...``, a Serve config's
+    ``import_path: multidet.ray_app:build`` with ``args:``, or ``serve.run(build({...}))``."""
+    front = RayFront.from_mapping(args)
+    model_set = Path(front.model_set)
+    if not model_set.exists():
+        raise ConfigError(f"model set {model_set} not found (on a cluster: a path every node has)")
+    config = {**front.to_mapping(), "model_set": str(model_set.resolve())}
+    return MultiDet.options(**front.deployment_options()).bind(config)
+
+
+def ready(url: str, timeout: float = 3) -> bool:
+    """The application answers OIP's readiness (a replica is loaded and routed to)."""
+    import requests
+
+    try:
+        return requests.get(f"{url}/v2/health/ready", timeout=timeout).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def deploy(
+    args: Mapping[str, Any], host: str = "127.0.0.1", port: int = 8000, timeout: float = 600, app_name: str = "multidet"
+) -> str:
+    """On the Ray cluster this process is connected to (``ray.init``): Serve's HTTP proxy on host:port, the
+    application ``build(args)`` deployed (a redeploy when it runs: new replicas first, then the old drained),
+    returned once it answers; its URL."""
+    import time
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build(args), name=app_name, route_prefix="/", blocking=False)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == "RUNNING" and ready(url):
+            return url
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"Ray Serve could not deploy {app_name}: {status.message}")
+        time.sleep(1)
+    raise TimeoutError(f"{app_name} not ready at {url} after {timeout:.0f} s")

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""The model set on Ray Serve (multidet.ray_app): start a local Ray cluster (or join one), deploy, wait.
+
+    python scripts/serve_ray.py start [--model-set models.yaml] [--optimization auto] [--set num_replicas=2 ...]
+    python scripts/serve_ray.py start --address HEAD:6379     # deploy onto a running cluster instead
+    python scripts/serve_ray.py stop                           # Serve's applications, then the local cluster
+    python scripts/serve_ray.py status
+    python scripts/serve_ray.py foreground --bind 0.0.0.0      # containers (FRONT=ray): start, then wait
+                                                               # for SIGTERM: drain, stop Serve and Ray
+
+``--set KEY=VALUE`` takes any field of ``multidet.ray_app.RayFront`` (replicas, num_cpus, threads, batching,
+autoscaling, max_request_size) or of ``Settings`` (threshold, decode limits, ...). Routes: README "Ray Serve".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from paths import MODEL_SET
+
+BIN = Path(sys.executable).parent
+
+
+def ray(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], check=check, text=True, capture_output=not check)
+
+
+def cluster_running() -> bool:
+    return ray("status", check=False).returncode == 0
+
+
+def start(opts) -> int:
+    import ray as ray_api
+
+    from multidet.ray_app import RayFront, deploy
+
+    values = dict(kv.split("=", 1) for kv in opts.set)
+    args = {"model_set": str(Path(opts.model_set).resolve()), "optimization": opts.optimization, **values}
+    front = RayFront.from_mapping(args)  # a wrong setting fails here, before any cluster starts
+    address = opts.address
+    if address is None:
+        if not cluster_running():
+            cpus = ["--num-cpus", str(opts.num_cpus)] if opts.num_cpus else []
+            print("starting a local Ray cluster (ray start --head) ...", flush=True)
+            ray("start", "--head", "--disable-usage-stats", "--include-dashboard=false", *cpus)
+        address = "auto"
+    ray_api.init(address=address, logging_level="WARNING")
+    print(f"deploying {front.settings.optimization} with {front.deployment_options()} ...", flush=True)
+    url = deploy(args, opts.bind, opts.port, opts.timeout)
+    print(f"ready: curl -T docs/example.jpg {url}/predictions/{front.name}   (OIP v2: {url}/v2/models/{front.name})")
+    return 0
+
+
+def foreground(opts) -> int:
+    """A container's PID 1: a one-node cluster, the application, then on SIGTERM/SIGINT readiness off (the
+    drain file probe.py reads), DRAIN_SECONDS more of serving, Serve's graceful shutdown (replicas finish
+    what they hold), and the cluster stopped."""
+    import os
+    import signal
+    import threading
+    import time
+
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    drain_file = Path(os.environ.get("DRAIN_FILE", "/tmp/multidet-draining"))
+    drain_file.unlink(missing_ok=True)
+    start(opts)
+    stopping.wait()
+    drain_file.touch()
+    print("draining: readiness off", flush=True)
+    time.sleep(float(os.environ.get("DRAIN_SECONDS", "5")))
+    from ray import serve
+
+    serve.shutdown()
+    ray("stop")
+    drain_file.unlink(missing_ok=True)
+    return 0
+
+
+def stop(opts) -> int:
+    if not cluster_running():
+        print("no Ray cluster running")
+        return 0
+    subprocess.run([str(BIN / "serve"), "shutdown", "-y"], check=False)
+    if opts.address is None:
+        ray("stop")
+    return 0
+
+
+def status(opts) -> int:
+    if not cluster_running():
+        print("no Ray cluster running")
+        return 1
+    import ray as ray_api
+    from ray import serve
+
+    ray_api.init(address=opts.address or "auto", logging_level="WARNING")
+    apps = {name: app.status for name, app in serve.status().applications.items()}
+    print(json.dumps(apps))
+    return 0 if apps else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=("start", "stop", "status", "foreground"))
+    p.add_argument("--model-set", default=str(MODEL_SET))
+    p.add_argument("--optimization", default="auto")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a RayFront or Settings field")
+    p.add_argument("--address", default=None, help="a running cluster (HEAD:6379); default: a local one")
+    p.add_argument("--num-cpus", type=int, default=0, help="CPUs of the local cluster (default: all)")
+    p.add_argument("--bind", default="127.0.0.1", help="Serve's HTTP address (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--timeout", type=float, default=900)
+    opts = p.parse_args()
+    if any("=" not in kv for kv in opts.set):
+        p.error("--set takes KEY=VALUE")
+    return {"start": start, "stop": stop, "status": status, "foreground": foreground}[opts.command](opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
