@@ -39,6 +39,19 @@ from .pipeline import Detector
 
 log = logging.getLogger(__name__)
 
+# Ray starts its worker processes, Serve's replicas among them, at niceness 15 (its worker_niceness
+# setting): beside any other busy process a replica then gets a fraction of a core (measured here: a
+# replica at 15 beside a training run at 19 got ~70 % of one core). Serving processes run at 0; a
+# cluster started by this project (serve_ray.py, the tests, the experiments) sets it, and the RayService
+# manifest sets it in its pods.
+RAY_ENV = {"RAY_worker_niceness": "0"}
+
+
+def serving_environment() -> None:
+    """Set RAY_ENV in this process's environment (inherited by the Ray cluster it starts), unless set."""
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 @dataclass(frozen=True)
 class RayFront:
@@ -64,7 +77,9 @@ class RayFront:
     max_ongoing_requests: int = 16  # per replica, in flight at once (>= max_batch_size to fill batches)
     max_queued_requests: int = 100  # waiting per caller; past it 503 (TorchServe's job_queue_size)
     max_request_size: int = 16 * 1024 * 1024  # bytes; larger bodies get 413 (TorchServe's max_request_size)
-    max_surge_percent: int = 100  # a redeploy starts the new replicas before it stops the old
+    # a redeploy starts the new replicas before it stops the old (no request lost); it needs room for them
+    # beside the old ones (num_cpus each): on a full cluster set 0 (replicas replaced 20 % at a time)
+    max_surge_percent: int = 100
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1 or self.min_replicas < 0 or self.max_replicas < 0:
@@ -370,4 +385,7 @@ def deploy(
         if status is not None and status.status == "DEPLOY_FAILED":
             raise RuntimeError(f"Ray Serve could not deploy {app_name}: {status.message}")
         time.sleep(1)
-    raise TimeoutError(f"{app_name} not ready at {url} after {timeout:.0f} s")
+    raise TimeoutError(
+        f"{app_name} not ready at {url} after {timeout:.0f} s (a redeploy on a full cluster waits for CPUs for its new "
+        f"replicas beside the old: max_surge_percent=0 replaces them in place instead): {serve.status()}"
+    )

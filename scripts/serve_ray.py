@@ -26,6 +26,9 @@ BIN = Path(sys.executable).parent
 
 
 def ray(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    from multidet.ray_app import serving_environment
+
+    serving_environment()  # replicas at niceness 0, not Ray's default 15
     return subprocess.run([str(BIN / "ray"), *args], check=check, text=True, capture_output=not check)
 
 

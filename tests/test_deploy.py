@@ -239,6 +239,7 @@ def test_rayservice_pods_validate_and_its_serve_config_builds():
         (c,) = group["template"]["spec"]["containers"]
         assert c["image"] == "multidet:cpu" and c["resources"]["requests"] == c["resources"]["limits"]
         assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert {"name": "RAY_worker_niceness", "value": "0"} in c["env"]
     serve_config = yaml.safe_load(svc["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
     module, name = app["import_path"].split(":")

@@ -24,7 +24,7 @@ from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
-from multidet.ray_app import deploy  # noqa: E402
+from multidet.ray_app import deploy, serving_environment  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +44,7 @@ REPLICA_CLASS = "ServeReplica:multidet:multidet"
 @pytest.fixture(scope="module")
 def cluster():
     """Two Ray nodes on this machine (two logical CPUs each: a redeploy's new replicas fit beside the old)."""
+    serving_environment()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     c.add_node(num_cpus=2)
     ray.init(address=c.address, logging_level="WARNING")
@@ -155,8 +156,11 @@ def test_oversized_body_is_413(ray_url):
 
 
 def test_replicas_on_both_nodes_and_batches_under_concurrency(cluster, ray_url, labelled):
+    import psutil
+
     nodes = {a.node_id for a in replicas()}
     assert len(replicas()) == 2 and len(nodes) == 2, replicas()
+    assert all(psutil.Process(a.pid).nice() == 0 for a in replicas())  # not Ray's default worker niceness 15
     bodies = list(labelled[0][:8])
     with ThreadPoolExecutor(len(bodies)) as pool:
         sizes = []

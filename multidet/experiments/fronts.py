@@ -172,7 +172,7 @@ def run(
     import ray
     from ray import serve
 
-    from ..ray_app import deploy
+    from ..ray_app import deploy, serving_environment
 
     images = photos(photo_dir)
     bodies = list(images.values())
@@ -198,6 +198,7 @@ def run(
         "batch": batch,
     }
     core = Detector.from_model_set(serving.model_set, Settings(optimization=optimization), device)
+    serving_environment()
     ray.init(num_cpus=threads, include_dashboard=True, logging_level="WARNING")
     try:
         with (
@@ -228,6 +229,7 @@ def run(
             )
             sat[f"Ray 1 replica x {threads} threads"] = saturate(url, bodies, clients, saturation_requests)
             ts.stop()  # its worker's CPUs go to the two replicas
+            serve.delete("multidet")  # a redeploy would start the new replicas beside the old: no CPUs left for them
             deploy(two_replicas, port=int(url.rsplit(":", 1)[1]), timeout=server_timeout)
             rss = replica_memory_mb()
             sat[f"Ray 2 replicas x {two_replicas['threads']} thread"] = saturate(
