@@ -87,14 +87,7 @@ class EfficientDetHandler(BaseHandler):
 
     def describe_handle(self):
         """``GET /models/all?customized=true``: the model set this worker serves."""
-        d = self.detector
-        return {
-            "models": [
-                {"name": m.name, "architecture": m.architecture, "classes": len(m.class_names)} for m in d.models
-            ],
-            "optimization": d.description,
-            "device": str(d.device),
-        }
+        return self.detector.describe()
 
     @timed
     def preprocess(self, data):

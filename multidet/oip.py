@@ -46,18 +46,16 @@ def server_metadata(version: str) -> dict:
     return {"name": "multidet", "version": version, "extensions": ["binary_tensor_data"]}
 
 
-def model_metadata(name: str, version: str, models: Sequence[object]) -> dict:
-    """``GET /v2/models/<name>``: the tensors, plus (beyond the protocol's fields) the model set served."""
+def model_metadata(name: str, version: str, models: Sequence[dict]) -> dict:
+    """``GET /v2/models/<name>``: the tensors, plus (beyond the protocol's fields) the model set served
+    (``models``: ``Detector.describe()["models"]``)."""
     return {
         "name": name,
         "versions": [version],
         "platform": "pytorch_effdet",
         "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": n, "datatype": d, "shape": [-1, *s]} for n, (d, s) in OUTPUTS.items()],
-        "models": [
-            {"name": m.name, "architecture": m.architecture, "classes": len(m.class_names)}  # type: ignore[attr-defined]
-            for m in models
-        ],
+        "models": list(models),
     }
 
 

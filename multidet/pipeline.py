@@ -113,6 +113,17 @@ class Detector:
             return names[0]
         return ",".join(f"{g.architecture}={n}" for g, n in zip(self.groups, names))
 
+    def describe(self) -> dict:
+        """What a front answers when asked to describe the model (TorchServe's describe header,
+        ``GET /models/all?customized=true``): the models, the optimization, the device."""
+        return {
+            "models": [
+                {"name": m.name, "architecture": m.architecture, "classes": len(m.class_names)} for m in self.models
+            ],
+            "optimization": self.description,
+            "device": str(self.device),
+        }
+
     def threshold_for(self, options: RequestOptions, model: LoadedModel) -> float:
         """The request's threshold, else the model's own, else the service's."""
         if options.threshold is not None:

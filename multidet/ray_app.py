@@ -247,7 +247,7 @@ class MultiDet:
             return not_found(model)
         headers = dict(request.headers)
         if headers.get("describe") == "True":
-            return JSONResponse(self.describe())
+            return JSONResponse(self.detector.describe())
         if headers.get("explain") == "True":
             return error(BadRequest("this model gives no explanations; ask /predictions/all for its detections"))
         try:
@@ -284,16 +284,6 @@ class MultiDet:
         status, body = parsed.format(results)
         return JSONResponse(body, status_code=status, headers={"x-batch-images": str(images)})
 
-    def describe(self) -> dict:
-        d = self.detector
-        return {
-            "models": [
-                {"name": m.name, "architecture": m.architecture, "classes": len(m.class_names)} for m in d.models
-            ],
-            "optimization": d.description,
-            "device": str(d.device),
-        }
-
     # -- the Open Inference Protocol (KServe v2) ------------------------------------------------------
     @api.get("/v2")
     async def v2_server(self) -> dict:
@@ -311,7 +301,7 @@ class MultiDet:
     async def v2_metadata(self, model: str):
         if model != self.front.name:
             return not_found(model, oip=True)
-        return model_metadata(self.front.name, self.front.version, self.detector.models)
+        return model_metadata(self.front.name, self.front.version, self.detector.describe()["models"])
 
     @api.get("/v2/models/{model}/ready")
     async def v2_model_ready(self, model: str):

@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent clients at saturation")
     p.add_argument("--saturation-requests", type=int, default=48, help="images per saturation run")
     p.add_argument("--batch", type=int, default=4, help="TorchServe batchSize and Ray max_batch_size")
+    p.add_argument("--pause", type=float, default=0.2, help="seconds between timed calls (OpenMP threads go idle)")
     p.add_argument("--server-timeout", type=float, default=600)
     p.add_argument("--model-set", type=Path, default=MODEL_SET)
     p.add_argument("--out", type=Path, default=OUTPUTS / "fronts")
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
         saturation_requests=args.saturation_requests,
         batch=args.batch,
         server_timeout=args.server_timeout,
+        pause_s=args.pause,
     )
     result.write(args.out)
     return 0

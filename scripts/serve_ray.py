@@ -32,26 +32,33 @@ def ray(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), *args], check=check, text=True, capture_output=not check)
 
 
-def cluster_running() -> bool:
-    return ray("status", check=False).returncode == 0
+def connect(address: str | None) -> bool:
+    """Connect this process to the cluster at ``address`` (None: the local one, if it runs). Through Ray's
+    Python API, which reads the cluster's auth token (~/.ray/auth_token); False when no cluster answers."""
+    import ray as ray_api
+
+    try:
+        ray_api.init(address=address or "auto", logging_level="WARNING")
+    except ConnectionError:
+        return False
+    return True
 
 
 def start(opts) -> int:
-    import ray as ray_api
 
     from multidet.ray_app import RayFront, deploy
 
     values = dict(kv.split("=", 1) for kv in opts.set)
     args = {"model_set": str(Path(opts.model_set).resolve()), "optimization": opts.optimization, **values}
     front = RayFront.from_mapping(args)  # a wrong setting fails here, before any cluster starts
-    address = opts.address
-    if address is None:
-        if not cluster_running():
-            cpus = ["--num-cpus", str(opts.num_cpus)] if opts.num_cpus else []
-            print("starting a local Ray cluster (ray start --head) ...", flush=True)
-            ray("start", "--head", "--disable-usage-stats", "--include-dashboard=false", *cpus)
-        address = "auto"
-    ray_api.init(address=address, logging_level="WARNING")
+    if not connect(opts.address):
+        if opts.address is not None:
+            raise SystemExit(f"no Ray cluster answers at {opts.address}")
+        cpus = ["--num-cpus", str(opts.num_cpus)] if opts.num_cpus else []
+        print("starting a local Ray cluster (ray start --head) ...", flush=True)
+        ray("start", "--head", "--disable-usage-stats", "--include-dashboard=false", *cpus)
+        if not connect(None):
+            raise SystemExit("the local Ray cluster did not answer after ray start")
     print(f"deploying {front.settings.optimization} with {front.deployment_options()} ...", flush=True)
     url = deploy(args, opts.bind, opts.port, opts.timeout)
     print(f"ready: curl -T docs/example.jpg {url}/predictions/{front.name}   (OIP v2: {url}/v2/models/{front.name})")
@@ -86,23 +93,24 @@ def foreground(opts) -> int:
 
 
 def stop(opts) -> int:
-    if not cluster_running():
-        print("no Ray cluster running")
-        return 0
-    subprocess.run([str(BIN / "serve"), "shutdown", "-y"], check=False)
+    """Serve's applications (replicas finish what they hold), then the local cluster (not a remote one)."""
+    if connect(opts.address):
+        from ray import serve
+
+        serve.shutdown()
+    else:
+        print("no Ray cluster answers")
     if opts.address is None:
-        ray("stop")
+        ray("stop")  # the local Ray processes, also where a cluster did not answer
     return 0
 
 
 def status(opts) -> int:
-    if not cluster_running():
+    if not connect(opts.address):
         print("no Ray cluster running")
         return 1
-    import ray as ray_api
     from ray import serve
 
-    ray_api.init(address=opts.address or "auto", logging_level="WARNING")
     apps = {name: app.status for name, app in serve.status().applications.items()}
     print(json.dumps(apps))
     return 0 if apps else 1

@@ -1,7 +1,9 @@
 """The two serving fronts side by side, in one run: TorchServe and Ray Serve serving the same model set
 with the same optimization and torch threads, against the core package called in-process.
 
-1. Latency of one image, one client, modes interleaved by the one timing loop: ``core`` (Detector.predict),
+1. Latency of one image, one client, modes interleaved by the one timing loop (``pause_s`` between calls: the
+   in-process call's OpenMP threads spin on both cores for a while after it, which a server's call just after
+   would pay for): ``core`` (Detector.predict),
    ``torchserve`` (PUT /predictions/all), ``ray`` (the same route on Ray Serve) and ``ray_oip`` (OIP v2
    infer, binary-data extension). Per mode p50/p99 and the protocol's cost paired per request: the wall
    clock minus the pipeline's own ``timing_ms.total`` from the response.
@@ -111,7 +113,7 @@ class FrontsResult(Result):
             f"Serving fronts {env['date']}  {env['cpu']} ({' '.join(env['cpu_isa'])}), {env['cpu_cores']} "
             f"cores, torch {env['versions']['torch']}, TorchServe {env['versions']['torchserve']}, Ray {d['ray']}",
             f"optimization {d['optimization']}, {d['threads']} torch threads everywhere; {d['requests']} requests per "
-            f"mode, one client, modes interleaved; photos {', '.join(d['images'])}",
+            f"mode, one client, modes interleaved with {d['pause_s']} s between calls; photos {', '.join(d['images'])}",
             "",
             f"{'mode':<11} {'p50 ms':>8} {'p99 ms':>8} {'outside pipeline p50 ms':>24} {'p99':>8}",
         ]
@@ -167,6 +169,7 @@ def run(
     saturation_requests: int = 48,
     batch: int = 4,
     server_timeout: float = 600,
+    pause_s: float = 0.2,
     say: Say = say_flush,
 ) -> FrontsResult:
     import ray
@@ -196,6 +199,7 @@ def run(
         "clients": clients,
         "saturation_requests": saturation_requests,
         "batch": batch,
+        "pause_s": pause_s,
     }
     core = Detector.from_model_set(serving.model_set, Settings(optimization=optimization), device)
     serving_environment()
@@ -219,7 +223,7 @@ def run(
                     "ray_oip": caller(s, "ray_oip", url),
                 }
                 calls = {m: (lambda i, fn=run_mode[m]: fn(bodies[i % len(bodies)])) for m in MODES}
-                timings = interleaved(calls, requests, warmup=warmup, keep_results=True)
+                timings = interleaved(calls, requests, warmup=warmup, pause_s=pause_s, keep_results=True)
             results["latency_ms"] = {m: summarize([w for w, _ in timings.results[m]]) for m in MODES}
             results["outside_pipeline_ms"] = {m: summarize([w - i for w, i in timings.results[m]]) for m in MODES}
             sat = {}
