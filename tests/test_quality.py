@@ -36,6 +36,17 @@ def test_identical_and_float_noise_are_the_same_answer():
     assert ok(noisy)
 
 
+def test_a_box_of_almost_no_height_is_matched_by_its_coordinates():
+    """Seen on a val image: a box of almost no height, whose IoU with itself float noise decides."""
+    from multidet.quality import iou
+
+    flat = BASE[:3] + [det((0, 541.0, 619, 541.004), 0.998, 4)]
+    shifted = BASE[:3] + [det((0, 541.003, 619, 541.007), 0.998, 4)]
+    assert iou(flat[3]["box"], shifted[3]["box"]) < 0.5
+    assert ok(shifted, flat)
+    assert not ok(BASE[:3] + [det((0, 542.0, 619, 542.04), 0.998, 4)], flat)  # a whole pixel away: another box
+
+
 def test_moved_box_missing_extra_relabelled_or_rescored_are_not():
     two_moved = [det((10.8, 10, 50, 60), 0.95), det((100.8, 100, 140, 180), 0.80, 2)] + BASE[2:]
     assert not ok(two_moved)  # 0.8 px > 0.5 px, twice
