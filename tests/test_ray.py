@@ -61,7 +61,7 @@ def ray_url(cluster):
 
 
 def replicas() -> list:
-    return [a for a in list_actors(filters=[("class_name", "=", REPLICA_CLASS), ("state", "=", "ALIVE")])]
+    return list_actors(filters=[("class_name", "=", REPLICA_CLASS), ("state", "=", "ALIVE")])
 
 
 def example_images(labelled) -> dict[str, bytes]:

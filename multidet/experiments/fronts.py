@@ -84,8 +84,9 @@ def saturate(url: str, images: list[bytes], clients: int, requests: int) -> dict
 
     def one(i: int) -> None:
         with http_client.Session() as s:
+            call = caller(s, "http", url)
             for k in range(i, requests, clients):
-                wall, _ = caller(s, "http", url)(images[k % len(images)])
+                wall, _ = call(images[k % len(images)])
                 walls.append(wall)
 
     t0 = time.perf_counter()
