@@ -95,3 +95,70 @@ def evaluate(
         images=len(images),
         detections=per_image,
     )
+
+
+@dataclass
+class ImageCheck:
+    """One image's answer against its labels, by object kind across the models of a set: each labelled
+    object must be found (same kind, IoU >= 0.5) by every model whose classes include its kind, and every
+    detection must be such a find (a second detection of one object by one model is a false positive)."""
+
+    objects: int
+    found: list[tuple[str, int, dict]]  # (model, object index, detection)
+    missed: list[tuple[str, int]]  # (model, object index)
+    false: list[dict]  # detections that find no object
+
+    @property
+    def complete(self) -> bool:
+        return not self.missed and not self.false
+
+
+def kinds_of(detector: Detector) -> dict[str, dict[int, str]]:
+    """Each model's class id -> object kind name, from the class ids its training data drew (its metadata)."""
+    from .synthetic import DataSpec, kind_table
+
+    return {m.name: {c: k.name for c, k in kind_table(DataSpec.of(m), cap=True).items()} for m in detector.models}
+
+
+def check_image(
+    detections: list[dict],
+    objects: list[dict],
+    kinds: dict[str, dict[int, str]],
+    threshold: float,
+    min_iou: float = 0.5,
+) -> ImageCheck:
+    """``objects``: ``{"kind": "green ring", "box": [x1, y1, x2, y2]}``; ``detections``: a response's, any
+    threshold (those below ``threshold`` are ignored); ``kinds``: ``kinds_of(detector)``."""
+    from .quality import iou
+
+    found, missed, false = [], [], []
+    for model, table in kinds.items():
+        dets = sorted(
+            (d for d in detections if d["model"] == model and d["score"] >= threshold), key=lambda d: -d["score"]
+        )
+        free = {i for i, o in enumerate(objects) if o["kind"] in table.values()}
+        for d in dets:
+            kind = table.get(d["class_id"])
+            best = max(
+                (i for i in free if objects[i]["kind"] == kind and iou(d["box"], objects[i]["box"]) >= min_iou),
+                key=lambda i: iou(d["box"], objects[i]["box"]),
+                default=None,
+            )
+            if best is None:
+                false.append(d)
+            else:
+                free.discard(best)
+                found.append((model, best, d))
+        missed += [(model, i) for i in sorted(free)]
+    return ImageCheck(len(objects), found, missed, false)
+
+
+def labelled_objects(coco: dict, image_id: int) -> list[dict]:
+    """A COCO-format split's (``make dataset``'s) objects of one image as ``check_image`` takes them: the
+    category's ``supercategory`` names its kind."""
+    kind = {c["id"]: c.get("supercategory", c["name"]) for c in coco["categories"]}
+    objects = []
+    for a in (a for a in coco["annotations"] if a["image_id"] == image_id):
+        x, y, w, h = a["bbox"]
+        objects.append({"kind": kind[a["category_id"]], "box": [x, y, x + w, y + h]})
+    return objects

@@ -5,6 +5,16 @@ the set), as a PNG.
     python scripts/annotate.py docs/example.jpg --out docs/example_detections.png [--model-set my.yaml]
 
 Runs the same data path as the server (multidet.pipeline.Detector) on a model set (default: models.yaml).
+Where the image has labels beside it (docs/example.json: its objects' kinds and boxes), it also says
+which objects each model found, missed, or saw that are not there (multidet.evaluation.check_image).
+
+The README's example is chosen from labelled splits (`make dataset`) by the same check:
+
+    python scripts/annotate.py --choose data/efficientdet_d0_coco/val data/efficientdet_d0_aquarium/val \
+        [--export docs/example.jpg]
+
+lists the images every model answers completely (each object found at 0.6, no false positive at 0.4:
+at 0.5 nothing is near a tie), most objects first; --export copies the first and writes its labels.
 """
 
 from __future__ import annotations
@@ -20,7 +30,10 @@ from paths import MODEL_SET
 from PIL import Image, ImageDraw, ImageFont
 
 from multidet.config import Settings
+from multidet.evaluation import check_image, kinds_of, labelled_objects, read_dataset
 from multidet.pipeline import Detector, RequestOptions
+
+MARGIN = 0.1  # a chosen example's finds score >= threshold + MARGIN, anything else < threshold - MARGIN
 
 # model k of the response's models[] gets colour k (cycled past the end)
 PALETTE = [
@@ -61,16 +74,60 @@ def annotate(image_bytes: bytes, response: dict) -> Image.Image:
     return img
 
 
+def report(check, objects) -> str:
+    lines = [f"labels: {check.objects} objects; {'all found, no false positive' if check.complete else 'NOT complete'}"]
+    lines += [f"  missed by {model}: {objects[i]['kind']} at {objects[i]['box']}" for model, i in check.missed]
+    lines += [f"  false positive: {d['label']} ({d['model']}) {d['score']:.2f} at {d['box']}" for d in check.false]
+    return "\n".join(lines)
+
+
+def choose(detector: Detector, splits: list[Path], threshold: float, export: Path | None, top: int = 10) -> int:
+    """Rank the labelled images every model answers completely with a margin around ``threshold``."""
+    kinds = kinds_of(detector)
+    candidates = []
+    for split in splits:
+        coco = read_dataset(split)
+        for img in coco["images"]:
+            path = split / "images" / img["file_name"]
+            objects = labelled_objects(coco, img["id"])
+            dets = detector.predict_one(path.read_bytes(), RequestOptions(threshold=0.0))["detections"]
+            sure = check_image(dets, objects, kinds, threshold + MARGIN)
+            clean = check_image(dets, objects, kinds, threshold - MARGIN)
+            if objects and not sure.missed and not clean.false:
+                distinct = len({o["kind"] for o in objects})
+                models = len({model for model, _, _ in sure.found})
+                candidates.append(((len(objects), distinct, models), path, objects, img))
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    sure, clean = threshold + MARGIN, threshold - MARGIN
+    print(f"{len(candidates)} images answered completely (found at {sure:g}, nothing else at {clean:g})")
+    for (n, distinct, models), path, _, img in candidates[:top]:
+        print(f"  {path}: {n} objects, {distinct} kinds, found by {models} models, {img['width']}x{img['height']}")
+    if export and candidates:
+        _, path, objects, img = candidates[0]
+        export.write_bytes(path.read_bytes())
+        labels = {"source": str(path), "width": img["width"], "height": img["height"], "objects": objects}
+        export.with_suffix(".json").write_text(json.dumps(labels, indent=1) + "\n")
+        print(f"wrote {export} and {export.with_suffix('.json')} (from {path})")
+    return 0 if candidates else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("image", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("image", type=Path, nargs="?")
+    p.add_argument("--out", type=Path, help="PNG to write")
     p.add_argument("--model-set", type=Path, default=MODEL_SET, help="models file (default: models.yaml)")
     p.add_argument("--threshold", type=float, default=Settings.threshold)
     p.add_argument("--json", type=Path, help="also write the response JSON here")
+    p.add_argument("--labels", type=Path, help="the image's labels (default: IMAGE.json where it exists)")
+    p.add_argument("--choose", type=Path, nargs="+", metavar="SPLIT", help="rank labelled splits' images instead")
+    p.add_argument("--export", type=Path, help="with --choose: copy the first image here, its labels beside it")
     args = p.parse_args(argv)
-    body = args.image.read_bytes()
     detector = Detector.from_model_set(args.model_set, Settings(), torch.device("cpu"))
+    if args.choose:
+        return choose(detector, args.choose, args.threshold, args.export)
+    if not args.image or not args.out:
+        p.error("give an image and --out (or --choose SPLIT ...)")
+    body = args.image.read_bytes()
     response = detector.predict_one(body, RequestOptions(threshold=args.threshold))
     annotate(body, {**response, "threshold": args.threshold}).save(args.out)
     if args.json:
@@ -79,6 +136,12 @@ def main(argv=None) -> int:
         f"wrote {args.out}: "
         + ", ".join(f"{d['label']} ({d['model']}) {d['score']:.2f}" for d in response["detections"])
     )
+    labels = args.labels or args.image.with_suffix(".json")
+    if labels.exists():
+        objects = json.loads(labels.read_text())["objects"]
+        check = check_image(response["detections"], objects, kinds_of(detector), args.threshold)
+        print(report(check, objects))
+        return 0 if check.complete else 1
     return 0
 
 

@@ -163,3 +163,28 @@ def test_the_serving_path_imports_no_dataset_generator():
 
     source = Path(multidet.quality.__file__).read_text()
     assert "import pycocotools" not in source and "from pycocotools" not in source
+
+
+def test_an_image_against_its_labels_by_kind_across_models():
+    """multidet.evaluation.check_image: each object found by every model that has its kind, nothing else."""
+    from multidet.evaluation import check_image
+
+    kinds = {"a": {1: "red circle", 2: "green square"}, "b": {7: "red circle"}}  # b has no green square
+    objects = [{"kind": "red circle", "box": [10, 10, 50, 50]}, {"kind": "green square", "box": [100, 100, 160, 150]}]
+    right = [
+        det((11, 10, 50, 52), 0.9, 1, "a"),
+        det((100, 101, 158, 150), 0.7, 2, "a"),
+        det((10, 11, 49, 50), 0.9, 7, "b"),
+    ]
+    check = check_image(right, objects, kinds, 0.5)
+    assert check.complete and len(check.found) == 3 and check.objects == 2
+    assert check_image(right + [det((0, 0, 5, 5), 0.4, 1, "a")], objects, kinds, 0.5).complete  # below: not seen
+    # each way of being wrong is named: missed (per model), wrong kind, a duplicate, a box off the object
+    missed = check_image(right[:2], objects, kinds, 0.5)
+    assert missed.missed == [("b", 0)] and not missed.false
+    relabelled = check_image([*right[:2], det((10, 11, 49, 50), 0.9, 8, "b")], objects, kinds, 0.5)
+    assert relabelled.missed == [("b", 0)] and [d["class_id"] for d in relabelled.false] == [8]
+    duplicate = check_image([*right, det((12, 12, 50, 50), 0.6, 1, "a")], objects, kinds, 0.5)
+    assert not duplicate.missed and [d["score"] for d in duplicate.false] == [0.6]
+    off = check_image([det((30, 30, 70, 70), 0.9, 1, "a"), *right[1:]], objects, kinds, 0.5)
+    assert off.missed == [("a", 0)] and len(off.false) == 1
