@@ -65,7 +65,7 @@ train-ablation: dataset
 	$(PY) scripts/recipe.py ablate --model-set $(MODELS) --recipe $(RECIPE) --ablation $(ABLATION)
 
 eval: install
-	$(PY) scripts/recipe.py eval --model-set $(MODELS) --recipe $(RECIPE) --optimization $(if $(filter auto,$(OPT)),baseline,$(OPT))
+	$(PY) scripts/recipe.py eval --model-set $(MODELS) --recipe $(RECIPE) --optimization $(if $(filter auto,$(OPT)),baseline,$(OPT)) $(if $(SEED),--seed $(SEED))
 
 annotate: install
 	$(PY) scripts/annotate.py $(IMG) --model-set $(MODELS) --out docs/example_detections.png

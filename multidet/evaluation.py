@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .pipeline import Detector, RequestOptions
-from .quality import coco_map
+from .quality import ap_per_category, coco_map
 
 
 @dataclass
@@ -25,6 +25,7 @@ class EvalResult:
     map: float
     images: int
     detections: dict[int, list[dict]] = field(default_factory=dict, repr=False)  # image id -> detections
+    per_class: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)  # name -> (AP@.5, AP)
 
     def summary(self) -> dict:
         return {
@@ -87,6 +88,8 @@ def evaluate(
         if progress:
             progress(min(start + batch_size, len(images)), len(images))
     map50, map_ = coco_map(coco_gt, results)
+    names = {c["id"]: c.get("name", str(c["id"])) for c in coco_gt.get("categories", [])}
+    per_class = {names.get(c, str(c)): ap for c, ap in ap_per_category(coco_gt, results).items()}
     return EvalResult(
         model=model,
         optimization=detector.description,
@@ -94,6 +97,7 @@ def evaluate(
         map=map_,
         images=len(images),
         detections=per_image,
+        per_class=per_class,
     )
 
 

@@ -285,6 +285,20 @@ def coco_map(coco_gt: dict, results: list[dict], max_dets: int = 100) -> tuple[f
     unmatched ground-truth box of highest IoU >= t; precision made monotone and sampled at 101 recall
     points; AP averaged over the categories with ground truth (and over IoU 0.50:0.05:0.95 for mAP).
     tests/test_quality.py checks it against pycocotools."""
+    categories, ap = ap_table(coco_gt, results, max_dets)
+    if not categories:
+        return 0.0, 0.0
+    return float(ap[0].mean()), float(ap.mean())
+
+
+def ap_per_category(coco_gt: dict, results: list[dict], max_dets: int = 100) -> dict[int, tuple[float, float]]:
+    """Category id -> (AP@0.5, AP@[.5:.95]) for each category with ground truth (``coco_map`` averages them)."""
+    categories, ap = ap_table(coco_gt, results, max_dets)
+    return {c: (float(ap[0, k]), float(ap[:, k].mean())) for k, c in enumerate(categories)}
+
+
+def ap_table(coco_gt: dict, results: list[dict], max_dets: int = 100) -> tuple[list[int], np.ndarray]:
+    """The categories with ground truth and their AP per IoU threshold, [len(IOUS), categories] (see ``coco_map``)."""
     images = [img["id"] for img in coco_gt["images"]]
     gts, dts = defaultdict(list), defaultdict(list)
     for a in coco_gt["annotations"]:
@@ -292,9 +306,9 @@ def coco_map(coco_gt: dict, results: list[dict], max_dets: int = 100) -> tuple[f
     for r in results:
         dts[r["image_id"], r["category_id"]].append((r["score"], r["bbox"]))
     categories = sorted({c for _, c in gts})
-    if not results or not categories:
-        return 0.0, 0.0
     ap = np.zeros((len(IOUS), len(categories)))
+    if not results:
+        return categories, ap
     for ci, cat in enumerate(categories):
         scores, matched, n_gt = [], [], 0
         for img in images:
@@ -334,4 +348,4 @@ def coco_map(coco_gt: dict, results: list[dict], max_dets: int = 100) -> tuple[f
             idx = np.searchsorted(recall, RECALLS, side="left")
             sampled = np.array([precision[i] if i < len(precision) else 0.0 for i in idx])
             ap[ti, ci] = sampled.mean()
-    return float(ap[0].mean()), float(ap.mean())
+    return categories, ap

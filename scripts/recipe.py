@@ -4,6 +4,7 @@
     python scripts/recipe.py dataset        # every model's train/val splits (make dataset)
     python scripts/recipe.py train          # train in the recipe's order, copy into weights/ (make train)
     python scripts/recipe.py eval [--optimization NAME]   # mAP of each model on its val split (make eval)
+    python scripts/recipe.py eval --seed 1  # ... on a val split drawn with another seed (DATA/seed-1/NAME/val)
     python scripts/recipe.py ablate --ablation FILE.yaml  # short runs of one model, one change each
 
 Training resumes where it stopped: run the same command again.
@@ -40,6 +41,12 @@ def main(argv=None) -> int:
     p.add_argument("--val-count", type=int, help="dataset: val images per model (default: the recipe's)")
     p.add_argument("--optimization", default="baseline", choices=SERVABLE, help="eval: the path to score")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "eval", help="eval: where the JSON goes")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="dataset/eval: val splits drawn with this seed instead of the recipe's, in DATA/seed-N/ "
+        "(made first where missing): are the val figures an artefact of one draw?",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -47,6 +54,14 @@ def main(argv=None) -> int:
         recipe = read_recipe(args.recipe, model_set, root=ROOT)
         if args.val_count:
             recipe = dataclasses.replace(recipe, val_count=args.val_count)
+        tag = ""  # eval's JSON names: NAME.OPT.json, NAME.OPT.seed-N.json for another draw
+        if args.seed is not None and args.seed != recipe.seed:
+            tag = f".seed-{args.seed}"
+            if args.step not in ("dataset", "eval"):
+                raise ValueError("--seed is for dataset and eval (the recipe's seed makes the training data)")
+            recipe = dataclasses.replace(recipe, seed=args.seed, data=recipe.data / f"seed-{args.seed}")
+            if args.step == "eval":
+                datasets(recipe, model_set, PHOTOS, say=lambda line: print(line, flush=True), splits=("val",))
         if args.step == "dataset":
             splits = tuple(s.strip() for s in args.splits.split(","))
             datasets(recipe, model_set, PHOTOS, say=lambda line: print(line, flush=True), splits=splits)
@@ -59,14 +74,14 @@ def main(argv=None) -> int:
                 raise ValueError("ablate needs --ablation FILE.yaml")
             run_ablation(recipe, model_set, args.ablation)
         else:
-            evaluate_all(recipe, model_set, args.optimization, args.out)
+            evaluate_all(recipe, model_set, args.optimization, args.out, tag)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def evaluate_all(recipe, model_set, optimization: str, out: Path) -> None:
+def evaluate_all(recipe, model_set, optimization: str, out: Path, tag: str = "") -> None:
     for r in recipe.models:
         settings = Settings(optimization=optimization, models=(r.name,))
         artifacts = out / "artifacts" / r.name
@@ -81,10 +96,13 @@ def evaluate_all(recipe, model_set, optimization: str, out: Path) -> None:
                 bar.update(done - bar.n)
 
             result = evaluate(detector, recipe.dataset(r.name, "val"), r.name, progress=progress)
-        summary = result.summary()
+        summary = {**result.summary(), "data": str(recipe.dataset(r.name, "val")), "seed": recipe.seed}
         print(json.dumps(summary), flush=True)
+        weakest = sorted(result.per_class.items(), key=lambda kv: kv[1][0])[:5]
+        print("  weakest classes (AP@0.5): " + ", ".join(f"{k} {v[0]:.3f}" for k, v in weakest), flush=True)
+        summary["classes"] = {k: [round(v[0], 4), round(v[1], 4)] for k, v in result.per_class.items()}
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{r.name}.{optimization}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / f"{r.name}.{optimization}{tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def run_ablation(recipe, model_set, path: Path) -> None:

@@ -228,3 +228,35 @@ def test_backbone_seeded_from_imagenet_lite0():
     assert torch.all(gate.weight == 0) and torch.all(gate.bias == 2.0)
     with pytest.raises(ValueError, match="known are"):
         seed_backbone(net, "resnet50")
+
+
+def test_eval_on_a_val_split_of_another_seed(tmp_path):
+    """`make eval SEED=N`: each model's val split drawn with another seed, in DATA/seed-N/ (the recipe's
+    own splits untouched), scored, and its JSON named for the seed."""
+    import yaml
+
+    recipe_file = tmp_path / "training.yaml"
+    recipe_file.write_text(
+        yaml.safe_dump(
+            {
+                "data": str(tmp_path / "data"),
+                "runs": str(tmp_path / "runs"),
+                "val_count": 2,
+                "models": [{"name": MODEL, "train_count": 2}],
+            }
+        )
+    )
+    script = [sys.executable, str(ROOT / "scripts" / "recipe.py")]
+    common = ["--recipe", str(recipe_file), "--out", str(tmp_path / "eval")]
+    subprocess.run(script + ["dataset", "--splits", "val", *common], check=True, capture_output=True)
+    own = json.loads((tmp_path / "data" / MODEL / "val" / "annotations.json").read_text())
+    subprocess.run(script + ["eval", "--seed", "5", *common], check=True, capture_output=True, text=True)
+    other = json.loads((tmp_path / "data" / "seed-5" / MODEL / "val" / "annotations.json").read_text())
+    assert (own["info"]["seed"], other["info"]["seed"]) == (0, 5) and other["annotations"] != own["annotations"]
+    result = json.loads((tmp_path / "eval" / f"{MODEL}.baseline.seed-5.json").read_text())
+    assert result["seed"] == 5 and result["images"] == 2 and result["data"].endswith(f"seed-5/{MODEL}/val")
+    labelled = {SET[MODEL].class_names[a["category_id"] - 1] for a in other["annotations"]}
+    assert set(result["classes"]) == labelled  # AP per class with ground truth (the weakest are printed)
+    assert json.loads((tmp_path / "data" / MODEL / "val" / "annotations.json").read_text()) == own
+    refused = subprocess.run(script + ["train", "--seed", "5", *common], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--seed is for dataset and eval" in refused.stderr
