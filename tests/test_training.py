@@ -158,6 +158,19 @@ def test_sliced_head_gives_the_source_models_scores_for_the_same_kinds():
     assert torch.equal(state[f"{CLASS_HEAD}.bias"][3::7], fresh[3::7])  # class 4 has no source: new
 
 
+def write_recipe(tmp_path, models: list[dict]):
+    """A training recipe of ``models`` with its data and runs under ``tmp_path``, 2 val images each."""
+    import yaml
+
+    path = tmp_path / "training.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"data": str(tmp_path / "data"), "runs": str(tmp_path / "runs"), "val_count": 2, "models": models}
+        )
+    )
+    return path
+
+
 def test_recipe_phases_and_shared_data(tmp_path):
     """A recipe's phases run one after another from the last one's weights; a model trained on the
     others' splits too gets one joined dataset with their ids mapped to its own by kind."""
@@ -167,25 +180,18 @@ def test_recipe_phases_and_shared_data(tmp_path):
     from multidet.synthetic import DataSpec
 
     first, second = NAMES[0], NAMES[1]
-    recipe_file = tmp_path / "training.yaml"
-    recipe_file.write_text(
-        yaml.safe_dump(
+    recipe_file = write_recipe(
+        tmp_path,
+        [
             {
-                "data": str(tmp_path / "data"),
-                "runs": str(tmp_path / "runs"),
-                "val_count": 2,
-                "models": [
-                    {
-                        "name": first,
-                        "train_count": 3,
-                        "class_ids": [5, 9],
-                        "also_train_on": [second],
-                        "phases": [{"steps": 4, "image_size": 256}, {"steps": 2, "image_size": 512, "batch_size": 2}],
-                    },
-                    {"name": second, "train_count": 2, "init": first},
-                ],
-            }
-        )
+                "name": first,
+                "train_count": 3,
+                "class_ids": [5, 9],
+                "also_train_on": [second],
+                "phases": [{"steps": 4, "image_size": 256}, {"steps": 2, "image_size": 512, "batch_size": 2}],
+            },
+            {"name": second, "train_count": 2, "init": first},
+        ],
     )
     recipe = read_recipe(recipe_file, SET)
     phases = phase_configs(recipe, SET, first)
@@ -233,19 +239,7 @@ def test_backbone_seeded_from_imagenet_lite0():
 def test_eval_on_a_val_split_of_another_seed(tmp_path):
     """`make eval SEED=N`: each model's val split drawn with another seed, in DATA/seed-N/ (the recipe's
     own splits untouched), scored, and its JSON named for the seed."""
-    import yaml
-
-    recipe_file = tmp_path / "training.yaml"
-    recipe_file.write_text(
-        yaml.safe_dump(
-            {
-                "data": str(tmp_path / "data"),
-                "runs": str(tmp_path / "runs"),
-                "val_count": 2,
-                "models": [{"name": MODEL, "train_count": 2}],
-            }
-        )
-    )
+    recipe_file = write_recipe(tmp_path, [{"name": MODEL, "train_count": 2}])
     script = [sys.executable, str(ROOT / "scripts" / "recipe.py")]
     common = ["--recipe", str(recipe_file), "--out", str(tmp_path / "eval")]
     subprocess.run(script + ["dataset", "--splits", "val", *common], check=True, capture_output=True)
