@@ -406,6 +406,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
                 f"{state_path} was written by another run (differs in {mismatch}); "
                 "delete it or use another --out to start afresh"
             )
+        if saved["start"] != start and cfg.init_model not in (None, cfg.model):
+            # it started from another model whose weights have changed since (a recipe retrained it):
+            # what it learnt from the old ones is stale, so it starts afresh from the new ones
+            log.warning("%s started from %s, now %s: starting afresh", state_path, saved["start"], start)
+            state_path.unlink()
+    if state_path.exists():
         net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])

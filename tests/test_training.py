@@ -6,11 +6,12 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
-from helpers import IMAGES, NAMES, ROOT, SHIPPED
+from helpers import IMAGES, NAMES, RANDOM, ROOT, SHIPPED
 from multidet.checkpoints import CheckpointMeta, load_checkpoint
 from multidet.config import ConfigError, Settings
 from multidet.modelset import read_model_set
@@ -93,6 +94,14 @@ def test_training_resumes_where_it_stopped(tiny, tmp_path):
     assert result.history[:4] == state["history"]
     with pytest.raises(ValueError, match="another run"):
         train(config(tiny, tmp_path, steps=7, val_dir=None))
+    again = []
+    assert train(cfg, again.append).history == result.history and again == []  # finished: kept
+    # the model it started from has other weights now (a recipe retrained it): stale, so it starts afresh
+    fresh = []
+    redone = train(replace(cfg, init=RANDOM), fresh.append)
+    assert [r["step"] for r in fresh] == list(range(1, 7)) and redone.meta.training["start"] != result.meta.training[
+        "start"
+    ]
 
 
 def test_from_scratch_needs_no_checkpoint_and_rejects_foreign_class_ids(tiny, tmp_path):
