@@ -53,25 +53,34 @@ def annotate(image_bytes: bytes, response: dict) -> Image.Image:
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=max(11, img.width // 60))
     colours = {m["name"]: PALETTE[k % len(PALETTE)] for k, m in enumerate(response["models"])}
-    # draw the lowest scores first so the strongest labels end on top
-    for d in sorted(response["detections"], key=lambda d: d["score"]):
-        colour = colours[d["model"]]
-        x1, y1, x2, y2 = d["box"]
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
-        text = f"{d['label']} {d['score']:.2f}"
-        tx1, ty1, tx2, ty2 = draw.textbbox((x1, y1), text, font=font)
-        ty = y1 - (ty2 - ty1) - 2 if y1 - (ty2 - ty1) - 2 >= 0 else y1
-        draw.rectangle([x1, ty, x1 + (tx2 - tx1) + 4, ty + (ty2 - ty1) + 2], fill=(0, 0, 0))
-        draw.text((x1 + 2, ty), text, fill=colour, font=font)
-    legend = "  ".join(f"{m['name']}: {m['count']}" for m in response["models"])
-    draw.rectangle([0, img.height - font.size - 6, img.width, img.height], fill=(0, 0, 0))
-    draw.text(
-        (4, img.height - font.size - 4),
-        f"threshold {response.get('threshold', '')} {legend}".strip(),
-        fill=(255, 255, 255),
-        font=font,
-    )
-    return img
+    order = {m["name"]: k for k, m in enumerate(response["models"])}
+    # one box per place: the models that found the same box get their labels stacked above it, in set order
+    places: dict[tuple, list[dict]] = {}
+    for d in response["detections"]:
+        places.setdefault(tuple(round(v) for v in d["box"]), []).append(d)
+    line = font.size + 4
+    for found in sorted(places.values(), key=lambda ds: -max(d["score"] for d in ds)):  # strongest below
+        found.sort(key=lambda d: order[d["model"]])
+        x1, y1, x2, y2 = found[0]["box"]
+        draw.rectangle([x1, y1, x2, y2], outline=colours[found[0]["model"]], width=2)
+        top = y1 - line * len(found) if y1 - line * len(found) >= 0 else y1  # above the box, or inside it
+        for k, d in enumerate(found):
+            text = f"{d['label']} {d['score']:.2f}"
+            ty = top + k * line
+            width = draw.textlength(text, font=font) + 4
+            tx = max(0, min(x1, img.width - width))  # inside the image
+            draw.rectangle([tx, ty, tx + width, ty + line], fill=(0, 0, 0))
+            draw.text((tx + 2, ty + 1), text, fill=colours[d["model"]], font=font)
+    # the legend on a strip below the image (one line, or one per model where that is too wide)
+    legend = [f"threshold {response.get('threshold', '')}"] + [f"{m['name']}: {m['count']}" for m in response["models"]]
+    rows = ["   ".join(legend)] if draw.textlength("   ".join(legend), font=font) < img.width - 8 else legend
+    out = Image.new("RGB", (img.width, img.height + line * len(rows) + 4), (0, 0, 0))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for k, row in enumerate(rows):
+        colour = colours.get(row.split(":")[0], (255, 255, 255))
+        draw.text((4, img.height + 2 + k * line), row, fill=colour, font=font)
+    return out
 
 
 def report(check, objects) -> str:
