@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from effdet.bench import DetBenchPredict
 
-from helpers import NAMES, answers, assert_same_answer, map50
+from helpers import NAMES, ROOT, answers, assert_same_answer, map50
+from multidet.evaluation import check_image, kinds_of
 from multidet.pipeline import RequestOptions
 from multidet.postprocess import detections_for
+from multidet.quality import SERVING_THRESHOLD
 
 
 def batch_of(detector, photos):
@@ -49,10 +53,10 @@ def test_pipeline_batch_equals_one_by_one(trained, labelled, labelled_reference)
 
 
 def test_trained_models_find_the_objects(trained, labelled):
-    """The shipped weights detect what is in the images: each model finds annotated objects at the
-    serving threshold with the right label (IoU >= 0.5), and ranks them well enough for mAP@0.5 >= 0.25
-    on these eight images (measured 0.62 / 0.42 / 0.45; the weights are undertrained, docs/training.md:
-    at 0.5 they find 11/39, 3/6 and 5/33 of the objects here)."""
+    """The shipped weights detect what is in the images: each model finds at least half of the annotated
+    objects at the serving threshold with the right label (IoU >= 0.5), and ranks them well enough for
+    mAP@0.5 >= 0.5 on these eight images (measured on the weights of 2026-12-02's third session: 25/39,
+    4/6 and 23/33 found; mAP@0.5 0.81 / 0.67 / 0.80; docs/training.md has their val figures)."""
     from multidet.quality import iou
 
     got = answers(trained, labelled[0])
@@ -66,9 +70,23 @@ def test_trained_models_find_the_objects(trained, labelled):
                 found += any(
                     d["class_id"] == a["category_id"] and iou(d["box"], [x, y, x + w, y + h]) >= 0.5 for d in dets
                 )
-        assert total >= 5 and found >= 2, (model, found, total)
+        assert total >= 5 and 2 * found >= total, (model, found, total)
     for model, value in map50(got, labelled[1]).items():
-        assert value >= 0.25, (model, value)
+        assert value >= 0.5, (model, value)
+
+
+def test_readme_example_is_found_entirely(trained):
+    """docs/example.jpg, the README's example: every labelled object (docs/example.json) is found at the
+    serving threshold by every model whose classes include its kind, and nothing else is reported. It was
+    chosen (scripts/annotate.py --choose) with finds scoring >= 0.6 and anything else < 0.4, so no near-tie
+    decides this on any CPU."""
+    labels = json.loads((ROOT / "docs" / "example.json").read_text())
+    body = (ROOT / "docs" / "example.jpg").read_bytes()
+    response = trained.predict_one(body, RequestOptions(threshold=SERVING_THRESHOLD))
+    assert response["image"] == {"width": labels["width"], "height": labels["height"]}
+    check = check_image(response["detections"], labels["objects"], kinds_of(trained), SERVING_THRESHOLD)
+    assert check.complete, (check.missed, check.false)
+    assert len(labels["objects"]) >= 5 and len({model for model, _, _ in check.found}) == len(trained.models)
 
 
 def test_model_subset_and_threshold(detector, photos):
