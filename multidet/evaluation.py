@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .pipeline import Detector, RequestOptions
-from .quality import ap_per_category, coco_map
+from .quality import ap_table, iou
 
 
 @dataclass
@@ -87,9 +87,10 @@ def evaluate(
                 )
         if progress:
             progress(min(start + batch_size, len(images)), len(images))
-    map50, map_ = coco_map(coco_gt, results)
+    table = ap_table(coco_gt, results)  # once: mAP and AP per class from the same matching
+    map50, map_ = table.means
     names = {c["id"]: c.get("name", str(c["id"])) for c in coco_gt.get("categories", [])}
-    per_class = {names.get(c, str(c)): ap for c, ap in ap_per_category(coco_gt, results).items()}
+    per_class = {names.get(c, str(c)): ap for c, ap in table.per_category().items()}
     return EvalResult(
         model=model,
         optimization=detector.description,
@@ -133,8 +134,6 @@ def check_image(
 ) -> ImageCheck:
     """``objects``: ``{"kind": "green ring", "box": [x1, y1, x2, y2]}``; ``detections``: a response's, any
     threshold (those below ``threshold`` are ignored); ``kinds``: ``kinds_of(detector)``."""
-    from .quality import iou
-
     found, missed, false = [], [], []
     for model, table in kinds.items():
         dets = sorted(
@@ -143,12 +142,9 @@ def check_image(
         free = {i for i, o in enumerate(objects) if o["kind"] in table.values()}
         for d in dets:
             kind = table.get(d["class_id"])
-            best = max(
-                (i for i in free if objects[i]["kind"] == kind and iou(d["box"], objects[i]["box"]) >= min_iou),
-                key=lambda i: iou(d["box"], objects[i]["box"]),
-                default=None,
-            )
-            if best is None:
+            overlaps = [(iou(d["box"], objects[i]["box"]), i) for i in free if objects[i]["kind"] == kind]
+            overlap, best = max(overlaps, default=(0.0, None))
+            if best is None or overlap < min_iou:
                 false.append(d)
             else:
                 free.discard(best)

@@ -285,20 +285,30 @@ def coco_map(coco_gt: dict, results: list[dict], max_dets: int = 100) -> tuple[f
     unmatched ground-truth box of highest IoU >= t; precision made monotone and sampled at 101 recall
     points; AP averaged over the categories with ground truth (and over IoU 0.50:0.05:0.95 for mAP).
     tests/test_quality.py checks it against pycocotools."""
-    categories, ap = ap_table(coco_gt, results, max_dets)
-    if not categories:
-        return 0.0, 0.0
-    return float(ap[0].mean()), float(ap.mean())
+    return ap_table(coco_gt, results, max_dets).means
 
 
-def ap_per_category(coco_gt: dict, results: list[dict], max_dets: int = 100) -> dict[int, tuple[float, float]]:
-    """Category id -> (AP@0.5, AP@[.5:.95]) for each category with ground truth (``coco_map`` averages them)."""
-    categories, ap = ap_table(coco_gt, results, max_dets)
-    return {c: (float(ap[0, k]), float(ap[:, k].mean())) for k, c in enumerate(categories)}
+@dataclass(frozen=True)
+class APTable:
+    """AP of each category with ground truth (columns, ``categories``' order) at each IoU of ``IOUS`` (rows)."""
+
+    categories: list[int]
+    ap: np.ndarray
+
+    @property
+    def means(self) -> tuple[float, float]:
+        """(mAP@0.5, mAP@[.5:.95]): the categories' mean (0 without categories)."""
+        if not self.categories:
+            return 0.0, 0.0
+        return float(self.ap[0].mean()), float(self.ap.mean())
+
+    def per_category(self) -> dict[int, tuple[float, float]]:
+        """Category id -> (AP@0.5, AP@[.5:.95])."""
+        return {c: (float(self.ap[0, k]), float(self.ap[:, k].mean())) for k, c in enumerate(self.categories)}
 
 
-def ap_table(coco_gt: dict, results: list[dict], max_dets: int = 100) -> tuple[list[int], np.ndarray]:
-    """The categories with ground truth and their AP per IoU threshold, [len(IOUS), categories] (see ``coco_map``)."""
+def ap_table(coco_gt: dict, results: list[dict], max_dets: int = 100) -> APTable:
+    """AP per category and IoU threshold, computed once (``coco_map`` averages it; see there for how)."""
     images = [img["id"] for img in coco_gt["images"]]
     gts, dts = defaultdict(list), defaultdict(list)
     for a in coco_gt["annotations"]:
@@ -308,7 +318,7 @@ def ap_table(coco_gt: dict, results: list[dict], max_dets: int = 100) -> tuple[l
     categories = sorted({c for _, c in gts})
     ap = np.zeros((len(IOUS), len(categories)))
     if not results:
-        return categories, ap
+        return APTable(categories, ap)
     for ci, cat in enumerate(categories):
         scores, matched, n_gt = [], [], 0
         for img in images:
@@ -348,4 +358,4 @@ def ap_table(coco_gt: dict, results: list[dict], max_dets: int = 100) -> tuple[l
             idx = np.searchsorted(recall, RECALLS, side="left")
             sampled = np.array([precision[i] if i < len(precision) else 0.0 for i in idx])
             ap[ti, ci] = sampled.mean()
-    return categories, ap
+    return APTable(categories, ap)

@@ -93,6 +93,7 @@ def report(check, objects) -> str:
 def choose(detector: Detector, splits: list[Path], threshold: float, export: Path | None, top: int = 10) -> int:
     """Rank the labelled images every model answers completely with a margin around ``threshold``."""
     kinds = kinds_of(detector)
+    sure, clean = threshold + MARGIN, threshold - MARGIN
     candidates = []
     for split in splits:
         coco = read_dataset(split)
@@ -100,14 +101,12 @@ def choose(detector: Detector, splits: list[Path], threshold: float, export: Pat
             path = split / "images" / img["file_name"]
             objects = labelled_objects(coco, img["id"])
             dets = detector.predict_one(path.read_bytes(), RequestOptions(threshold=0.0))["detections"]
-            sure = check_image(dets, objects, kinds, threshold + MARGIN)
-            clean = check_image(dets, objects, kinds, threshold - MARGIN)
-            if objects and not sure.missed and not clean.false:
+            found = check_image(dets, objects, kinds, sure)
+            if objects and not found.missed and not check_image(dets, objects, kinds, clean).false:
                 distinct = len({o["kind"] for o in objects})
-                models = len({model for model, _, _ in sure.found})
+                models = len({model for model, _, _ in found.found})
                 candidates.append(((len(objects), distinct, models), path, objects, img))
     candidates.sort(key=lambda c: c[0], reverse=True)
-    sure, clean = threshold + MARGIN, threshold - MARGIN
     print(f"{len(candidates)} images answered completely (found at {sure:g}, nothing else at {clean:g})")
     for (n, distinct, models), path, _, img in candidates[:top]:
         print(f"  {path}: {n} objects, {distinct} kinds, found by {models} models, {img['width']}x{img['height']}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from multidet.quality import RULES, ap_per_category, check_detections, coco_map, map_ok, raw_difference
+from multidet.quality import RULES, ap_table, check_detections, coco_map, map_ok, raw_difference
 
 EXACT, REDUCED = RULES["exact"], RULES["reduced"]
 
@@ -91,8 +91,8 @@ def test_coco_map_scores_perfect_and_wrong_answers():
     assert coco_map(gt, half)[0] == pytest.approx(0.5)
     assert coco_map(gt, []) == (0.0, 0.0)
     # per category: a found (its extra detection ranks below the true one), b not; coco_map is their mean
-    assert ap_per_category(gt, half) == {1: pytest.approx((1.0, 1.0)), 2: (0.0, 0.0)}
-    assert ap_per_category(gt, []) == {1: (0.0, 0.0), 2: (0.0, 0.0)}
+    assert ap_table(gt, half).per_category() == {1: pytest.approx((1.0, 1.0)), 2: (0.0, 0.0)}
+    assert ap_table(gt, []).per_category() == {1: (0.0, 0.0), 2: (0.0, 0.0)}
 
 
 def test_raw_difference_is_relative_to_the_outputs_range():
