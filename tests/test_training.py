@@ -99,9 +99,8 @@ def test_training_resumes_where_it_stopped(tiny, tmp_path):
     # the model it started from has other weights now (a recipe retrained it): stale, so it starts afresh
     fresh = []
     redone = train(replace(cfg, init=RANDOM), fresh.append)
-    assert [r["step"] for r in fresh] == list(range(1, 7)) and redone.meta.training["start"] != result.meta.training[
-        "start"
-    ]
+    assert [r["step"] for r in fresh] == list(range(1, 7))
+    assert redone.meta.training["start"] != result.meta.training["start"]
 
 
 def test_from_scratch_needs_no_checkpoint_and_rejects_foreign_class_ids(tiny, tmp_path):
