@@ -4,13 +4,20 @@ and every file is there; otherwise rebuilt once, at load, with one logged warnin
 
 Where they live: the MAR's ``artifacts/`` (made at archive build), or, for an optimization built without an
 artifact folder (a script, a test), ``cache_dir()/artifacts/<path>``, never the current directory.
+
+The build cache (``reuse_or_build``): files that depend only on their stamp (ONNX exports, OpenVINO IR, the
+INT8 quantisation) are kept once in ``cache_dir()/builds/<key of the stamp and file names>``, so a second
+archive of the same weights and versions copies them instead of exporting or quantising again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    """``$MULTIDET_CACHE_DIR``, else ``~/.cache/multidet``: caches that outlive a worker (OpenVINO's blobs)."""
+    """``$MULTIDET_CACHE_DIR``, else ``~/.cache/multidet``: caches that outlive a worker (the build cache,
+    OpenVINO's compiled blobs). The tests point it at a folder of their own session."""
     return Path(os.environ.get("MULTIDET_CACHE_DIR") or Path.home() / ".cache" / "multidet")
 
 
@@ -63,4 +71,42 @@ def ensure(artifact: Artifact, build: Callable[[], object], path_name: str, verb
         )
         build()
         artifact.write_stamp()
+    return artifact.paths
+
+
+def reuse_or_build(
+    artifact: Artifact, build: Callable[[], object], say: Callable[[str], None] = log.info
+) -> list[Path]:
+    """The artifact's files: left as they are when fresh; else copied from the build cache when built
+    before from the same stamp; else built, stamped and kept in the cache (a cache that cannot be written
+    is only a warning: the next build builds again). Every file lies under the stamp's folder."""
+    if artifact.fresh():
+        return artifact.paths
+    folder = artifact.stamp_file.parent
+    names = [Path(p).relative_to(folder) for p in artifact.paths]
+    key = hashlib.sha256(
+        json.dumps({"stamp": artifact.stamp, "files": sorted(map(str, names))}, sort_keys=True).encode()
+    ).hexdigest()[:24]
+    kept = cache_dir() / "builds" / key
+    if all((kept / n).is_file() for n in names):
+        for n in names:
+            (folder / n).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(kept / n, folder / n)
+        say(f"{folder.name}: built before for the same stamp, reused from {kept}")
+        return artifact.paths
+    build()
+    artifact.write_stamp()
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=kept.parent, prefix=".new-"))
+        try:
+            for n in names:
+                (tmp / n).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(folder / n, tmp / n)
+            shutil.rmtree(kept, ignore_errors=True)
+            os.replace(tmp, kept)  # whole or not at all: a concurrent reader never sees half a build
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        log.warning("could not keep the build of %s in %s: %s", folder, kept, exc)
     return artifact.paths

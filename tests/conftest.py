@@ -3,12 +3,25 @@ Detector, and a real TorchServe (serving the trained weights, as `make serve` do
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+import shutil
+import tempfile
 
-from helpers import IMAGES, PHOTOS, RANDOM, SHIPPED, answers, mar_options, start
-from multidet.config import Settings
-from multidet.pipeline import Detector
+# Hermetic caches: every cache the project and its libraries write (OpenVINO IR builds and compiled blobs,
+# Inductor and Triton kernels) goes to a folder made for this test session and removed after it, set before
+# anything imports torch, so TorchServe workers and Ray nodes started by the tests inherit it. Nothing a test
+# asserts on comes from an earlier run's files in the home folder.
+SESSION_CACHE = tempfile.mkdtemp(prefix="multidet-tests-cache-")
+CACHES = {"MULTIDET_CACHE_DIR": "multidet", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+for variable, folder in CACHES.items():
+    os.environ[variable] = os.path.join(SESSION_CACHE, folder)
+
+import pytest  # noqa: E402  (after the cache variables above)
+import torch  # noqa: E402
+
+from helpers import IMAGES, PHOTOS, RANDOM, SHIPPED, answers, mar_options, start  # noqa: E402
+from multidet.config import Settings  # noqa: E402
+from multidet.pipeline import Detector  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +70,7 @@ def server(tmp_path_factory):
     )
     yield ts
     ts.stop()
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)

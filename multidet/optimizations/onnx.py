@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import Artifact, ensure
+from ..artifacts import Artifact, ensure, reuse_or_build
 from .base import BuildContext, LoadedModel, Optimization, RawOutput, class_head_widths, register, weights_stamp
 from .grouped import merge_networks, split_outputs
 
@@ -91,6 +91,16 @@ def export_per_model(models: Sequence[LoadedModel], directory: Path) -> list[Pat
     return artifact.paths
 
 
+def grouped_files(models: Sequence[LoadedModel], directory: Path, say=log.info) -> list[Path]:
+    """The grouped graph's export and stamp in ``directory``: from the build cache when exported before."""
+    return reuse_or_build(grouped_artifact(models, directory), lambda: export_onnx(models, directory / ONNX_FILE), say)
+
+
+def per_model_files(models: Sequence[LoadedModel], directory: Path, say=log.info) -> list[Path]:
+    """Each network's export and their stamp in ``directory/onnx``: from the build cache when exported before."""
+    return reuse_or_build(per_model_artifact(models, directory), lambda: export_per_model(models, directory), say)
+
+
 def session(path: Path, device: torch.device):
     import onnxruntime as ort
 
@@ -126,17 +136,19 @@ class OnnxRuntime(_Ort):
     def build(
         cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
     ) -> list[Path]:
-        path = export_onnx(models, Path(artifact_dir) / ONNX_FILE)
-        return [path, path.with_suffix(".json")]
+        return grouped_files(models, Path(artifact_dir), (context or BuildContext()).log)
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
         self.widths = class_head_widths([m.net for m in self.models])  # the graph's class outputs, concatenated
-        path = self.artifacts() / ONNX_FILE
+        directory = self.artifacts()
         ensure(
-            grouped_artifact(self.models, path.parent), lambda: export_onnx(self.models, path), self.name, "exporting"
+            grouped_artifact(self.models, directory),
+            lambda: grouped_files(self.models, directory),
+            self.name,
+            "exporting",
         )
-        self.session = session(path, self.device)
+        self.session = session(directory / ONNX_FILE, self.device)
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         outputs = self.session.run(None, {"images": np.ascontiguousarray(images.detach().cpu().numpy())})
@@ -154,13 +166,13 @@ class OnnxRuntimePerModel(_Ort):
     def build(
         cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
     ) -> list[Path]:
-        return export_per_model(models, Path(artifact_dir))
+        return per_model_files(models, Path(artifact_dir), (context or BuildContext()).log)
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
         directory = self.artifacts()
         artifact = per_model_artifact(self.models, directory)
-        ensure(artifact, lambda: export_per_model(self.models, directory), self.name, "exporting")
+        ensure(artifact, lambda: per_model_files(self.models, directory), self.name, "exporting")
         self.sessions = [session(p, self.device) for p in per_model_paths(self.models, directory)]
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
