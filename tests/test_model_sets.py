@@ -35,7 +35,9 @@ MIXED = [
 
 
 def make_set(folder, specs, thresholds=None):
-    return generate_model_set(specs, folder, [p.read_bytes() for p in PHOTOS[:4]], seed=11, thresholds=thresholds)
+    """Seeded random models, their BatchNorm statistics from one photo (one float64 pass per model: about
+    4 s for a D0 on 2 cores, four photos took 15 s)."""
+    return generate_model_set(specs, folder, [p.read_bytes() for p in PHOTOS[:1]], seed=11, thresholds=thresholds)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ def test_short_soak(server, tmp_path):
     from multidet.experiments import soak
 
     lines = []
-    result = soak.run(server.inference, server.management, 45, 2, 15, 15, IMAGES, say=lines.append)
+    result = soak.run(server.inference, server.management, 30, 2, 10, 10, IMAGES, say=lines.append)
     result.write(tmp_path)
     report = json.loads((tmp_path / "soak_results.json").read_text())
     assert report == json.loads(json.dumps(result.data))
@@ -24,7 +24,7 @@ def test_short_soak(server, tmp_path):
     assert report["worker_restarts"] == 0  # the hostile files of the mixed windows kill nothing
     assert [w["phase"] for w in report["windows"]][:2] == ["clean", "mixed"]
     assert all(w["bad_sent"] == 0 for w in report["windows"] if w["phase"] == "clean")  # clean: photos only
-    # what happened, not how much of it in 45 s (a busy machine sends fewer): every request got the
+    # what happened, not how much of it in 30 s (a busy machine sends fewer): every request got the
     # status its input expects (unexpected 0, above); each kind of hostile file against a real server
     # is test_integration's
     assert report["requests"] > 0 and sum(report["by_input"].values()) == report["requests"]
