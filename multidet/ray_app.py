@@ -100,7 +100,9 @@ class RayFront:
         unknown = sorted(set(values) - set(own) - known_settings)
         if unknown:
             raise ConfigError(f"unknown Ray front setting(s) {unknown}; known: {sorted(set(own) | known_settings)}")
-        settings = Settings.from_mapping({k: v for k, v in values.items() if k in known_settings})
+        # a key of both left None (the front's artifact_dir: the cache) keeps Settings' own default
+        shared = {k: v for k, v in values.items() if k in known_settings and not (k in own and v is None)}
+        settings = Settings.from_mapping(shared)
         kwargs: dict[str, Any] = {}
         for key, raw in values.items():
             if key not in own:
@@ -113,8 +115,11 @@ class RayFront:
         return cls(settings=settings, **kwargs)
 
     def to_mapping(self) -> dict[str, Any]:
+        """The flat ``args`` that ``from_mapping`` reads back to the same front. A key both types have
+        (``model_set``, ``artifact_dir``) is the front's: Settings' ``artifact_dir`` is an archive's
+        relative folder, and a replica given it would build into its working directory, not the cache."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
-        return {**out, **self.settings.to_mapping()}
+        return {**self.settings.to_mapping(), **out}
 
     @property
     def torch_threads(self) -> int:

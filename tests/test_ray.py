@@ -155,6 +155,17 @@ def test_oversized_body_is_413(ray_url):
     assert r.status_code == 413 and r.json()["type"] == "RequestTooLarge"
 
 
+def test_a_replicas_settings_read_back_the_same_and_its_builds_go_to_the_cache():
+    """What deploy() hands each replica (RayFront.to_mapping) reads back to the same front; the artifact folder
+    stays None (the cache, ``artifacts.default_dir``) unless given, never the archives' relative 'artifacts'."""
+    from multidet.ray_app import RayFront
+
+    for args in ({"optimization": "onnxruntime"}, {"artifact_dir": "/srv/builds", "num_replicas": 2}):
+        front = RayFront.from_mapping(args)
+        assert RayFront.from_mapping(front.to_mapping()) == front
+    assert RayFront.from_mapping(RayFront.from_mapping({}).to_mapping()).artifact_dir is None
+
+
 def test_replicas_on_both_nodes_and_batches_under_concurrency(cluster, ray_url, labelled):
     import psutil
 
