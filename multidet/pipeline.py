@@ -71,6 +71,7 @@ class Detector:
                 settings.max_detections,
                 group_artifact_dir(artifact_dir, arch, len(groups)),
                 allow_reduced=settings.allow_reduced,
+                threshold=settings.threshold,
             )
             self.groups.append(Group(arch, idx, pre, optimization))
         self.preprocessors = list(preprocessors.values())

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SERVING_THRESHOLD = 0.5
+from .config import Settings
+
+SERVING_THRESHOLD = Settings.threshold  # the service's default score threshold (one source: Settings)
 TIE = 1e-5  # two scores this close are a tie to fp32 optimizations that reassociate sums (measured ~1e-6)
 
 
@@ -210,13 +212,15 @@ def judge(
     reference_maps: dict[str, dict[str, float]],
     candidate_maps: dict[str, dict[str, float]],
     tier: str,
+    threshold: float = SERVING_THRESHOLD,
 ) -> Verdict:
     """The one verdict (auto at load, the ablation, the tests): ``reference``/``candidate`` are answers
     (response detection lists) of the same images; ``*_maps`` per model its mAP figures by name (e.g.
     ``{"mAP@0.5": 0.61}``). exact: every answer's detections at the serving threshold one to one and
-    every mAP within 0.1 points; reduced: no mAP more than 0.5 points below the baseline's."""
+    every mAP within 0.1 points; reduced: no mAP more than 0.5 points below the baseline's. ``threshold``: the
+    score the service answers at (``Settings.threshold``), where detections are compared."""
     rule = RULES[tier]
-    checks = [check_detections(r, c, SERVING_THRESHOLD, rule) for r, c in zip(reference, candidate, strict=True)]
+    checks = [check_detections(r, c, threshold, rule) for r, c in zip(reference, candidate, strict=True)]
     reasons = []
     bad = [c for c in checks if not c.ok(rule)]
     if bad:

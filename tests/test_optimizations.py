@@ -220,8 +220,11 @@ def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled
 def test_auto_considers_reduced_precision_only_when_allowed(trained, tmp_path, caplog):
     build_optimization("auto", trained.models, tmp_path, BuildContext(True, IMAGES))  # as `make mar OPT=auto REDUCED=1`
     with caplog.at_level("INFO", logger="multidet.optimizations.auto"):
-        det = Detector.from_model_set(SHIPPED, Settings(optimization="auto", allow_reduced=True), CPU, tmp_path)
+        det = Detector.from_model_set(
+            SHIPPED, Settings(optimization="auto", allow_reduced=True, threshold=0.4), CPU, tmp_path
+        )
     table = {row["optimization"]: row for row in det.optimization.table}
+    assert det.optimization.threshold == 0.4 and "compared at threshold 0.4" in caplog.text  # the served one
     reduced = [
         n
         for n in list_optimizations(device=CPU, tier="reduced", auto_candidate=True)

@@ -191,3 +191,18 @@ def test_an_image_against_its_labels_by_kind_across_models():
     assert not duplicate.missed and [d["score"] for d in duplicate.false] == [0.6]
     off = check_image([det((30, 30, 70, 70), 0.9, 1, "a"), *right[1:]], objects, kinds, 0.5)
     assert off.missed == [("a", 0)] and len(off.false) == 1
+
+
+def test_the_verdict_compares_answers_at_the_served_threshold():
+    """auto judges where the service answers (Settings.threshold): a detection the candidate lost at 0.30 is
+    not in an answer served at 0.5, and is in one served at 0.25."""
+    from multidet.config import Settings
+    from multidet.quality import SERVING_THRESHOLD, judge
+
+    lost = [d for d in BASE if d["score"] != 0.20] + [det((300, 300, 310, 310), 0.30)]
+    maps = {"m": {"mAP@0.5": 0.5}}
+    assert SERVING_THRESHOLD == Settings.threshold  # one source
+    assert judge([lost], [BASE], maps, maps, "exact").same  # at the default, 0.5
+    assert judge([lost], [BASE], maps, maps, "exact", threshold=0.5).same
+    verdict = judge([lost], [BASE], maps, maps, "exact", threshold=0.25)
+    assert not verdict.same and "detections differ in 1 of 1" in verdict.reasons[0]

@@ -9,8 +9,8 @@ small labelled set made at archive build (``synthetic.check_set``: six images, e
 annotated, in ``artifacts/check_set/``; the serving path imports no dataset generator nor pycocotools)
 against the baseline:
 
-- exact tier: raw outputs within the optimization's ``raw_tolerance``, detections at the serving threshold
-  equal one to one (boxes within 0.5 px, scores within 1e-3), mAP within 0.1 points;
+- exact tier: raw outputs within the optimization's ``raw_tolerance``, detections at the served threshold
+  (``Settings.threshold``) equal one to one (boxes within 0.5 px, scores within 1e-3), mAP within 0.1 points;
 - reduced tier (bf16/fp16, OpenVINO bf16/INT8), only with ``allow_reduced`` (model-config
   ``handler.allow_reduced``, ``make mar OPT=auto REDUCED=1``): mAP at most 0.5 points below the
   baseline's; the mAP measured is logged.
@@ -37,7 +37,7 @@ from ..artifacts import Artifact, ensure
 from ..device import synchronize
 from ..postprocess import detections_for
 from ..preprocess import Preprocessor
-from ..quality import coco_map, coco_results, judge, raw_difference
+from ..quality import SERVING_THRESHOLD, coco_map, coco_results, judge, raw_difference
 from ..timing import interleaved
 from .base import OPTIMIZATIONS, BuildContext, Optimization, RawOutput, register
 
@@ -114,10 +114,18 @@ class Auto(Optimization):
         ]
 
     def __init__(
-        self, models, device, max_detections=100, artifact_dir=None, allow_reduced: bool = False, repeats: int = 3
+        self,
+        models,
+        device,
+        max_detections=100,
+        artifact_dir=None,
+        allow_reduced: bool = False,
+        repeats: int = 3,
+        threshold: float = SERVING_THRESHOLD,
     ):
         super().__init__(models, device, max_detections, artifact_dir)
         self.allow_reduced = allow_reduced
+        self.threshold = threshold  # the served score threshold: where answers are compared
         bodies, truth = read_check_set(self.models, self.artifacts())
         batch = Preprocessor(self.models[0].net.config).prepare_bytes(bodies, self.device)
         one = batch.head(1)
@@ -174,7 +182,7 @@ class Auto(Optimization):
                     reasons.append(f"raw outputs differ by {diff:.2g} > {cls.raw_tolerance:g}")
             mine = {m: {"mAP@0.5": v} for m, v in maps.items()}
             base = {m: {"mAP@0.5": v} for m, v in reference[1].items()}
-            reasons += judge(reference[0], answer, base, mine, cls.tier).reasons
+            reasons += judge(reference[0], answer, base, mine, cls.tier, self.threshold).reasons
             row["equal"] = not reasons
             if reasons:
                 row["why"] = "; ".join(reasons)
@@ -183,9 +191,10 @@ class Auto(Optimization):
         self.chosen = timed[chosen["optimization"]][0]
         timed.clear()  # the optimizations not chosen are released here
         log.info(
-            "auto on %s (reduced precision %s): %s -> %s",
+            "auto on %s (reduced precision %s, answers compared at threshold %g): %s -> %s",
             self.device,
             "allowed" if allow_reduced else "not allowed",
+            self.threshold,
             "; ".join(
                 f"{r['optimization']} {r['ms']} ms"
                 + (f" mAP@0.5 {r['map50']}" if r.get("map50") else "")

@@ -237,6 +237,7 @@ def create_optimization(
     max_detections: int = 100,
     artifact_dir: Path | None = None,
     allow_reduced: bool = False,
+    threshold: float | None = None,
 ) -> Optimization:
     device = torch.device(device)
     try:
@@ -246,8 +247,9 @@ def create_optimization(
     if not cls.supports(device):
         need = f": it needs {cls.requires}" if cls.requires else ""
         raise ValueError(f"optimization {name!r} does not run on {device}{need}")
-    if cls.chooses:
-        return cls(models, device, max_detections, artifact_dir, allow_reduced=allow_reduced)
+    if cls.chooses:  # judges its candidates' answers at the served threshold (None: the default's)
+        chooser_args = {"allow_reduced": allow_reduced} | ({"threshold": threshold} if threshold is not None else {})
+        return cls(models, device, max_detections, artifact_dir, **chooser_args)
     return cls(models, device, max_detections, artifact_dir)
 
 
