@@ -38,7 +38,7 @@ from ..modelset import load_models as load_set
 from ..modelset import read_model_set
 from ..optimizations import BuildContext, LoadedModel
 from ..optimizations.auto import PAUSE_S  # between timed calls (runtimes' spinning threads)
-from ..optimizations.onnx import export_onnx, export_per_model, per_model_paths, session
+from ..optimizations.onnx import ONNX_FILE, grouped_files, per_model_files, per_model_paths, session
 from ..optimizations.openvino import OpenVino, OpenVinoInt8
 from ..pipeline import Detector
 from ..server import Serving
@@ -59,13 +59,14 @@ def peers(models: list[LoadedModel], work: Path, int8: bool, calibration_photos:
     import openvino as ov
 
     out = {}
-    export_per_model(models, work)
+    per_model_files(models, work)  # the exports (and the IR below) from the build cache when made before
     ort_sessions = [session(p, torch.device("cpu")) for p in per_model_paths(models, work)]
     out[f"onnxruntime ({len(models)} sessions)"] = (
         "exact",
         lambda x: [s.run(None, {"images": x}) for s in ort_sessions],
     )
-    grouped = session(export_onnx(models, work / "grouped.onnx"), torch.device("cpu"))
+    grouped_files(models, work)
+    grouped = session(work / ONNX_FILE, torch.device("cpu"))
     # not a peer: the project's own fused graph (the onnxruntime path) alone, i.e. the served optimization minus
     # decode, letterbox, top-k/NMS, JSON and TorchServe
     out["ours: grouped graph on onnxruntime"] = ("ours", lambda x: grouped.run(None, {"images": x}))
