@@ -89,9 +89,7 @@ def reuse_or_build(
     ).hexdigest()[:24]
     kept = cache_dir() / "builds" / key
     if all((kept / n).is_file() for n in names):
-        for n in names:
-            (folder / n).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(kept / n, folder / n)
+        _copy(names, kept, folder)
         say(f"{folder.name}: built before for the same stamp, reused from {kept}")
         return artifact.paths
     build()
@@ -100,9 +98,7 @@ def reuse_or_build(
         kept.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=kept.parent, prefix=".new-"))
         try:
-            for n in names:
-                (tmp / n).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(folder / n, tmp / n)
+            _copy(names, folder, tmp)
             shutil.rmtree(kept, ignore_errors=True)
             os.replace(tmp, kept)  # whole or not at all: a concurrent reader never sees half a build
         finally:
@@ -110,3 +106,9 @@ def reuse_or_build(
     except OSError as exc:
         log.warning("could not keep the build of %s in %s: %s", folder, kept, exc)
     return artifact.paths
+
+
+def _copy(names: Sequence[Path], source: Path, target: Path) -> None:
+    for n in names:
+        (target / n).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / n, target / n)

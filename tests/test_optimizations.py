@@ -133,14 +133,13 @@ def test_reduced_path_finds_the_objects(name, trained, labelled, labelled_refere
 # saturate; oneDNN, inside OpenVINO, takes those kernels on any x86 CPU when told ONEDNN_MAX_CPU_ISA=AVX2.
 AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 AVX2_ANSWERS = """
-import json, sys, torch
+import json, pathlib, sys, torch
 sys.path.insert(0, sys.argv[2])
 from helpers import SHIPPED, answers
 from multidet.config import Settings
 from multidet.pipeline import Detector
-from multidet.synthetic import DataSpec, check_set
 det = Detector.from_model_set(SHIPPED, Settings(optimization="openvino_int8"), torch.device("cpu"), sys.argv[1])
-bodies, _ = check_set(count=8, seed=7, specs=[DataSpec.of(m) for m in det.models])
+bodies = [p.read_bytes() for p in sorted(pathlib.Path(sys.argv[3]).glob("*.jpg"))]
 print(json.dumps(answers(det, bodies)))
 """
 
@@ -158,8 +157,12 @@ def test_int8_finds_the_objects_on_avx2_only_kernels(trained, labelled, labelled
     if "openvino_int8" not in list_optimizations(device=CPU):
         pytest.skip("OpenVINO is not installed")
     build_optimization("openvino_int8", trained.models, tmp_path, CONTEXT)  # the session's IR cache: no rebuild
+    images = tmp_path / "labelled"
+    images.mkdir()
+    for i, body in enumerate(labelled[0]):  # the labelled images, in order
+        (images / f"{i:03d}.jpg").write_bytes(body)
     out = subprocess.run(
-        [sys.executable, "-c", AVX2_ANSWERS, str(tmp_path), str(Path(__file__).parent)],
+        [sys.executable, "-c", AVX2_ANSWERS, str(tmp_path), str(Path(__file__).parent), str(images)],
         env={**os.environ, **AVX2_ONLY},
         capture_output=True,
         text=True,

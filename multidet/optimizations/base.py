@@ -23,6 +23,7 @@ from effdet.anchors import Anchors
 from ..checkpoints import CLASS_HEAD, LoadedModel
 from ..postprocess import select_detections
 from ..preprocess import Batch
+from ..quality import SERVING_THRESHOLD
 
 RawOutput = tuple[list[torch.Tensor], list[torch.Tensor]]  # per level: class logits, box regressions
 
@@ -237,7 +238,7 @@ def create_optimization(
     max_detections: int = 100,
     artifact_dir: Path | None = None,
     allow_reduced: bool = False,
-    threshold: float | None = None,
+    threshold: float = SERVING_THRESHOLD,
 ) -> Optimization:
     device = torch.device(device)
     try:
@@ -247,9 +248,8 @@ def create_optimization(
     if not cls.supports(device):
         need = f": it needs {cls.requires}" if cls.requires else ""
         raise ValueError(f"optimization {name!r} does not run on {device}{need}")
-    if cls.chooses:  # judges its candidates' answers at the served threshold (None: the default's)
-        chooser_args = {"allow_reduced": allow_reduced} | ({"threshold": threshold} if threshold is not None else {})
-        return cls(models, device, max_detections, artifact_dir, **chooser_args)
+    if cls.chooses:  # judges its candidates' answers at the served threshold
+        return cls(models, device, max_detections, artifact_dir, allow_reduced=allow_reduced, threshold=threshold)
     return cls(models, device, max_detections, artifact_dir)
 
 

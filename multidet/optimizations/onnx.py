@@ -66,11 +66,9 @@ def grouped_artifact(models: Sequence[LoadedModel], directory: Path) -> Artifact
 
 
 def export_onnx(models: Sequence[LoadedModel], path: Path) -> Path:
-    """The grouped super-model as one graph, with its stamp."""
+    """The grouped super-model as one graph (``grouped_files`` stamps it)."""
     merged, _ = merge_networks([m.net for m in models])
-    export_graph(merged, torch.zeros(1, 3, *models[0].net.config.image_size), path)
-    grouped_artifact(models, path.parent).write_stamp()
-    return path
+    return export_graph(merged, torch.zeros(1, 3, *models[0].net.config.image_size), path)
 
 
 def per_model_paths(models: Sequence[LoadedModel], directory: Path) -> list[Path]:
@@ -82,13 +80,9 @@ def per_model_artifact(models: Sequence[LoadedModel], directory: Path) -> Artifa
 
 
 def export_per_model(models: Sequence[LoadedModel], directory: Path) -> list[Path]:
-    """Each network as its own graph (``<directory>/onnx/<model>.onnx``) plus one stamp."""
+    """Each network as its own graph (``<directory>/onnx/<model>.onnx``; ``per_model_files`` stamps them)."""
     example = torch.zeros(1, 3, *models[0].net.config.image_size)
-    for m, path in zip(models, per_model_paths(models, directory)):
-        export_graph(m.net, example, path)
-    artifact = per_model_artifact(models, directory)
-    artifact.write_stamp()
-    return artifact.paths
+    return [export_graph(m.net, example, path) for m, path in zip(models, per_model_paths(models, directory))]
 
 
 def grouped_files(models: Sequence[LoadedModel], directory: Path, say=log.info) -> list[Path]:
