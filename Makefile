@@ -19,11 +19,11 @@ DURATION ?= 600
 .PHONY: help install java-check checkpoints dataset train train-ablation eval annotate mar serve serve-secure serve-ray update stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean fronts
 
 help:
-	@echo "make serve [OPT=auto] [MODELS=models.yaml] [BATCH=1]  install, build the MAR of a model set, start TorchServe"
+	@echo "make serve [OPT=auto] [MODELS=models.yaml] [BATCH=1] [SET='KEY=VALUE ...']  install, build the MAR, start TorchServe"
 	@echo "make serve-secure                   the same with token authorisation on (keys in key_file.json)"
 	@echo "make update [MODELS=...] [OPT=...]  a new model set on the running server, no request lost"
 	@echo "                                    (start it with make serve-secure MODEL_API=1)"
-	@echo "make serve-ray [OPT=auto] [MODELS=models.yaml] [REPLICAS=1] [RAY_ARGS='--set KEY=VALUE ...']"
+	@echo "make serve-ray [OPT=auto] [MODELS=models.yaml] [REPLICAS=1] [SET='KEY=VALUE ...']"
 	@echo "                                    the same model set on Ray Serve (port 8000; OIP v2 too), local cluster"
 	@echo "make stop                           stop TorchServe and Ray Serve"
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
@@ -34,7 +34,7 @@ help:
 	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint"
 	@echo "make dataset | train | eval [OPT=baseline] | annotate   recipe (training.yaml): data, weights/, mAP"
 	@echo "make train-ablation ABLATION=scripts/ablations/NAME.yaml   short runs, one recipe change each"
-	@echo "make lint                           ruff check + ruff format --check (make test runs it)"
+	@echo "make lint                           ruff check + format --check + lint-imports: the layers (make test runs it)"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
 
 install: java-check $(STAMP)
@@ -71,10 +71,12 @@ annotate: install
 	$(PY) scripts/annotate.py $(IMG) --model-set $(MODELS) --out docs/example_detections.png
 
 # MODELS: the model set file (default models.yaml: the trained models in weights/); REDUCED=1 lets auto
-# serve bf16/fp16/INT8 where its mAP holds
+# serve bf16/fp16/INT8 where its mAP holds; SET='threshold=0.4 decode_deadline_s=5': any setting of the
+# runtime (multidet.config.Settings), the same way for make mar and make serve-ray
+SET ?=
 mar: install
 	$(PY) scripts/create_mar.py --model-set $(MODELS) --optimization $(OPT) --batch-size $(BATCH) --max-batch-delay $(DELAY) \
-		$(if $(filter 1,$(REDUCED)),--allow-reduced)
+		$(if $(filter 1,$(REDUCED)),--allow-reduced) $(foreach kv,$(SET),--set $(kv))
 
 serve: mar
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py start $(if $(BIND),--bind $(BIND))
@@ -91,7 +93,7 @@ REPLICAS ?= 1
 RAY_ARGS ?=
 serve-ray: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve_ray.py start --model-set $(MODELS) --optimization $(OPT) \
-		--set num_replicas=$(REPLICAS) $(if $(filter 1,$(REDUCED)),--set allow_reduced=true) $(RAY_ARGS)
+		--set num_replicas=$(REPLICAS) $(if $(filter 1,$(REDUCED)),--set allow_reduced=true) $(foreach kv,$(SET),--set $(kv)) $(RAY_ARGS)
 
 stop: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/serve.py stop
@@ -132,7 +134,7 @@ sweep: install
 peers: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_peers.py $(ARGS)
 
-# p50 in-process and over HTTP for sets of 1..8 models, per optimization (multidet.experiments.scaling)
+# p50 in-process and over HTTP for sets of 1..8 models, per optimization (detlab.experiments.scaling)
 scaling: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_scaling.py $(ARGS)
 
@@ -170,6 +172,7 @@ test: checkpoints lint
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test-fast: checkpoints
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

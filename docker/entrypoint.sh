@@ -19,7 +19,7 @@ APP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$APP"
 if [ "${FRONT:-torchserve}" = "ray" ]; then
     exec python scripts/serve_ray.py foreground --bind "${BIND:-127.0.0.1}" --port "${RAY_PORT:-8000}" \
-        --model-set "${MODELS:-$APP/models.yaml}" --optimization "${OPT:-auto}"
+        --model-set "${MODELS:-$APP/models.yaml}" --optimization "${OPT:-auto}" --set "artifact_dir=$APP/artifacts/ray"
 fi
 set -- foreground --bind "${BIND:-127.0.0.1}" --expose "${EXPOSE:-inference,metrics}" \
     --model-store "${MODEL_STORE:-$APP/model_store}" \

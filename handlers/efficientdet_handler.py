@@ -4,6 +4,7 @@ Thin by design: it turns TorchServe's requests and context into multidet calls a
 image and model logic lives in the ``multidet`` package (packed into the MAR beside this file).
 """
 
+import atexit
 import contextlib
 import logging
 import os
@@ -20,7 +21,7 @@ from multidet.device import select_device
 from multidet.envelopes import parse_request
 from multidet.errors import BadRequest
 from multidet.pipeline import Detector
-from multidet.server import busy_dir
+from multidet.tsconfig import busy_dir
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class EfficientDetHandler(BaseHandler):
         self.detector = Detector.from_model_set(
             model_dir / settings.model_set, settings, device, model_dir / settings.artifact_dir
         )
+        atexit.register(self.detector.close)  # TorchServe has no unload hook: the worker's exit ends the decode child
         self.busy_marker = self.marker_for(context)
         warm = self.detector.warmup() if settings.warmup else None
         self.initialized = True
@@ -75,7 +77,7 @@ class EfficientDetHandler(BaseHandler):
 
     @staticmethod
     def marker_for(context) -> Path | None:
-        """``<model>-<version>-<pid>`` in the busy folder (multidet.server.busy_dir), its folder made once;
+        """``<model>-<version>-<pid>`` in the busy folder (multidet.tsconfig.busy_dir), its folder made once;
         None where it cannot be written (a read-only /tmp: no markers, nothing else changes)."""
         model = (getattr(context, "manifest", None) or {}).get("model", {})
         marker = busy_dir() / f"{model.get('modelName', 'model')}-{model.get('modelVersion', '0')}-{os.getpid()}"

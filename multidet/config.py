@@ -4,8 +4,9 @@ Which models answer is data too: the model set file (multidet.modelset), named b
 
 from __future__ import annotations
 
+import argparse
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
@@ -103,3 +104,42 @@ class Settings:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["models"] = list(self.models)
         return out
+
+
+SETTING = "setting__"  # the argparse dest prefix of a flag derived from a settings type
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, types: Iterable[type], skip: Iterable[str] = ()) -> None:
+    """Command-line flags derived from settings types (``Settings``, a front's own): ``--key-name VALUE`` for
+    every field not in ``skip`` nor already a flag of ``parser``, and ``--set KEY=VALUE`` for any field. A flag
+    left out stays unset (the type's default applies); ``setting_values`` collects what was given, for the
+    types' ``from_mapping`` (which converts and checks every value the same way as model-config.yaml's)."""
+    taken = {a.dest for a in parser._actions} | set(skip)
+    group = parser.add_argument_group("settings (any of them also as --set KEY=VALUE)")
+    for t in types:
+        for f in fields(t):
+            if f.name in taken or f.name == "settings":
+                continue
+            taken.add(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if not callable(f.default_factory) else f.default_factory()  # type: ignore[misc]
+            dest = SETTING + f.name
+            if isinstance(default, bool):
+                group.add_argument(
+                    flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=f"default {default}"
+                )
+            else:
+                group.add_argument(flag, dest=dest, default=None, metavar=f.name.upper(), help=f"default {default!r}")
+    if "set" not in taken:
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting by its name")
+
+
+def setting_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line (flags, then ``--set`` pairs, which win), by field name."""
+    values = {k[len(SETTING) :]: v for k, v in vars(args).items() if k.startswith(SETTING) and v is not None}
+    for pair in getattr(args, "set", None) or []:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise ConfigError(f"--set takes KEY=VALUE, got {pair!r}")
+        values[key.strip()] = value
+    return values

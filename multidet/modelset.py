@@ -18,7 +18,6 @@ the file and the entry. Nothing here knows any particular model.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -27,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from .config import NAME, ConfigError
+from .weights import CheckpointError, load_entry, sha256_file, sidecar
 
 MODELS_FILE = "models.yaml"  # the file's name in a folder (a model archive, a checkpoints folder)
 MAX_MODELS = 64
@@ -52,7 +52,10 @@ class ModelEntry:
         """Its classes without loading the weights: the entry's, else the metadata's beside the weights."""
         if self.classes is not None:
             return self.classes
-        classes = tuple((sidecar(self.weights) or {}).get("class_names") or ())
+        try:
+            classes = tuple((sidecar(self.weights) or {}).get("class_names") or ())
+        except CheckpointError as exc:
+            raise ModelSetError(f"{self.name}: {exc}") from None
         if not classes:
             raise ModelSetError(
                 f"{self.name}: no class names: give classes (or classes_file) in its entry "
@@ -231,22 +234,8 @@ def read_model_set(path: Path | str) -> ModelSet:
     return parse_model_set(data, path)
 
 
-def sidecar(weights: Path) -> dict | None:
-    """The project's metadata beside a weights file (``<stem>.json``: class_names, sha256, training), if any."""
-    path = Path(weights).with_suffix(".json")
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelSetError(f"{path} is not valid JSON: {exc}") from exc
-    return meta if isinstance(meta, dict) and "class_names" in meta else None
-
-
 def load_models(model_set: ModelSet, names: Iterable[str] | None = None) -> list:
     """Every entry's weights read, verified and loaded: a ``LoadedModel`` per entry, in the file's order."""
-    from .checkpoints import CheckpointError, load_entry
-
     out = []
     for entry in model_set.select(list(names) if names else None):
         try:
@@ -258,8 +247,6 @@ def load_models(model_set: ModelSet, names: Iterable[str] | None = None) -> list
 
 def pinned(model_set: ModelSet, models: Sequence) -> ModelSet:
     """The set with each entry's classes and sha256 written out (what a model archive ships)."""
-    from .checkpoints import sha256_file
-
     by_name = {m.name: m for m in models}
     return ModelSet(
         tuple(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .artifacts import default_dir
 from .config import Settings
 from .device import synchronize
 from .envelopes import RequestOptions
@@ -58,6 +59,9 @@ class Detector:
         self.model_names = tuple(m.name for m in self.models)
         if len(set(self.model_names)) != len(self.model_names):
             raise ValueError(f"model names must be unique, got {list(self.model_names)}")
+        # the build files: the given folder (an archive's), else the cache's folder of this optimization, where
+        # a build for no folder (``artifacts.default_dir``) puts them
+        artifact_dir = Path(artifact_dir) if artifact_dir is not None else default_dir(settings.optimization)
         groups = architecture_groups(self.models)
         preprocessors: dict[tuple, Preprocessor] = {}
         self.groups: list[Group] = []
@@ -248,6 +252,11 @@ class Detector:
         if isinstance(result, InputError):
             raise result
         return result
+
+    def close(self) -> None:
+        """End what this Detector runs beyond its own memory (the decode child); both fronts call it when they
+        stop (the handler at the worker's exit, the Ray replica at its shutdown). Calling it again does nothing."""
+        self.decoder.close()
 
     def warmup(self, iterations: int = 2) -> float:
         """Run a synthetic image through the whole data path; returns the last run's milliseconds."""

@@ -221,6 +221,12 @@ class MultiDet:
             f"{warm:.0f}" if warm is not None else "skipped",
         )
 
+    def __del__(self) -> None:
+        """Ray Serve's shutdown hook of a replica: the Detector's decode child ends with it."""
+        detector = getattr(self, "detector", None)
+        if detector is not None:
+            detector.close()
+
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def run_batch(self, requests: list) -> list:
         """Requests of several HTTP calls, their images in one Detector.predict (in a thread: the event

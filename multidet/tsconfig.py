@@ -1,7 +1,10 @@
-"""TorchServe's config.properties format. Deliberately light (no torch import): health checks use it."""
+"""TorchServe's config.properties format and the busy markers its handlers leave. Deliberately light (no torch
+import): health checks use it."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -82,3 +85,9 @@ def write_properties(props: dict[str, str], path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# generated from config.properties\n" + "".join(f"{k}={v}\n" for k, v in props.items()))
     return path
+
+
+def busy_dir() -> Path:
+    """Where handlers mark a worker inside the handler (``<model>-<version>-<pid>``): $MULTIDET_BUSY_DIR,
+    else ``<tmp>/multidet-busy`` (TorchServe's temp folder, shared by the server's processes)."""
+    return Path(os.environ.get("MULTIDET_BUSY_DIR") or Path(tempfile.gettempdir()) / "multidet-busy")

@@ -6,7 +6,7 @@ the set), as a PNG.
 
 Runs the same data path as the server (multidet.pipeline.Detector) on a model set (default: models.yaml).
 Where the image has labels beside it (docs/example.json: its objects' kinds and boxes), it also says
-which objects each model found, missed, or saw that are not there (multidet.evaluation.check_image).
+which objects each model found, missed, or saw that are not there (detlab.evaluation.check_image).
 
 The README's example is chosen from labelled splits (`make dataset`) by the same check:
 
@@ -29,8 +29,8 @@ import torch
 from paths import MODEL_SET
 from PIL import Image, ImageDraw, ImageFont
 
+from detlab.evaluation import check_image, kinds_of, labelled_objects, read_dataset
 from multidet.config import Settings
-from multidet.evaluation import check_image, kinds_of, labelled_objects, read_dataset
 from multidet.pipeline import Detector, RequestOptions
 
 MARGIN = 0.1  # a chosen example's finds score >= threshold + MARGIN, anything else < threshold - MARGIN

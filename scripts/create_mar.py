@@ -5,6 +5,7 @@ the trained models in weights/) and a model-config.yaml for one optimization var
     python scripts/create_mar.py --optimization baseline
     python scripts/create_mar.py --optimization auto --model-set my_models.yaml
     python scripts/create_mar.py --optimization baseline --batch-size 4 --max-batch-delay 20
+    python scripts/create_mar.py --threshold 0.4 --decode-deadline-s 5 --set max_instances=4   # any setting
 
 Every model of the set is checked first (names, architectures, weights' integrity and shapes, class
 counts); an error names the file and the entry and exits with 2.
@@ -18,10 +19,10 @@ from pathlib import Path
 
 from paths import HANDLER, MODEL_SET, PHOTOS, ROOT
 
-from multidet.checkpoints import CheckpointError
-from multidet.config import ConfigError, Settings
+from detlab.packaging import MarOptions, build_mar
+from multidet.config import ConfigError, Settings, add_setting_flags, setting_values
 from multidet.optimizations import SERVABLE
-from multidet.packaging import MarOptions, build_mar
+from multidet.weights import CheckpointError
 
 
 def main(argv=None) -> int:
@@ -38,20 +39,6 @@ def main(argv=None) -> int:
     p.add_argument(
         "--calibration-photos", type=Path, default=PHOTOS, help="INT8 calibration backgrounds (load_tests/images)"
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threshold", type=float, default=Settings.threshold)
-    p.add_argument("--max-detections", type=int, default=Settings.max_detections)
-    p.add_argument("--max-image-pixels", type=int, default=Settings.max_image_pixels)
-    p.add_argument("--max-instances", type=int, default=Settings.max_instances, help="images per request (KServe v1)")
-    p.add_argument("--models", default="", help="comma-separated subset of the set's models (default: all)")
-    p.add_argument(
-        "--allow-reduced",
-        action="store_true",
-        help="auto may serve bf16/fp16 when its mAP is within 0.5 points of the baseline's",
-    )
-    p.add_argument(
-        "--profile", action="store_true", help="TorchServe's handler timing metrics (ts_handler_*; handler.profile)"
-    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-batch-delay", type=int, default=50, help="ms TorchServe waits to fill a batch")
@@ -60,20 +47,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--device-ids", default=None, help="GPUs this model's workers may use, e.g. 0,1 (TorchServe deviceIds)"
     )
+    # every setting of the runtime (the handler's model-config.yaml section), derived from Settings; the archive
+    # fixes where its model set and build files lie
+    add_setting_flags(p, [Settings], skip=("model_set", "artifact_dir"))
     args = p.parse_args(argv)
 
     try:
-        settings = Settings(
-            optimization=args.optimization,
-            device=args.device,
-            threshold=args.threshold,
-            max_detections=args.max_detections,
-            max_image_pixels=args.max_image_pixels,
-            max_instances=args.max_instances,
-            models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
-            allow_reduced=args.allow_reduced,
-            profile=args.profile,
-        )
+        settings = Settings.from_mapping({"optimization": args.optimization, **setting_values(args)})
         options = MarOptions(
             settings=settings,
             model_set=args.model_set,

@@ -19,12 +19,13 @@ from pathlib import Path
 from paths import MODEL_SET, PHOTOS, ROOT
 from tqdm import tqdm
 
-from multidet.checkpoints import CheckpointError
+from detlab import build
+from detlab.evaluation import evaluate
 from multidet.config import Settings
 from multidet.device import select_device
-from multidet.evaluation import evaluate
-from multidet.optimizations import SERVABLE, BuildContext, build_optimization
+from multidet.optimizations import SERVABLE, build_optimization
 from multidet.pipeline import Detector
+from multidet.weights import CheckpointError
 
 
 def main(argv=None) -> int:
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         settings = Settings(optimization=args.optimization, models=(args.model,))
         if args.optimization != "baseline":  # its build step, as `make mar` runs it (most paths have none)
             base = Detector.from_model_set(args.model_set, Settings(models=(args.model,)), "cpu")
-            build_optimization(args.optimization, base.models, args.artifacts, BuildContext(calibration_photos=PHOTOS))
+            build_optimization(args.optimization, base.models, args.artifacts, build.context(photos=PHOTOS))
         detector = Detector.from_model_set(args.model_set, settings, device, args.artifacts)
     except (CheckpointError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from detlab.training import BACKBONES, TrainConfig, train
 from multidet.config import ConfigError
 from multidet.modelset import read_model_set
-from multidet.training import BACKBONES, TrainConfig, train
 
 
 def main(argv=None) -> int:

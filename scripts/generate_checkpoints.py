@@ -21,16 +21,10 @@ from pathlib import Path
 
 from paths import MODEL_SET, PHOTOS
 
-from multidet.checkpoints import (
-    CheckpointError,
-    generate_model_set,
-    num_classes_of,
-    pretrained_state_dict,
-    read_state_dict,
-    save_checkpoint,
-)
+from detlab.checkpoints import generate_model_set, pretrained_state_dict, save_checkpoint
 from multidet.config import ConfigError
 from multidet.modelset import MODELS_FILE, ModelEntry, ModelSet, load_models, read_model_set
+from multidet.weights import CheckpointError, num_classes_of, read_state_dict
 
 
 def main(argv=None) -> int:

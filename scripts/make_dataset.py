@@ -6,7 +6,7 @@ and deterministic.
 
 Writes OUT/images/*.jpg and OUT/annotations.json (category ids = the model's class ids). The same
 arguments write byte-identical files. `make dataset` builds every split the training recipe
-(training.yaml) names. What the images contain: multidet/synthetic.py.
+(training.yaml) names. What the images contain: detlab/synthetic.py.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 from paths import MODEL_SET, PHOTOS
 from tqdm import tqdm
 
+from detlab.synthetic import SPLITS, DataSpec, make_dataset
 from multidet.modelset import read_model_set
-from multidet.synthetic import SPLITS, DataSpec, make_dataset
 
 
 def main(argv=None) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from multidet.packaging import MarOptions
-from multidet.server import Serving
+from detlab.packaging import MarOptions
+from detlab.server import Serving
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER = ROOT / "handlers" / "efficientdet_handler.py"

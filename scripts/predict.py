@@ -14,8 +14,8 @@ from pathlib import Path
 
 from paths import HANDLER, MODEL_SET
 
+from detlab.embedded import EmbeddedService
 from multidet.config import ConfigError, Settings
-from multidet.embedded import EmbeddedService
 from multidet.optimizations import SERVABLE
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 from paths import MODEL_SET, PHOTOS, RECIPE, ROOT
 from tqdm import tqdm
 
-from multidet.bench import environment
+from detlab import build
+from detlab.bench import environment
+from detlab.evaluation import evaluate
+from detlab.recipe import ablate, datasets, read_recipe, train_all, train_config
 from multidet.config import ConfigError, Settings
-from multidet.evaluation import evaluate
 from multidet.modelset import read_model_set
-from multidet.optimizations import SERVABLE, BuildContext, build_optimization
+from multidet.optimizations import SERVABLE, build_optimization
 from multidet.pipeline import Detector
-from multidet.recipe import ablate, datasets, read_recipe, train_all, train_config
 
 
 def main(argv=None) -> int:
@@ -87,7 +88,7 @@ def evaluate_all(recipe, model_set, optimization: str, out: Path, tag: str = "")
         artifacts = out / "artifacts" / r.name
         if optimization != "baseline":  # its build step, as `make mar` runs it
             base = Detector.from_model_set(model_set, Settings(models=(r.name,)), "cpu")
-            build_optimization(optimization, base.models, artifacts, BuildContext(calibration_photos=PHOTOS))
+            build_optimization(optimization, base.models, artifacts, build.context(photos=PHOTOS))
         detector = Detector.from_model_set(model_set, settings, "cpu", artifacts)
         with tqdm(desc=f"eval {r.name} {optimization}", unit="img") as bar:
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Ablation: every optimization on one device, its latency and speed-up over the baseline, and
-the quality of its answer against the baseline's, all in one run (multidet.experiments.ablation).
+the quality of its answer against the baseline's, all in one run (detlab.experiments.ablation).
 
     python scripts/run_ablation.py                                   # every optimization the device supports
     python scripts/run_ablation.py --optimizations baseline,channels_last --requests 4     # quick
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from paths import MODEL_SET, OUTPUTS, PHOTOS, ROOT
 
+from detlab.experiments import ablation
 from multidet.device import select_device
-from multidet.experiments import ablation
 from multidet.optimizations import OPTIMIZATIONS, SERVABLE, list_optimizations
 
 

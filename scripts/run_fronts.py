@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""TorchServe and Ray Serve side by side in one run (multidet.experiments.fronts): one image's p50/p99
+"""TorchServe and Ray Serve side by side in one run (detlab.experiments.fronts): one image's p50/p99
 over HTTP on each front (and OIP v2 on Ray) against the in-process call, throughput at saturation for
 TorchServe, Ray 1 replica x 2 threads and Ray 2 replicas x 1 thread, and a Ray replica's memory.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from paths import MODEL_SET, OUTPUTS, PHOTOS, SERVING
 
-from multidet.experiments import fronts
+from detlab.experiments import fronts
 from multidet.optimizations import SERVABLE
 
 

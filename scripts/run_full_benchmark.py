@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-device benchmark (multidet.experiments.benchmark): latency percentiles, throughput, and where
+"""Per-device benchmark (detlab.experiments.benchmark): latency percentiles, throughput, and where
 the time goes (decode, preprocess, each model's network and top-k/NMS), paths interleaved.
 
     python scripts/run_full_benchmark.py --mock                 # every available device (cpu, cuda, mps)
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from paths import MODEL_SET, OUTPUTS, PHOTOS
 
-from multidet.bench import available_devices
-from multidet.experiments import benchmark
+from detlab.bench import available_devices
+from detlab.experiments import benchmark
 from multidet.optimizations import OPTIMIZATIONS
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""HTTP latency and throughput under increasing load (multidet.experiments.sweep): Locust (the
+"""HTTP latency and throughput under increasing load (detlab.experiments.sweep): Locust (the
 load_tests package, real JPEGs, every response checked) against a real TorchServe at 1, 2, 4, 8 ...
 concurrent users, with TorchServe's batching off and on; TorchServe's own queue and worker figures per
 step, and the saturation point.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from paths import MODEL_SET, OUTPUTS, PHOTOS, ROOT, SERVING
 
-from multidet.experiments import sweep
+from detlab.experiments import sweep
 from multidet.optimizations import SERVABLE
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The project served end to end against the runtimes users would pick instead, side by side, in one
-process, interleaved (multidet.experiments.peers): TorchServe over HTTP vs ONNX Runtime and OpenVINO
+process, interleaved (detlab.experiments.peers): TorchServe over HTTP vs ONNX Runtime and OpenVINO
 running the same networks alone. The JSON records the CPU model and its ISA flags; a PNG shows the p50s.
 
     python scripts/run_peers.py                          # auto, 40 requests per entry
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from paths import MODEL_SET, OUTPUTS, PHOTOS, SERVING
 
-from multidet.experiments import peers
+from detlab.experiments import peers
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """How a request's cost grows with the number of models: p50 in-process and over HTTP for sets of
-1..8 copies of the default set's models, per path (multidet.experiments.scaling).
+1..8 copies of the default set's models, per path (detlab.experiments.scaling).
 
     python scripts/run_scaling.py                                   # the full run (~20 min on 2 cores)
     python scripts/run_scaling.py --sizes 1,2 --optimizations baseline,grouped --requests 3 --no-http   # quick
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from paths import MODEL_SET, OUTPUTS, PHOTOS, SERVING
 
-from multidet.experiments import scaling
+from detlab.experiments import scaling
 from multidet.modelset import read_model_set
 from multidet.optimizations import OPTIMIZATIONS
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What serving costs on top of inference (multidet.experiments.overhead): the same photos through
+"""What serving costs on top of inference (detlab.experiments.overhead): the same photos through
 the core package, the TorchServe handler in embedded mode and a real TorchServe over HTTP (started
 here on free ports, stopped after), per optimization, in rotating rounds.
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from paths import MODEL_SET, OUTPUTS, PHOTOS, SERVING
 
+from detlab.experiments import overhead
 from multidet.device import select_device
-from multidet.experiments import overhead
 from multidet.optimizations import SERVABLE
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from paths import ROOT
 
-from multidet import server
+from detlab import server
 from multidet.tsconfig import ADDRESS_KEYS, EXPOSED, PORT_KEYS, bearer, derived, read_properties, write_properties
 
 
@@ -46,7 +46,7 @@ def foreground(config: Path, drain_seconds: float, drain_timeout: float = 50) ->
 
     On SIGTERM/SIGINT it drains: readiness goes off first (the drain file ``probe.py ready`` checks), so
     load balancers stop sending; it keeps serving for ``drain_seconds``, then waits until nothing is in
-    flight (TorchServe's queue empty and no worker inside the handler: multidet.server.wait_idle), at
+    flight (TorchServe's queue empty and no worker inside the handler: detlab.server.wait_idle), at
     most ``drain_timeout`` s, and only then stops the frontend (which resets
     the connections it still holds). Returns TorchServe's exit status."""
     import signal

@@ -3,6 +3,7 @@
 
     python scripts/serve_ray.py start [--model-set models.yaml] [--optimization auto] [--set num_replicas=2 ...]
     python scripts/serve_ray.py start --address HEAD:6379     # deploy onto a running cluster instead
+    python scripts/serve_ray.py build --set artifact_dir=DIR   # only the build files (auto's check set, IR...)
     python scripts/serve_ray.py stop                           # Serve's applications, then the local cluster
     python scripts/serve_ray.py status
     python scripts/serve_ray.py foreground --bind 0.0.0.0      # containers (FRONT=ray): start, then wait
@@ -20,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from paths import MODEL_SET
+from paths import MODEL_SET, PHOTOS
 
 BIN = Path(sys.executable).parent
 
@@ -44,13 +45,39 @@ def connect(address: str | None) -> bool:
     return True
 
 
+def prebuild(front) -> None:
+    """The optimization's build files where the replicas load them (``artifact_dir``, else this machine's cache),
+    made here by the lab (auto's labelled check set, INT8's calibration images): a replica only loads them.
+    On a cluster of several machines give ``artifact_dir`` a folder every node reads (or build it into the image)."""
+    from detlab.build import build_for_serving
+    from multidet.modelset import load_models, read_model_set
+
+    models = load_models(read_model_set(front.model_set), front.settings.models or None)
+    build_for_serving(
+        front.settings.optimization,
+        models,
+        front.artifact_dir,
+        front.settings.allow_reduced,
+        PHOTOS,
+        log=lambda line: print(line, flush=True),
+    )
+
+
+def front_args(opts) -> dict:
+    """RayFront's flat args: the model set and optimization, then every setting given (flags or --set)."""
+    from multidet.config import setting_values
+
+    values = setting_values(opts)
+    return {"model_set": str(Path(opts.model_set).resolve()), "optimization": opts.optimization, **values}
+
+
 def start(opts) -> int:
 
     from multidet.ray_app import RayFront, deploy
 
-    values = dict(kv.split("=", 1) for kv in opts.set)
-    args = {"model_set": str(Path(opts.model_set).resolve()), "optimization": opts.optimization, **values}
+    args = front_args(opts)
     front = RayFront.from_mapping(args)  # a wrong setting fails here, before any cluster starts
+    prebuild(front)
     if not connect(opts.address):
         if opts.address is not None:
             raise SystemExit(f"no Ray cluster answers at {opts.address}")
@@ -92,6 +119,14 @@ def foreground(opts) -> int:
     return 0
 
 
+def build(opts) -> int:
+    """Only the build files (``prebuild``), e.g. into an image: ``--set artifact_dir=/app/artifacts/ray``."""
+    from multidet.ray_app import RayFront
+
+    prebuild(RayFront.from_mapping(front_args(opts)))
+    return 0
+
+
 def stop(opts) -> int:
     """Serve's applications (replicas finish what they hold), then the local cluster (not a remote one)."""
     if connect(opts.address):
@@ -116,21 +151,32 @@ def status(opts) -> int:
     return 0 if apps else 1
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
+    from multidet.config import Settings, add_setting_flags
+    from multidet.ray_app import RayFront
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("start", "stop", "status", "foreground"))
+    p.add_argument("command", choices=("start", "build", "stop", "status", "foreground"))
     p.add_argument("--model-set", default=str(MODEL_SET))
     p.add_argument("--optimization", default="auto")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a RayFront or Settings field")
     p.add_argument("--address", default=None, help="a running cluster (HEAD:6379); default: a local one")
     p.add_argument("--num-cpus", type=int, default=0, help="CPUs of the local cluster (default: all)")
     p.add_argument("--bind", default="127.0.0.1", help="Serve's HTTP address (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--timeout", type=float, default=900)
-    opts = p.parse_args()
+    # every setting of the runtime (Settings) and of the Ray front (RayFront) as a flag, derived from the types
+    # (RayFront's num_cpus, a replica's share, is --set num_cpus=N: --num-cpus is the local cluster's)
+    add_setting_flags(p, [Settings, RayFront])
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
+    opts = p.parse_args(argv)
     if any("=" not in kv for kv in opts.set):
         p.error("--set takes KEY=VALUE")
-    return {"start": start, "stop": stop, "status": status, "foreground": foreground}[opts.command](opts)
+    commands = {"start": start, "build": build, "stop": stop, "status": status, "foreground": foreground}
+    return commands[opts.command](opts)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Sustained load with a mix of good and bad requests against a running server
-(multidet.experiments.soak): failures by status, p50/p99 over time in alternating clean and mixed
+(detlab.experiments.soak): failures by status, p50/p99 over time in alternating clean and mixed
 windows, worker restarts and the worker's memory at start and end.
 
     python scripts/soak.py --duration 600                 # against config.properties' server
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from paths import CONFIG, OUTPUTS, PHOTOS
 
-from multidet.experiments import soak
+from detlab.experiments import soak
 from multidet.tsconfig import read_properties
 
 

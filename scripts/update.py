@@ -19,10 +19,10 @@ from pathlib import Path
 import requests
 from paths import MODEL_SET, ROOT, mar_options
 
+from detlab.packaging import build_mar
+from detlab.server import replace_model
 from multidet.config import ConfigError
 from multidet.optimizations import SERVABLE
-from multidet.packaging import build_mar
-from multidet.server import replace_model
 from multidet.tsconfig import bearer, read_properties
 
 

@@ -46,9 +46,9 @@ def trained() -> Detector:
 
 @pytest.fixture(scope="session")
 def labelled(trained):
-    """Eight labelled images made in memory (multidet.synthetic.check_set): (JPEG bytes, ground truth
+    """Eight labelled images made in memory (detlab.synthetic.check_set): (JPEG bytes, ground truth
     per model), every model's objects annotated with its own class ids."""
-    from multidet.synthetic import DataSpec, check_set
+    from detlab.synthetic import DataSpec, check_set
 
     return check_set(count=8, seed=7, specs=[DataSpec.of(m) for m in trained.models])
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from detlab.embedded import EmbeddedService
+from detlab.packaging import MarOptions
+from detlab.server import BIN, Serving, free_ports, start_torchserve  # noqa: F401  (re-exported for the tests)
 from multidet.config import Settings
-from multidet.embedded import EmbeddedService
 from multidet.modelset import read_model_set
-from multidet.packaging import MarOptions
 from multidet.quality import RULES, SERVING_THRESHOLD, check_detections, coco_map, coco_results, map_ok
-from multidet.server import BIN, Serving, free_ports, start_torchserve  # noqa: F401  (re-exported for the tests)
 from multidet.tsconfig import read_properties  # noqa: F401  (re-exported for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +34,8 @@ SERVING = Serving(HANDLER, SHIPPED, CONFIG, IMAGES)  # this checkout's handler, 
 
 def data_spec(name: str):
     """What the training recipe (training.yaml) makes labelled data of for the default set's model ``name``."""
-    from multidet.recipe import data_spec as spec
-    from multidet.recipe import read_recipe
+    from detlab.recipe import data_spec as spec
+    from detlab.recipe import read_recipe
 
     model_set = read_model_set(SHIPPED)
     return spec(read_recipe(ROOT / "training.yaml", model_set), model_set, name)

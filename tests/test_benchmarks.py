@@ -1,4 +1,4 @@
-"""The experiments (multidet.experiments) in-process on tiny inputs: they run, write well-formed
+"""The experiments (detlab.experiments) in-process on tiny inputs: they run, write well-formed
 outputs with the required keys, and pass sanity checks (the mock lower bound is faster than the real
 path; the baseline agrees with itself). Speed itself is never asserted: it is measured and reported
 (docs/benchmarks.md)."""
@@ -37,7 +37,7 @@ def assert_environment(env: dict) -> None:
 
 
 def test_full_benchmark_quick(tmp_path):
-    from multidet.experiments import benchmark
+    from detlab.experiments import benchmark
 
     lines = []
     result = benchmark.run(SHIPPED, [torch.device("cpu")], ["baseline", "mock"], IMAGES, 4, 1, say=lines.append)
@@ -68,8 +68,8 @@ def test_full_benchmark_quick(tmp_path):
 
 
 def test_ablation_quick(tmp_path):
-    from multidet.experiments import ablation
-    from multidet.synthetic import make_dataset
+    from detlab.experiments import ablation
+    from detlab.synthetic import make_dataset
 
     for m in NAMES:
         make_dataset(data_spec(m), "val", 4, 0, tmp_path / "data" / m / "val", IMAGES)
@@ -98,7 +98,7 @@ def test_ablation_quick(tmp_path):
 
 @pytest.mark.integration
 def test_serving_overhead_quick(tmp_path):
-    from multidet.experiments import overhead
+    from detlab.experiments import overhead
 
     overhead.run(SERVING, ["baseline"], torch.device("cpu"), IMAGES, 4, 1, say=lambda _: None).write(tmp_path)
     results = json.loads((tmp_path / "overhead_results.json").read_text())
@@ -119,7 +119,7 @@ def test_serving_overhead_quick(tmp_path):
 
 @pytest.mark.integration
 def test_load_sweep_quick(tmp_path):
-    from multidet.experiments import sweep
+    from detlab.experiments import sweep
 
     result = sweep.run(
         SERVING,
@@ -159,7 +159,7 @@ def test_load_sweep_quick(tmp_path):
 
 def test_peers_quick(tmp_path):
     """The served path over HTTP against ONNX Runtime and OpenVINO running the same networks alone, one run."""
-    from multidet.experiments import peers
+    from detlab.experiments import peers
 
     peers.run(SERVING, IMAGES, "channels_last", requests=2, warmup=1, int8=False, say=lambda _: None).write(tmp_path)
     results = json.loads((tmp_path / "peers_results.json").read_text())
@@ -178,8 +178,8 @@ def test_peers_quick(tmp_path):
 
 def test_scaling_in_process_on_tiny_sets(tmp_path):
     """Scaling in-process (its HTTP half is the same loop against servers: make scaling)."""
-    from multidet.bench import environment
-    from multidet.experiments.scaling import ScalingResult, cycled, plot, report, run_in_process
+    from detlab.bench import environment
+    from detlab.experiments.scaling import ScalingResult, cycled, plot, report, run_in_process
     from multidet.modelset import load_models, read_model_set
 
     base = load_models(read_model_set(RANDOM))
@@ -210,6 +210,6 @@ def test_scaling_in_process_on_tiny_sets(tmp_path):
     ],
 )
 def test_measuring_command_lines_parse(script):
-    """The thin command lines over multidet.experiments start and describe themselves (their runs are
+    """The thin command lines over detlab.experiments start and describe themselves (their runs are
     the functions above, called in-process)."""
     assert "usage:" in run(script, "--help").stdout

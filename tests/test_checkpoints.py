@@ -14,18 +14,10 @@ import pytest
 import torch
 import yaml
 
+from detlab.checkpoints import CheckpointMeta, load_checkpoint, save_checkpoint
 from helpers import CHECKPOINTS, NAMES, RANDOM, ROOT, SHIPPED
-from multidet.checkpoints import (
-    CheckpointError,
-    CheckpointMeta,
-    check_architecture,
-    load_checkpoint,
-    num_classes_of,
-    read_state_dict,
-    safe_torch_load,
-    save_checkpoint,
-)
 from multidet.modelset import ModelSetError, load_models, read_model_set
+from multidet.weights import CheckpointError, check_architecture, num_classes_of, read_state_dict, safe_torch_load
 
 SCRIPT = [sys.executable, str(ROOT / "scripts" / "generate_checkpoints.py")]
 ONE = NAMES[1]  # a model of the default set, for the single-file tests

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detlab import hostile
 from helpers import encode, jpeg_declaring
-from multidet import hostile
 from multidet.config import ConfigError, Settings
 from multidet.decode import ACCEPTED_FORMATS, DecodeLimits, decode_image
 from multidet.errors import BadRequest, CorruptImage, ImageTooComplex, ImageTooLarge, InputError, UnsupportedImage

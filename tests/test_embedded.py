@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from detlab.embedded import EmbeddedRequest
 from helpers import NAMES, RANDOM, ROOT, assert_schema, embedded
 from multidet.config import Settings
-from multidet.embedded import EmbeddedRequest
 from multidet.pipeline import RequestOptions
 from multidet.quality import agreement
 
@@ -80,7 +80,7 @@ def test_batch_with_one_bad_request(service, photos):
 def test_a_decode_past_its_deadline_fails_alone_in_its_batch(photos):
     """The handler with a short decode deadline and the run-length limit lifted: the slow image of a
     batch gets 422 while the photos beside it are served, and the next batch is served too."""
-    from multidet import hostile
+    from detlab import hostile
 
     slow = embedded(Settings(decode_deadline_s=0.2, max_rle_pixels=10**9), RANDOM, batch_size=3)
     out = slow.predict(

@@ -257,9 +257,9 @@ def worker_pid(server) -> int:
 
 
 def test_hostile_inputs_are_refused_and_the_worker_survives(server):
-    """Each file built to stall or bloat the decoder (multidet.hostile) gets its status; the same worker
+    """Each file built to stall or bloat the decoder (detlab.hostile) gets its status; the same worker
     (same PID) answers all of them and /ping stays healthy."""
-    from multidet import hostile
+    from detlab import hostile
 
     pid = worker_pid(server)
     for kind, (make, status) in hostile.KINDS.items():
@@ -278,7 +278,7 @@ def test_one_batch_mixing_every_kind_of_bad_request(server, embedded, labelled):
     request's describe/explain header)."""
     import base64
 
-    from multidet import hostile
+    from detlab import hostile
 
     good = labelled[0]
     b64 = base64.b64encode(good[1]).decode()

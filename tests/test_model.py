@@ -8,8 +8,8 @@ import pytest
 import torch
 from effdet.bench import DetBenchPredict
 
+from detlab.evaluation import check_image, kinds_of
 from helpers import NAMES, ROOT, answers, assert_same_answer, map50
-from multidet.evaluation import check_image, kinds_of
 from multidet.pipeline import RequestOptions
 from multidet.postprocess import detections_for
 from multidet.quality import SERVING_THRESHOLD

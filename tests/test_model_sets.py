@@ -17,12 +17,13 @@ import requests
 import torch
 import yaml
 
+from detlab import build
+from detlab.checkpoints import generate_model_set
 from helpers import IMAGES, PHOTOS, ROOT, assert_schema, mar_options, start
-from multidet.checkpoints import generate_model_set
 from multidet.config import Settings
 from multidet.envelopes import RequestOptions
 from multidet.modelset import read_model_set
-from multidet.optimizations import OPTIMIZATIONS, BuildContext, build_optimization, list_optimizations
+from multidet.optimizations import OPTIMIZATIONS, build_optimization, list_optimizations
 from multidet.pipeline import Detector
 from multidet.quality import raw_difference
 
@@ -102,7 +103,7 @@ def test_every_exact_path_gives_the_baselines_raw_outputs_on_a_mixed_set(
     name, mixed, mixed_baseline, mixed_images, tmp_path
 ):
     """Stacking paths (vmap, grouped, the grouped ONNX graph) stack the two D0 models and run the D1 beside."""
-    build_optimization(name, mixed_baseline.models, tmp_path, BuildContext(calibration_photos=IMAGES))
+    build_optimization(name, mixed_baseline.models, tmp_path, build.context(photos=IMAGES))
     det = Detector.from_model_set(mixed, Settings(optimization=name), CPU, tmp_path)
     assert [len(g.optimization.models) for g in det.groups] == [2, 1] and det.description == name
     want, got = raw_outputs(mixed_baseline, mixed_images), raw_outputs(det, mixed_images)
@@ -114,7 +115,7 @@ def test_every_exact_path_gives_the_baselines_raw_outputs_on_a_mixed_set(
 
 def test_auto_chooses_for_the_set_it_is_given(mixed, mixed_baseline, mixed_images, tmp_path):
     """auto times and checks its candidates per architecture of the set; the response names what it chose."""
-    build_optimization("auto", mixed_baseline.models, tmp_path, BuildContext(calibration_photos=IMAGES))
+    build_optimization("auto", mixed_baseline.models, tmp_path, build.context(photos=IMAGES))
     det = Detector.from_model_set(mixed, Settings(optimization="auto"), CPU, tmp_path)
     chosen = [g.optimization.chosen.name for g in det.groups]
     assert all(OPTIMIZATIONS[c].tier == "exact" for c in chosen)

@@ -13,15 +13,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from detlab import build
 from helpers import IMAGES, RANDOM, SHIPPED, answers, assert_same_answer, assert_same_map, assert_schema, map50
 from multidet.config import Settings
-from multidet.optimizations import OPTIMIZATIONS, BuildContext, build_optimization, list_optimizations
+from multidet.optimizations import OPTIMIZATIONS, SERVABLE, BuildContext, build_optimization, list_optimizations
 from multidet.optimizations.grouped import conv_calls, merge_networks
 from multidet.pipeline import Detector, RequestOptions
 from multidet.quality import RULES, map_ok, raw_difference
 
 CPU = torch.device("cpu")
-CONTEXT = BuildContext(calibration_photos=IMAGES)  # as the MAR build has it
+CONTEXT = build.context(photos=IMAGES)  # as the MAR build has it
 
 
 def elsewhere(name: str) -> str | None:
@@ -29,8 +30,6 @@ def elsewhere(name: str) -> str | None:
     cls = OPTIMIZATIONS[name]
     if cls.chooses:
         return "chooses among the others: test_auto_*"
-    if cls.benchmark_only:
-        return "a benchmark lower bound: test_mock_*"
     if not cls.supports(CPU):
         return f"needs {cls.requires}" if cls.requires else "does not run on this CPU: tests/test_gpu.py"
     if CPU.type in cls.same_as:
@@ -48,9 +47,14 @@ def params(names, reason_for=lambda n: None):
     return out
 
 
-RAW = [n for n in list_optimizations(tier="exact") if n != "baseline" and OPTIMIZATIONS[n].raw_tolerance is not None]
-EXACT = [n for n in list_optimizations(tier="exact") if n != "baseline"]
-REDUCED = list_optimizations(tier="reduced")
+# the runtime's optimizations (the lab's mock registers itself when the lab's experiments are imported)
+RAW = [
+    n
+    for n in list_optimizations(tier="exact", servable=True)
+    if n != "baseline" and OPTIMIZATIONS[n].raw_tolerance is not None
+]
+EXACT = [n for n in list_optimizations(tier="exact", servable=True) if n != "baseline"]
+REDUCED = list_optimizations(tier="reduced", servable=True)
 
 
 def path_detector(name: str, model_set=SHIPPED) -> Detector:
@@ -69,7 +73,7 @@ def not_on_cpu(name):
 def test_every_path_is_tested_or_says_where():
     """Both directions: each registered path is parametrised above, and each name above is registered."""
     tested = set(RAW) | set(EXACT) | set(REDUCED) | {"baseline"}
-    assert tested == set(OPTIMIZATIONS), set(OPTIMIZATIONS) ^ tested
+    assert tested == set(SERVABLE), set(SERVABLE) ^ tested
     assert "compile" in EXACT and "onnxruntime" in RAW and "bf16" in REDUCED
 
 
@@ -221,7 +225,9 @@ def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled
 
 
 def test_auto_considers_reduced_precision_only_when_allowed(trained, tmp_path, caplog):
-    build_optimization("auto", trained.models, tmp_path, BuildContext(True, IMAGES))  # as `make mar OPT=auto REDUCED=1`
+    build_optimization(
+        "auto", trained.models, tmp_path, build.context(True, IMAGES)
+    )  # as `make mar OPT=auto REDUCED=1`
     with caplog.at_level("INFO", logger="multidet.optimizations.auto"):
         det = Detector.from_model_set(
             SHIPPED, Settings(optimization="auto", allow_reduced=True, threshold=0.4), CPU, tmp_path
@@ -345,12 +351,13 @@ def test_builds_are_kept_once_in_the_sessions_own_cache(detector, tmp_path):
 
 
 def test_mock_lower_bound_detects_nothing_and_is_not_servable(photos):
-    from multidet.optimizations import SERVABLE
+    import detlab.mock  # noqa: F401  (registers the lab's lower bound)
 
     det = path_detector("mock")
     got = det.predict_one(photos["coffee"], RequestOptions(threshold=0.01))
     assert_schema(got)
     assert got["detections"] == [] and "mock" not in SERVABLE and "baseline" in SERVABLE
+    assert "mock" in list_optimizations(servable=False) and "mock" not in list_optimizations(servable=True)
 
 
 def test_compiled_paths_allow_a_variant_per_network_and_batch_size(detector):

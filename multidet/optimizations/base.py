@@ -20,10 +20,10 @@ from typing import ClassVar
 import torch
 from effdet.anchors import Anchors
 
-from ..checkpoints import CLASS_HEAD, LoadedModel
 from ..postprocess import select_detections
 from ..preprocess import Batch
 from ..quality import SERVING_THRESHOLD
+from ..weights import CLASS_HEAD, LoadedModel
 
 RawOutput = tuple[list[torch.Tensor], list[torch.Tensor]]  # per level: class logits, box regressions
 
@@ -49,12 +49,19 @@ def group_artifact_dir(artifact_dir: Path | None, architecture: str, groups: int
     return Path(artifact_dir) / architecture
 
 
+CheckSet = tuple[list[bytes], dict]  # JPEG bodies; per model name, COCO ground truth of its objects in them
+
+
 @dataclass(frozen=True)
 class BuildContext:
-    """What a build step may need besides the models: given by the caller (the MAR build, a test)."""
+    """What a build step may need besides the models, handed in by its caller (the archive builder, the Ray
+    launcher, a test: the lab's ``detlab.build.context``); the runtime makes no data of its own."""
 
     allow_reduced: bool = False  # auto builds its reduced-precision candidates too (INT8 IR)
-    calibration_photos: Path | None = None  # photo backgrounds of the INT8 calibration images
+    # (models, count, seed) -> the labelled images ``auto`` checks its candidates on
+    check_set: Callable[[Sequence[LoadedModel], int, int], CheckSet] | None = None
+    # (model, count, seed) -> that many of the model's own training images (PIL RGB): INT8 calibration
+    calibration: Callable[[LoadedModel, int, int], list] | None = None
     log: Callable[[str], None] = print  # build progress
 
 
@@ -112,7 +119,6 @@ class Optimization(ABC):
     tier: ClassVar[str] = "exact"
     # random weights: raw outputs within this fraction of the baseline's largest output (None: not compared)
     raw_tolerance: ClassVar[float | None] = 1e-3
-    benchmark_only: ClassVar[bool] = False  # a measuring aid (the mock lower bound), never served
     # whether ``auto`` may time it at load (no compilation from scratch at start-up)
     auto_candidate: ClassVar[bool] = False
     # device type -> its p50 speed-up over the baseline measured there (docs/benchmarks.md; absent: not
@@ -231,6 +237,12 @@ def register(cls: type[Optimization]) -> type[Optimization]:
     return cls
 
 
+def is_servable(cls: type[Optimization]) -> bool:
+    """An optimization of the runtime (a model archive can serve it), not one a user of the registry added
+    (the lab's measuring aid ``mock``)."""
+    return cls.__module__.startswith(__package__ + ".")
+
+
 def create_optimization(
     name: str,
     models: Sequence[LoadedModel],
@@ -269,7 +281,7 @@ def list_optimizations(
         for name, cls in OPTIMIZATIONS.items()
         if (dev is None or cls.supports(dev))
         and (tier is None or cls.tier == tier)
-        and (servable is None or servable == (not cls.benchmark_only))
+        and (servable is None or servable == is_servable(cls))
         and (auto_candidate is None or cls.auto_candidate == auto_candidate)
         and not (distinct and dev is not None and dev.type in cls.same_as)
     ]

@@ -1,17 +1,17 @@
 """``openvino`` / ``openvino_bf16`` / ``openvino_int8``: each network as OpenVINO IR on its CPU plugin.
 
 Build (``make mar OPT=openvino...``, packed into the MAR): each network is exported to ONNX
-(``onnx.export_graph``), converted to OpenVINO IR (``ov.convert_model``, weights kept in f32) and
-saved to ``artifacts/openvino/<model>.xml|.bin`` with a stamp naming the checkpoints' sha256 and
-the OpenVINO version. ``openvino_int8`` also quantises each network with NNCF post-training
-quantisation (mixed preset: symmetric weights, asymmetric activations), calibrated on the first
-``CALIBRATION_IMAGES`` images of that model's own training split (``synthetic.render_split``, the
-images ``make dataset`` writes), letterboxed and normalised exactly as served, with NNCF's overflow fix on
-every layer (``OVERFLOW_FIX``): weights use 7 of their 8 bits, so a u8 x s8 product pair fits the 16-bit
-sums of the CPUs without VNNI (AVX2-only, e.g. AMD EPYC Zen 2/3), whose ``vpmaddubsw`` kernels saturate
-otherwise. The IR therefore means the same on every CPU kind it is served on, whichever built it
-(measured, docs/benchmarks.md section 9: without the fix the vehicles model's mAP@0.5 was 3 points lower
-on AVX2 kernels than on VNNI ones, 8 on the tests' images; with it the two kinds agree within 0.4 points).
+(``onnx.export_graph``), converted to OpenVINO IR (``ov.convert_model``, weights kept in f32) and saved to
+``artifacts/openvino/<model>.xml|.bin`` with a stamp naming the checkpoints' sha256 and the OpenVINO version.
+``openvino_int8`` also quantises each network with NNCF post-training quantisation (mixed preset: symmetric
+weights, asymmetric activations), calibrated on the first ``CALIBRATION_IMAGES`` images of that model's own
+training split (handed in by the build's caller: ``BuildContext.calibration``; the lab gives the images ``make
+dataset`` writes), letterboxed and normalised exactly as served, with NNCF's overflow fix on every layer
+(``OVERFLOW_FIX``): weights use 7 of their 8 bits, so a u8 x s8 product pair fits the 16-bit sums of the CPUs
+without VNNI (AVX2-only, e.g. AMD EPYC Zen 2/3), whose ``vpmaddubsw`` kernels saturate otherwise. The IR
+therefore means the same on every CPU kind it is served on, whichever built it (measured, docs/benchmarks.md
+section 9: without the fix the vehicles model's mAP@0.5 was 3 points lower on AVX2 kernels than on VNNI ones,
+8 on the tests' images; with it the two kinds agree within 0.4 points).
 
 Load: ``Core.compile_model`` with the latency hint, as many inference threads as PyTorch uses (the
 cores), and the precision hint of the path: ``f32`` (exact tier: fp32 arithmetic, up to
@@ -39,6 +39,7 @@ import torch
 from ..artifacts import Artifact, ensure, reuse_or_build
 from ..artifacts import cache_dir as artifacts_cache
 from ..device import native_bf16
+from ..preprocess import Preprocessor
 from .base import BuildContext, LoadedModel, Optimization, RawOutput, register, weights_stamp
 from .onnx import export_graph
 
@@ -55,22 +56,17 @@ def cache_dir() -> Path:
     return artifacts_cache() / "openvino"
 
 
-def calibration_batches(model: LoadedModel, photos: Path | None, count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
-    """``count`` training images of ``model``, each a normalised [1, 3, H, W] float32 array at its
-    architecture's input size. ``photos``: the folder of photos its training data's backgrounds are
-    cut from (the INT8 build refuses without them: calibration on other images would quantise for
-    other statistics than the ones served)."""
-    from ..preprocess import Preprocessor
-    from ..synthetic import DataSpec, calibration_images
-
-    if photos is None or not any(Path(photos).glob("*.jpg")):
+def calibration_batches(model: LoadedModel, context: BuildContext, count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
+    """``count`` training images of ``model`` (``context.calibration``), each a normalised [1, 3, H, W] float32
+    array at its architecture's input size, as served. The INT8 build refuses without them: calibration on
+    other images would quantise for other statistics than the ones served."""
+    if context.calibration is None:
         raise RuntimeError(
-            f"INT8 calibration needs the training data's background photos (*.jpg): none in {photos} "
-            "(create_mar.py passes load_tests/images; BuildContext.calibration_photos)"
+            "INT8 calibration needs the model's training images: build the IR with a BuildContext that gives them "
+            "(make mar; detlab.build.context)"
         )
     pre = Preprocessor(model.net.config)
-    images = calibration_images(DataSpec.of(model), count, CALIBRATION_SEED, Path(photos))
-    return [pre.prepare([img], "cpu").tensor.numpy() for img in images]
+    return [pre.prepare([img], "cpu").tensor.numpy() for img in context.calibration(model, count, CALIBRATION_SEED)]
 
 
 class _OpenVino(Optimization):
@@ -137,7 +133,7 @@ class _OpenVino(Optimization):
                 onnx = export_graph(m.net, example, Path(tmp) / f"{m.name}.onnx")
                 model = ov.convert_model(str(onnx))
                 if cls.quantize:
-                    model = cls._quantize(model, m, context.calibration_photos)
+                    model = cls._quantize(model, m, context)
                 xml.parent.mkdir(parents=True, exist_ok=True)
                 ov.save_model(model, str(xml), compress_to_fp16=False)
                 context.log(
@@ -147,11 +143,11 @@ class _OpenVino(Optimization):
                 )
 
     @classmethod
-    def _quantize(cls, model, loaded: LoadedModel, photos: Path | None):
+    def _quantize(cls, model, loaded: LoadedModel, context: BuildContext):
         import nncf
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-        data = calibration_batches(loaded, photos)
+        data = calibration_batches(loaded, context)
         return nncf.quantize(
             model,
             nncf.Dataset(data),

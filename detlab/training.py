@@ -39,18 +39,12 @@ from effdet.data.loader import DetectionFastCollate
 from effdet.data.parsers.parser_coco import CocoParser
 from effdet.data.parsers.parser_config import CocoParserCfg
 
-from .checkpoints import (
-    CLASS_HEAD,
-    CheckpointMeta,
-    LoadedModel,
-    build_network,
-    load_entry,
-    save_checkpoint,
-    sha256_file,
-)
-from .config import Settings
-from .device import native_bf16
-from .modelset import MODELS_FILE, ModelEntry, ModelSet, read_model_set
+from multidet.config import Settings
+from multidet.device import native_bf16
+from multidet.modelset import MODELS_FILE, ModelEntry, ModelSet, read_model_set
+from multidet.weights import CLASS_HEAD, LoadedModel, build_network, load_entry, sha256_file
+
+from .checkpoints import CheckpointMeta, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +127,7 @@ def training_network(cfg: TrainConfig):
     """``cfg``'s architecture at its training size, with its stochastic depth."""
     from effdet import EfficientDet
 
-    from .checkpoints import model_config
+    from multidet.weights import model_config
 
     config = model_config(cfg.architecture, len(cfg.class_names), cfg.image_size)
     if cfg.drop_path is not None:
@@ -195,7 +189,7 @@ def initial_network(cfg: TrainConfig):
     """A fresh network for ``cfg``'s model. With ``cfg.init`` every weight is taken from that model;
     a class layer of another class count is sliced from it by ``cfg.head_map`` (else, classes of the
     same name) and re-initialised where no class matches. Returns (network, description of the start)."""
-    from .checkpoints import num_anchors
+    from multidet.weights import num_anchors
 
     torch.manual_seed(cfg.seed)
     net = training_network(cfg)
@@ -275,7 +269,7 @@ class _Batches:
 
 
 def serve_size(architecture: str) -> int:
-    from .checkpoints import model_config
+    from multidet.weights import model_config
 
     return int(model_config(architecture, 1).image_size[0])
 
@@ -353,8 +347,9 @@ def evaluate_weights(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """COCO mAP of ``state`` through the whole serving path (the architecture's letterbox, NMS, original pixels)."""
+    from multidet.pipeline import Detector
+
     from .evaluation import evaluate
-    from .pipeline import Detector
 
     net = build_network(cfg.architecture, len(cfg.class_names))
     net.load_state_dict(state)

@@ -1,5 +1,6 @@
-"""Checkpoints: effdet's own state_dict, for any effdet architecture, optionally with the project's
-JSON metadata beside it.
+"""Checkpoints the lab makes: seeded random weights (``make checkpoints``), effdet's pretrained ones, and
+trained ones saved with the project's JSON metadata beside them. The serving runtime reads them with
+``multidet.weights``.
 
     <dir>/<name>.safetensors   trained (the shipped ones: weights/), or a user's (safetensors: tensors only)
     <dir>/<name>.pth           seeded random (make checkpoints), or a user's (bare state_dict or train.py's dict)
@@ -7,32 +8,33 @@ JSON metadata beside it.
                                class_names, seed, source, sha256, format, training}
 
 ``format`` names the weights file (``pth`` or ``safetensors``); ``training`` records how a trained
-checkpoint was made (dataset, seed, steps, val mAP). Loading verifies the sha256 first, reads .pth
-files only with ``torch.load(weights_only=True)``, and checks the architecture (every key and shape)
-before the weights reach a model.
+checkpoint was made (dataset, seed, steps, val mAP).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import pickle
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from effdet import get_efficientdet_config
 from effdet.efficientdet import EfficientDet
 
+from multidet.modelset import MODELS_FILE, ModelEntry, ModelSet
+from multidet.preprocess import Preprocessor
+from multidet.weights import (
+    CheckpointError,
+    build_network,
+    check_architecture,
+    load_entry,
+    num_classes_of,
+    sha256_file,
+)
+
 FORMATS = ("pth", "safetensors")
-CLASS_HEAD = "class_net.predict.conv_pw"  # the only layer whose shape depends on num_classes
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, tampered with, unsafe or of the wrong architecture."""
 
 
 @dataclass(frozen=True)
@@ -65,40 +67,6 @@ class CheckpointMeta:
         if meta.format not in FORMATS:
             raise CheckpointError(f"{path}: format {meta.format!r} is not one of {FORMATS}")
         return meta
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def model_config(architecture: str, num_classes: int, image_size: int | None = None):
-    """effdet's config of ``architecture`` with ``num_classes``; its own input size unless ``image_size``."""
-    try:
-        config = get_efficientdet_config(architecture)
-    except KeyError:
-        raise CheckpointError(f"unknown effdet architecture {architecture!r}") from None
-    config.num_classes = num_classes
-    if image_size is not None:
-        config.image_size = (image_size, image_size)
-    return config
-
-
-def num_anchors(architecture: str) -> int:
-    """Anchors per feature-map position (num_scales x aspect ratios): the class layer has this many x classes."""
-    config = model_config(architecture, 1)
-    return config.num_scales * len(config.aspect_ratios)
-
-
-def build_network(architecture: str, num_classes: int, image_size: int | None = None) -> EfficientDet:
-    """An ``architecture`` network with randomly initialised weights; never touches the network.
-
-    The BiFPN's resampling is built for ``image_size`` (default: the architecture's own); the weights
-    do not depend on it, so weights trained at one size load into a network built for another."""
-    return EfficientDet(model_config(architecture, num_classes, image_size), pretrained_backbone=False)
 
 
 def generate_state_dict(
@@ -155,76 +123,6 @@ def pretrained_state_dict(architecture: str, num_classes: int, seed: int) -> Ord
     return net.state_dict()
 
 
-def read_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
-    """A weights file: safetensors, or a torch file holding a bare state_dict or effdet train.py's dict
-    with ``state_dict_ema`` (preferred) / ``state_dict``. ``module.``/``model.`` prefixes are removed."""
-    path = Path(path)
-    obj = load_safetensors(path) if path.suffix.lower() == ".safetensors" else safe_torch_load(path)
-    if isinstance(obj, Mapping) and "state_dict_ema" in obj and obj["state_dict_ema"]:
-        obj = obj["state_dict_ema"]
-    elif isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} holds no effdet state_dict")
-    out = OrderedDict()
-    for key, value in obj.items():
-        for prefix in ("module.", "model."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
-
-
-def num_classes_of(state_dict: Mapping[str, torch.Tensor], architecture: str) -> int:
-    key = f"{CLASS_HEAD}.weight"
-    if key not in state_dict:
-        raise CheckpointError(f"not an effdet state_dict: {key} is missing")
-    out_channels = state_dict[key].shape[0]
-    anchors = num_anchors(architecture)
-    if out_channels % anchors:
-        raise CheckpointError(f"{key} has {out_channels} outputs, not a multiple of {architecture}'s {anchors} anchors")
-    return out_channels // anchors
-
-
-def safe_torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} was refused by torch.load(weights_only=True): it contains code or objects "
-            f"other than tensors ({str(exc).splitlines()[0]})"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
-
-
-def load_safetensors(path: Path) -> OrderedDict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return OrderedDict(load_file(str(path), device="cpu"))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
-
-
-def check_architecture(state_dict: Mapping[str, torch.Tensor], architecture: str, num_classes: int) -> EfficientDet:
-    """Build the network and load ``state_dict`` strictly; every key and shape must match."""
-    net = build_network(architecture, num_classes)
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in expected if k in state_dict and expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"weights do not match {architecture} with {num_classes} classes: "
-            f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:2]}), {len(wrong)} with other shapes (e.g. {wrong[:2]})"
-        )
-    net.load_state_dict(state_dict, strict=True)
-    return net.eval()
-
-
 def save_checkpoint(
     out_dir: Path,
     name: str,
@@ -275,71 +173,8 @@ def save_checkpoint(
     return meta
 
 
-@dataclass
-class LoadedModel:
-    """One model of the set, loaded: what every optimization runs."""
-
-    name: str
-    class_names: tuple[str, ...]
-    net: EfficientDet  # eval mode, on CPU as loaded; shared by every optimization, never moved (base.on_device)
-    threshold: float | None = None  # the model's own default score threshold (None: the service's)
-    # the class ids its training data used, where its metadata records them (labelled check sets)
-    trained_ids: tuple[int, ...] | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def architecture(self) -> str:
-        return self.net.config.name
-
-
-def load_entry(entry) -> LoadedModel:
-    """One model-set entry (multidet.modelset.ModelEntry) verified and loaded, on CPU in eval mode.
-
-    The weights' sha256 is checked against the entry's, else against the project metadata beside the
-    weights (``<stem>.json``) when there is one; torch files are read with ``weights_only=True``; the
-    class count and every key and shape are checked against the architecture."""
-    from .modelset import sidecar
-
-    weights = Path(entry.weights)
-    if not weights.is_file():
-        raise CheckpointError(f"weights file {weights} not found")
-    meta = sidecar(weights)
-    expected = entry.sha256 or (meta or {}).get("sha256")
-    if expected:
-        actual = sha256_file(weights)
-        if actual != expected:
-            raise CheckpointError(
-                f"{weights} failed its integrity check: sha256 {actual[:16]}... does not match "
-                f"the recorded {expected[:16]}...; the file was changed or corrupted"
-            )
-    if meta and meta.get("architecture") not in (None, entry.architecture):
-        raise CheckpointError(f"{weights} was saved as {meta['architecture']}, the entry says {entry.architecture}")
-    state_dict = read_state_dict(weights)
-    num_classes = num_classes_of(state_dict, entry.architecture)
-    try:
-        classes = entry.class_names
-    except ValueError as exc:
-        raise CheckpointError(f"{exc}; the weights have {num_classes} classes") from None
-    if len(classes) != num_classes:
-        raise CheckpointError(f"{len(classes)} class names, but the weights have {num_classes} classes")
-    net = check_architecture(state_dict, entry.architecture, num_classes)
-    trained = ((meta or {}).get("training") or {}).get("class_ids")
-    return LoadedModel(
-        name=entry.name,
-        class_names=tuple(classes),
-        net=net,
-        threshold=entry.threshold,
-        trained_ids=tuple(int(c) for c in trained) if trained else None,
-    )
-
-
 def entry_of_checkpoint(ckpt_dir: Path, name: str, meta: CheckpointMeta | None = None):
     """The model-set entry of a project checkpoint folder's ``<name>.json`` (``meta`` when already read) + weights."""
-    from .modelset import ModelEntry
-
     ckpt_dir = Path(ckpt_dir)
     meta = meta or CheckpointMeta.read(ckpt_dir / f"{name}.json")
     if meta.name != name:
@@ -359,8 +194,6 @@ def load_checkpoint(ckpt_dir: Path, name: str) -> tuple[CheckpointMeta, Efficien
 def calibration_batch(photos: Sequence[bytes], architecture: str) -> torch.Tensor:
     """Photos letterboxed as for inference at ``architecture``'s input size, plus their mirror images:
     what a generated model's BatchNorm statistics are set from."""
-    from .preprocess import Preprocessor
-
     if not photos:
         raise CheckpointError("no calibration photos")
     batch = Preprocessor(architecture).prepare_bytes(list(photos), "cpu", 10**9).tensor
@@ -380,8 +213,6 @@ def generate_model_set(
     ``seed + k``) in ``out_dir``, and ``out_dir/models.yaml`` listing them: a model set that behaves like
     trained weights arithmetically (BatchNorm calibrated on ``photos``) but detects nothing real.
     Up-to-date checkpoints (same seed, architecture, classes; verified) are kept. Returns the ModelSet."""
-    from .modelset import MODELS_FILE, ModelEntry, ModelSet
-
     out_dir = Path(out_dir)
     calibration: dict[str, torch.Tensor] = {}
     entries = []

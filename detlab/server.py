@@ -21,8 +21,9 @@ from pathlib import Path
 
 import requests
 
+from multidet.tsconfig import PORT_KEYS, bearer, busy_dir, derived, read_properties, write_properties
+
 from .packaging import MarOptions, build_mar_isolated
-from .tsconfig import PORT_KEYS, bearer, derived, read_properties, write_properties
 
 BIN = Path(sys.executable).parent
 
@@ -42,14 +43,6 @@ def ready_workers(management: str, model: str = "all", headers: dict | None = No
         return [w for w in info[0].get("workers", []) if w.get("status") == "READY"]
     except (requests.RequestException, ValueError, LookupError, AttributeError):
         return []
-
-
-def busy_dir() -> Path:
-    """Where handlers mark a worker inside the handler (``<model>-<version>-<pid>``): $MULTIDET_BUSY_DIR,
-    else ``<tmp>/multidet-busy`` (TorchServe's temp folder, shared by the server's processes)."""
-    import tempfile
-
-    return Path(os.environ.get("MULTIDET_BUSY_DIR") or Path(tempfile.gettempdir()) / "multidet-busy")
 
 
 def in_flight(management: str, model: str, version: str | None, busy: Path, headers: dict | None = None) -> int:

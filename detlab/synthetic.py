@@ -341,7 +341,7 @@ def make_dataset(
             "split": split,
             "count": count,
             "seed": seed,
-            "generator": "multidet.synthetic",
+            "generator": "detlab.synthetic",
         },
         "images": images,
         "annotations": annotations,

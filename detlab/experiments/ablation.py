@@ -20,14 +20,16 @@ from pathlib import Path
 
 import torch
 
+from multidet.config import Settings
+from multidet.device import synchronize
+from multidet.optimizations import OPTIMIZATIONS, build_optimization
+from multidet.pipeline import Detector
+from multidet.quality import judge
+from multidet.timing import interleaved
+
+from .. import build
 from ..bench import environment, photos, summarize
-from ..config import Settings
-from ..device import synchronize
 from ..evaluation import EvalResult, evaluate
-from ..optimizations import OPTIMIZATIONS, BuildContext, build_optimization
-from ..pipeline import Detector
-from ..quality import judge
-from ..timing import interleaved
 from . import Result, Say, say_flush, shown
 
 
@@ -191,9 +193,7 @@ def run(
     for name in names:
         t0 = time.perf_counter()
         if name != "baseline":
-            build_optimization(
-                name, detectors["baseline"].models, artifacts, BuildContext(calibration_photos=photo_dir)
-            )
+            build_optimization(name, detectors["baseline"].models, artifacts, build.context(photos=photo_dir))
         build_s[name] = time.perf_counter() - t0
         t0 = time.perf_counter()
         det = Detector.from_model_set(model_set, Settings(optimization=name), device, artifacts)

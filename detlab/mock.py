@@ -3,8 +3,9 @@ outputs (box regressions 0, class logits so low that no score reaches any thresh
 request pays for decode, preprocess, tensor transfer, the shared top-k/threshold step and the JSON,
 and nothing else. The real optimization's latency minus the mock's is what the three networks cost.
 
-It answers "nothing detected" for every image, so it is for measuring only: scripts/create_mar.py
-does not offer it and ``auto`` never considers it.
+It answers "nothing detected" for every image, so it is for measuring only: it lives in the lab and
+registers itself when the lab's experiments import it (never in an archive or a replica); ``auto`` never
+considers it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Optimization, RawOutput, class_head_widths, register
+from multidet.optimizations.base import Optimization, RawOutput, class_head_widths, register
 
 NO_OBJECT_LOGIT = -30.0  # sigmoid(-30) ~ 9e-14
 
@@ -21,7 +22,6 @@ NO_OBJECT_LOGIT = -30.0  # sigmoid(-30) ~ 9e-14
 @register
 class Mock(Optimization):
     name = "mock"
-    benchmark_only = True
     separable = True
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):

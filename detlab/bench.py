@@ -1,4 +1,4 @@
-"""Measuring helpers shared by the experiments (multidet.experiments): photos, percentiles, environment, metrics.
+"""Measuring helpers shared by the experiments (detlab.experiments): photos, percentiles, environment, metrics.
 
 Rules every script follows: warm-up excluded; the device synchronised before each clock read; the
 same photos for every configuration; configurations interleaved request by request so a noisy
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .decode import decode_image
-from .device import synchronize
-from .pipeline import Detector, RequestOptions
+from multidet.decode import decode_image
+from multidet.device import synchronize
+from multidet.pipeline import Detector, RequestOptions
 
 # Figures of the seed project's report, compared in docs/benchmarks.md where ours correspond.
 SEED = {

@@ -20,12 +20,13 @@ from pathlib import Path
 import requests as http_client
 import torch
 
+from multidet.config import Settings
+from multidet.pipeline import Detector
+from multidet.timing import interleaved
+
 from ..bench import SEED, counter_delta, environment, photos, scrape_metrics, summarize, timed_predict
-from ..config import Settings
 from ..embedded import EmbeddedService
-from ..pipeline import Detector
 from ..server import Serving
-from ..timing import interleaved
 from . import Result, Say, say_flush
 
 MODES = ("core", "embedded", "http")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError
-from .modelset import ModelSet
+from multidet.config import ConfigError
+from multidet.modelset import ModelSet
 
 STEP_KEYS = (
     "steps",

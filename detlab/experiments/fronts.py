@@ -25,11 +25,12 @@ import numpy as np
 import requests as http_client
 import torch
 
+from multidet.config import Settings
+from multidet.pipeline import Detector
+from multidet.timing import interleaved
+
 from ..bench import environment, photos, summarize, timed_predict
-from ..config import Settings
-from ..pipeline import Detector
 from ..server import Serving, free_ports
-from ..timing import interleaved
 from . import Result, Say, say_flush
 
 MODES = ("core", "torchserve", "ray", "ray_oip")
@@ -39,7 +40,7 @@ def oip_body(image: bytes) -> tuple[bytes, dict[str, str]]:
     """An OIP v2 infer request for one image, binary-data extension (what tritonclient sends)."""
     import json
 
-    from ..oip import HEADER_LENGTH, pack_bytes
+    from multidet.oip import HEADER_LENGTH, pack_bytes
 
     data = pack_bytes([image])
     header = {
@@ -53,7 +54,7 @@ def oip_body(image: bytes) -> tuple[bytes, dict[str, str]]:
 def timing_of_oip(body: bytes, headers) -> float:
     import json
 
-    from ..oip import HEADER_LENGTH
+    from multidet.oip import HEADER_LENGTH
 
     length = int(headers.get(HEADER_LENGTH, len(body)))
     return json.loads(json.loads(body[:length])["parameters"]["multidet"])[0]["timing_ms"]["total"]
@@ -176,7 +177,7 @@ def run(
     import ray
     from ray import serve
 
-    from ..ray_app import deploy, serving_environment
+    from multidet.ray_app import deploy, serving_environment
 
     images = photos(photo_dir)
     bodies = list(images.values())

@@ -31,18 +31,20 @@ import numpy as np
 import requests as http_client
 import torch
 
+from multidet.config import Settings
+from multidet.device import native_bf16
+from multidet.modelset import load_models as load_set
+from multidet.modelset import read_model_set
+from multidet.optimizations import LoadedModel
+from multidet.optimizations.auto import PAUSE_S  # between timed calls (runtimes' spinning threads)
+from multidet.optimizations.onnx import ONNX_FILE, grouped_files, per_model_files, per_model_paths, session
+from multidet.optimizations.openvino import OpenVino, OpenVinoInt8
+from multidet.pipeline import Detector
+from multidet.timing import interleaved
+
+from .. import build
 from ..bench import environment, photos, summarize, timed_predict
-from ..config import Settings
-from ..device import native_bf16
-from ..modelset import load_models as load_set
-from ..modelset import read_model_set
-from ..optimizations import BuildContext, LoadedModel
-from ..optimizations.auto import PAUSE_S  # between timed calls (runtimes' spinning threads)
-from ..optimizations.onnx import ONNX_FILE, grouped_files, per_model_files, per_model_paths, session
-from ..optimizations.openvino import OpenVino, OpenVinoInt8
-from ..pipeline import Detector
 from ..server import Serving
-from ..timing import interleaved
 from . import Result, Say, say_flush
 
 
@@ -90,7 +92,7 @@ def peers(models: list[LoadedModel], work: Path, int8: bool, calibration_photos:
         ov_bf16 = compiled(OpenVino, "bf16")
         out["openvino bf16"] = ("reduced", lambda x: [c(x) for c in ov_bf16])
     if int8:
-        OpenVinoInt8.build(models, work, BuildContext(calibration_photos=calibration_photos))
+        OpenVinoInt8.build(models, work, build.context(photos=calibration_photos))
         ov_int8 = compiled(OpenVinoInt8, "f32")
         out["openvino int8"] = ("reduced", lambda x: [c(x) for c in ov_int8])
     return out

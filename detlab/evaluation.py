@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pipeline import Detector, RequestOptions
-from .quality import ap_table, iou
+from multidet.pipeline import Detector, RequestOptions
+from multidet.quality import ap_table, iou
 
 
 @dataclass

@@ -20,13 +20,15 @@ from typing import ClassVar
 
 import torch
 
-from ..checkpoints import LoadedModel
-from ..config import Settings
-from ..device import synchronize
-from ..modelset import ModelSet
-from ..optimizations import BuildContext, build_optimization
-from ..pipeline import Detector
-from ..timing import interleaved
+from multidet.config import Settings
+from multidet.device import synchronize
+from multidet.modelset import ModelSet
+from multidet.optimizations import build_optimization
+from multidet.pipeline import Detector
+from multidet.timing import interleaved
+from multidet.weights import LoadedModel
+
+from .. import build
 from . import Result, Say, say_flush
 
 
@@ -83,9 +85,7 @@ def run_in_process(
         for path in paths:
             t0 = time.perf_counter()
             artifacts = work / f"{path}-{n}"
-            build_optimization(
-                path, models, artifacts, BuildContext(calibration_photos=calibration_photos, log=lambda _: None)
-            )
+            build_optimization(path, models, artifacts, build.context(photos=calibration_photos, log=lambda _: None))
             detectors[(path, n)] = Detector(models, Settings(optimization=path), device, artifacts)
             say(f"{path} x{n}: built and loaded in {time.perf_counter() - t0:.0f} s")
     calls = {f"{p}|{n}": (lambda i, d=d: d.predict_one(bodies[i % len(bodies)])) for (p, n), d in detectors.items()}
@@ -108,7 +108,7 @@ def run_http(
     paths: Sequence[str],
     bodies: Sequence[bytes],
     requests: int,
-    start: Callable,  # (workdir, model set file, path) -> a started multidet.server.TorchServe
+    start: Callable,  # (workdir, model set file, path) -> a started detlab.server.TorchServe
     say: Say = say_flush,
 ) -> dict[str, dict[int, float]]:
     import requests as http_client
@@ -199,8 +199,9 @@ def run(
     say: Say = say_flush,
 ) -> ScalingResult:
     """In-process for ``paths`` and, with ``start``, over HTTP for ``http_paths``, at each of ``sizes``."""
+    from multidet.modelset import load_models
+
     from ..bench import environment, photos
-    from ..modelset import load_models
 
     bodies = list(photos(photo_dir).values())
     result = ScalingResult(list(sizes), list(paths), requests, environment=environment())

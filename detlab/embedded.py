@@ -20,7 +20,7 @@ import ts
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from .config import Settings
+from multidet.config import Settings
 
 
 @dataclass

@@ -7,7 +7,7 @@ by default the repository's ``models.yaml``: the trained weights in ``weights/``
 build-time files (an ONNX export, AOT packages, an Inductor cache, made here by ``Optimization.build``)
 and a ``model-config.yaml``: TorchServe's per-model worker settings plus the ``handler:`` section,
 which is ``Settings`` (multidet.config). ``build_mar`` is what ``scripts/create_mar.py`` (``make mar``),
-the Dockerfiles and ``multidet.server`` all call.
+the Dockerfiles and ``detlab.server`` all call.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, Settings
-from .modelset import MODELS_FILE, ModelSet, load_models, pinned, read_model_set, sidecar
+import multidet
+from multidet.config import ConfigError, Settings
+from multidet.modelset import MODELS_FILE, ModelSet, load_models, pinned, read_model_set
+from multidet.weights import sidecar
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,12 @@ def build_mar(options: MarOptions, export_path: Path, log: Callable[[str], None]
     """Write ``<export_path>/<model_name>.mar``. Every model of the set is checked before packing (the
     file's form, each weights file: integrity, no code, architecture, class count); raises ConfigError
     (a user's mistake, naming the entry) or the optimization's build error."""
-    from .optimizations import (
-        OPTIMIZATIONS,
-        BuildContext,
-        build_optimization,
-    )  # the registry imports torch and every optimization
+    from multidet.optimizations import OPTIMIZATIONS, SERVABLE, build_optimization  # imports torch: only here
+
+    from . import build
 
     settings = options.settings
-    if settings.optimization not in OPTIMIZATIONS or OPTIMIZATIONS[settings.optimization].benchmark_only:
+    if settings.optimization not in SERVABLE:
         raise ConfigError(f"no MAR for optimization {settings.optimization!r}")
     if options.model_set is None or options.handler is None:
         raise ConfigError("MarOptions needs model_set and handler (the command line resolves them)")
@@ -93,10 +93,10 @@ def build_mar(options: MarOptions, export_path: Path, log: Callable[[str], None]
     export_path = Path(export_path)
     with tempfile.TemporaryDirectory(prefix="mar-") as tmp:
         extra = Path(tmp) / "extra"
-        package = Path(__file__).resolve().parent
+        package = Path(multidet.__file__).resolve().parent  # the runtime only: the lab stays out
         shutil.copytree(package, extra / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         write_model_set(packed, extra)
-        context = BuildContext(settings.allow_reduced, options.calibration_photos, log)
+        context = build.context(settings.allow_reduced, options.calibration_photos, log)
         opt = OPTIMIZATIONS[settings.optimization]
         if opt.build_step:
             took = f" (about {opt.build_minutes:.0f} min on 2 cores)" if opt.build_minutes >= 1 else ""

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+from multidet.config import Settings
+from multidet.device import synchronize
+from multidet.optimizations import OPTIMIZATIONS
+from multidet.pipeline import Detector
+from multidet.timing import interleaved
+
 from ..bench import SEED, environment, model_breakdown, photos, summarize, timed_batch
-from ..config import Settings
-from ..device import synchronize
-from ..optimizations import OPTIMIZATIONS
-from ..pipeline import Detector
-from ..timing import interleaved
 from . import Result, Say, say_flush
 
 STAGES = ("decode", "preprocess", "inference", "postprocess")

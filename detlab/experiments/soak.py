@@ -2,7 +2,7 @@
 status, p50/p99 over time, worker restarts and the worker's memory at start and end.
 
 Windows alternate (``--window`` seconds each): a *clean* window sends only the good requests, a *mixed*
-one the whole mix (about a fifth bad or hostile: multidet.hostile's files built to stall the decoder).
+one the whole mix (about a fifth bad or hostile: detlab.hostile's files built to stall the decoder).
 The p99 of good requests in mixed windows over that in clean ones, in the same run, says what the bad
 traffic costs the good (the issue's bound: 1.5x).
 Every request has an expected status (200 for photos, 400/413/415/422 for the bad ones); anything
@@ -61,7 +61,7 @@ class SoakResult(Result):
 
 def request_mix(images: list[Path]) -> list[tuple[str, bytes, dict, int]]:
     """(name, body, headers, expected status): the photos, then the unusual and bad inputs and
-    multidet.hostile's files built to stall or bloat the decoder (about a fifth of the mix)."""
+    detlab.hostile's files built to stall or bloat the decoder (about a fifth of the mix)."""
     good = [(f"photo:{p.name}", p.read_bytes(), {}, 200) for p in images]
     photo = images[0].read_bytes()
     bomb = bytearray(photo)
