@@ -25,7 +25,7 @@ from multidet.optimizations import SERVABLE
 from multidet.weights import CheckpointError
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--optimization", default="baseline", choices=SERVABLE)
     p.add_argument("--model-name", default="all", help="endpoint name: /predictions/NAME (default all)")
@@ -50,24 +50,30 @@ def main(argv=None) -> int:
     # every setting of the runtime (the handler's model-config.yaml section), derived from Settings; the archive
     # fixes where its model set and build files lie
     add_setting_flags(p, [Settings], skip=("model_set", "artifact_dir"))
-    args = p.parse_args(argv)
+    return p
 
+
+def mar_options(args: argparse.Namespace) -> MarOptions:
+    """The archive's options from the command line (a wrong setting: ConfigError naming it)."""
+    return MarOptions(
+        settings=Settings.from_mapping({"optimization": args.optimization, **setting_values(args)}),
+        model_set=args.model_set,
+        handler=HANDLER,
+        calibration_photos=args.calibration_photos,
+        model_name=args.model_name,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        max_batch_delay=args.max_batch_delay,
+        response_timeout=args.response_timeout,
+        startup_timeout=args.startup_timeout,
+        device_ids=tuple(int(i) for i in args.device_ids.split(",")) if args.device_ids else (),
+    )
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
-        settings = Settings.from_mapping({"optimization": args.optimization, **setting_values(args)})
-        options = MarOptions(
-            settings=settings,
-            model_set=args.model_set,
-            handler=HANDLER,
-            calibration_photos=args.calibration_photos,
-            model_name=args.model_name,
-            workers=args.workers,
-            batch_size=args.batch_size,
-            max_batch_delay=args.max_batch_delay,
-            response_timeout=args.response_timeout,
-            startup_timeout=args.startup_timeout,
-            device_ids=tuple(int(i) for i in args.device_ids.split(",")) if args.device_ids else (),
-        )
-        build_mar(options, args.export_path, log=lambda line: print(line, flush=True))
+        build_mar(mar_options(args), args.export_path, log=lambda line: print(line, flush=True))
     except (ConfigError, CheckpointError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

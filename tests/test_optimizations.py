@@ -65,8 +65,8 @@ def not_on_cpu(name):
     cls = OPTIMIZATIONS[name]
     if not cls.supports(CPU):
         return f"{name} does not run on this CPU"
-    if cls.without_fast_kernels(CPU):
-        return f"{name} has no fast CPU kernels (seconds per image): its mAP is in the ablation, CUDA in test_gpu"
+    if not cls.fast_on(CPU):
+        return f"{name} would be emulated on this CPU (seconds per image): its mAP is in the ablation, CUDA in test_gpu"
     return None
 
 
@@ -204,9 +204,7 @@ def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled
     optimization = det.optimization
     table = {row["optimization"]: row for row in optimization.table}
     assert set(table) == {
-        n
-        for n in list_optimizations(device=CPU, tier="exact", auto_candidate=True)
-        if not OPTIMIZATIONS[n].slower_than_baseline(CPU)
+        n for n in list_optimizations(device=CPU, tier="exact", auto_candidate=True) if OPTIMIZATIONS[n].fast_on(CPU)
     }
     assert table["baseline"]["equal"] and all(r["map50"] for r in table.values() if r.get("equal") is not None)
     chosen = optimization.chosen.name
@@ -235,12 +233,10 @@ def test_auto_considers_reduced_precision_only_when_allowed(trained, tmp_path, c
     table = {row["optimization"]: row for row in det.optimization.table}
     assert det.optimization.threshold == 0.4 and "compared at threshold 0.4" in caplog.text  # the served one
     reduced = [
-        n
-        for n in list_optimizations(device=CPU, tier="reduced", auto_candidate=True)
-        if not OPTIMIZATIONS[n].slower_than_baseline(CPU)
+        n for n in list_optimizations(device=CPU, tier="reduced", auto_candidate=True) if OPTIMIZATIONS[n].fast_on(CPU)
     ]
     assert set(reduced) <= set(table) and "reduced precision allowed" in caplog.text
-    if not reduced:  # e.g. an AVX2-only CPU: bf16 is emulated there (measured_speedup), fp16 everywhere on CPU
+    if not reduced:  # e.g. an AVX2-only CPU: bf16 is emulated there, fp16 on every CPU without AMX-FP16
         assert all(OPTIMIZATIONS[n].tier == "exact" for n in table)
         pytest.skip("no reduced-precision optimization runs fast on this CPU (no AMX / AVX-512 BF16)")
     base = table["baseline"]["map50"]

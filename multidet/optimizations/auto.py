@@ -1,8 +1,8 @@
 """``auto``: at load time, on the actual device, time the candidate optimizations and keep the fastest whose
 answer is the baseline's under its tier's rule (multidet.quality). The measured table goes to the log.
 
-Candidates come from the registry (``Optimization.auto_candidate``, less the optimizations measured slower
-than the baseline on this device type, ``Optimization.measured_speedup``);
+Candidates come from the registry (``Optimization.auto_candidate``, less those the device has no units for,
+``Optimization.fast_on``: fp16/bf16 emulated on a CPU); which is fastest is measured here, on this machine;
 their build step (ONNX exports, OpenVINO IR, the INT8 quantisation when reduced precision is
 allowed) runs at MAR build (``Auto.build``), so a load only times them. Each is checked on a
 small labelled set handed to the build (``BuildContext.check_set``; the lab's: six images, every model's
@@ -93,7 +93,7 @@ def candidates(device: torch.device, allow_reduced: bool) -> list[str]:
         for n, cls in OPTIMIZATIONS.items()
         if cls.auto_candidate
         and cls.supports(device)
-        and not cls.slower_than_baseline(device)
+        and cls.fast_on(device)
         and (cls.tier == "exact" or allow_reduced)
     ]
     return sorted(names, key=lambda n: n != "baseline")

@@ -108,10 +108,6 @@ def on_device(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return copy.deepcopy(net).to(device)
 
 
-# a measured speed-up below this: the device has no fast kernels for it (seconds a request)
-NO_FAST_KERNELS = 0.2
-
-
 class Optimization(ABC):
     name: ClassVar[str]
     # the precision tier (multidet.quality.RULES): "exact" = fp32, the baseline's arithmetic up to float
@@ -121,11 +117,6 @@ class Optimization(ABC):
     raw_tolerance: ClassVar[float | None] = 1e-3
     # whether ``auto`` may time it at load (no compilation from scratch at start-up)
     auto_candidate: ClassVar[bool] = False
-    # device type -> its p50 speed-up over the baseline measured there (docs/benchmarks.md; absent: not
-    # known, measure it). Below 1 ``auto`` does not time it there (start-up time for nothing); below
-    # ``NO_FAST_KERNELS`` (seconds a request, e.g. fp16 on a CPU) the integration tests serve it only
-    # where it is fast. ``slower_than_baseline`` / ``without_fast_kernels`` read it.
-    measured_speedup: ClassVar[dict[str, float]] = {}
     chooses: ClassVar[bool] = False  # picks among other optimizations at load (auto); gets the reduced-precision switch
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda", "mps")  # device types it runs on (``supports`` may narrow)
     # what ``build`` makes at MAR build time (None: nothing) and about how many minutes that takes on two
@@ -138,14 +129,11 @@ class Optimization(ABC):
     separable: ClassVar[bool] = False  # forward(x, [k]) runs model k alone (per-model timings make sense)
 
     @classmethod
-    def slower_than_baseline(cls, device: torch.device) -> bool:
-        """Measured slower than the baseline on this device type (auto leaves it out there)."""
-        return cls.measured_speedup.get(torch.device(device).type, 1.0) < 1.0
-
-    @classmethod
-    def without_fast_kernels(cls, device: torch.device) -> bool:
-        """Measured an order of magnitude slower than the baseline here: no fast kernels (seconds a request)."""
-        return cls.measured_speedup.get(torch.device(device).type, 1.0) < NO_FAST_KERNELS
+    def fast_on(cls, device: torch.device) -> bool:
+        """Whether ``device`` has the units for its arithmetic (False: emulated there, seconds a request, e.g. fp16 on
+        a CPU without AMX-FP16): a fact of the hardware, read by ``auto`` (which leaves it out there) and the tests.
+        Which of the others is fastest on a machine, ``auto`` measures there."""
+        return True
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from ..device import native_bf16
+from ..device import native_bf16, native_fp16
 from .base import RawOutput, register
 from .baseline import Baseline
 
@@ -40,14 +40,20 @@ class Autocast(Baseline):
 @register
 class Fp16(Autocast):
     name = "fp16"
-    measured_speedup = {"cpu": 0.05}  # no fast fp16 kernels on common CPUs: 4.3 s a request (docs/benchmarks.md)
     dtype = torch.float16
+
+    @classmethod
+    def fast_on(cls, device: torch.device) -> bool:
+        return torch.device(device).type != "cpu" or native_fp16()
 
 
 @register
 class Bf16(Autocast):
     name = "bf16"
-    # without native bf16 (AMX / AVX-512 BF16) the CPU emulates it: measured 11.7 s a request against
-    # the baseline's 0.75 s on an AVX2-only EPYC with the trained weights
-    measured_speedup = {} if native_bf16() else {"cpu": 0.064}
     dtype = torch.bfloat16
+
+    @classmethod
+    def fast_on(cls, device: torch.device) -> bool:
+        # without AMX / AVX-512 BF16 the CPU emulates bf16: 11.7 s a request against the baseline's 0.75 s,
+        # measured on an AVX2-only EPYC with the trained weights
+        return torch.device(device).type != "cpu" or native_bf16()

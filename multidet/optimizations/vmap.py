@@ -71,7 +71,7 @@ class StackedNetwork(torch.nn.Module):
 @register
 class VmapBackbone(Optimization):
     name = "vmap_backbone"
-    measured_speedup = {"cpu": 0.36}  # on the 2-core EPYC (docs/benchmarks.md): auto skips it there
+    # 0.36x the baseline on a 2-core EPYC (docs/benchmarks.md): auto times it and keeps it only where it wins
     auto_candidate = True
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
