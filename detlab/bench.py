@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from multidet.decode import decode_image
-from multidet.device import synchronize
+from multidet.device import cpu_flags, synchronize
 from multidet.pipeline import Detector, RequestOptions
 
 # Figures of the seed project's report, compared in docs/benchmarks.md where ours correspond.
@@ -95,14 +95,7 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni",
 
 def cpu_isa() -> list[str]:
     """The matrix/vector extensions that decide which CPU paths are fast (``lscpu`` flags)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in ISA_FLAGS if f in flags]
-    except OSError:
-        pass
-    return []
+    return [f for f in ISA_FLAGS if f in cpu_flags()]
 
 
 def device_name(device: torch.device) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from multidet.artifacts import default_dir
+from multidet.artifacts import folder_of
 from multidet.optimizations import BuildContext, LoadedModel, build_optimization
 
 from .synthetic import DataSpec, calibration_images, check_set
@@ -46,5 +46,5 @@ def build_for_serving(
 ) -> list[Path]:
     """``optimization``'s build files for ``models`` where a Detector given ``artifact_dir`` loads them (None:
     the cache's folder of the optimization, as for a Ray replica without an artifact folder)."""
-    target = Path(artifact_dir) if artifact_dir is not None else default_dir(optimization)
+    target = folder_of(optimization, artifact_dir)
     return build_optimization(optimization, models, target, context(allow_reduced, photos, log))

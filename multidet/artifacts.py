@@ -35,6 +35,12 @@ def default_dir(path_name: str) -> Path:
     return cache_dir() / "artifacts" / path_name
 
 
+def folder_of(optimization: str, artifact_dir: Path | str | None) -> Path:
+    """Where ``optimization``'s build files are: the given folder (an archive's), else the cache's folder of that
+    optimization. A build and a load given the same ``artifact_dir`` (or none) meet here."""
+    return Path(artifact_dir) if artifact_dir is not None else default_dir(optimization)
+
+
 @dataclass(frozen=True)
 class Artifact:
     files: Sequence[Path]  # what must exist

@@ -122,7 +122,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, types: Iterable[type], sk
                 continue
             taken.add(f.name)
             flag = "--" + f.name.replace("_", "-")
-            default = f.default if not callable(f.default_factory) else f.default_factory()  # type: ignore[misc]
+            default = f.default
             dest = SETTING + f.name
             if isinstance(default, bool):
                 group.add_argument(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -25,13 +27,14 @@ def select_device(preference: str = "auto", gpu_id: int | str | None = None) -> 
     return device
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (Linux; empty elsewhere)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux; empty elsewhere), read once."""
     try:
         with open("/proc/cpuinfo") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+            return frozenset(flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split())
     except OSError:
-        return set()
+        return frozenset()
 
 
 def native_bf16() -> bool:

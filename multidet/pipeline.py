@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .artifacts import default_dir
+from .artifacts import folder_of
 from .config import Settings
 from .device import synchronize
 from .envelopes import RequestOptions
@@ -59,9 +59,7 @@ class Detector:
         self.model_names = tuple(m.name for m in self.models)
         if len(set(self.model_names)) != len(self.model_names):
             raise ValueError(f"model names must be unique, got {list(self.model_names)}")
-        # the build files: the given folder (an archive's), else the cache's folder of this optimization, where
-        # a build for no folder (``artifacts.default_dir``) puts them
-        artifact_dir = Path(artifact_dir) if artifact_dir is not None else default_dir(settings.optimization)
+        artifact_dir = folder_of(settings.optimization, artifact_dir)  # where a build for the same folder put them
         groups = architecture_groups(self.models)
         preprocessors: dict[tuple, Preprocessor] = {}
         self.groups: list[Group] = []

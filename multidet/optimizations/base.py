@@ -172,11 +172,9 @@ class Optimization(ABC):
 
     def artifacts(self) -> Path:
         """Where this optimization's build files are: its artifact dir, else a per-optimization folder of the cache."""
-        if self.artifact_dir is not None:
-            return self.artifact_dir
-        from ..artifacts import default_dir
+        from ..artifacts import folder_of
 
-        return default_dir(self.name)
+        return folder_of(self.name, self.artifact_dir)
 
     @property
     def description(self) -> str:
