@@ -134,7 +134,7 @@ sweep: install
 peers: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_peers.py $(ARGS)
 
-# p50 in-process and over HTTP for sets of 1..8 models, per optimization (detlab.experiments.scaling)
+# p50 in-process and over HTTP for sets of 1..16 models sharing all but their class nets, their backbone or nothing (detlab.experiments.scaling)
 scaling: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(PY) scripts/run_scaling.py $(ARGS)
 

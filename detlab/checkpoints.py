@@ -191,6 +191,21 @@ def load_checkpoint(ckpt_dir: Path, name: str) -> tuple[CheckpointMeta, Efficien
     return meta, load_entry(entry_of_checkpoint(ckpt_dir, name, meta)).net
 
 
+def graft(base: Mapping[str, torch.Tensor], donor: Mapping[str, torch.Tensor], own: Sequence[str]) -> OrderedDict:
+    """``base``'s tensors, those under the key prefixes ``own`` (e.g. ``("class_net.",)``) taken from ``donor`` (same
+    architecture, any class count): a model that shares the rest of ``base`` bit for bit, as a fine-tune with
+    those parts frozen would."""
+    return OrderedDict((k, donor[k] if k.startswith(tuple(own)) else v) for k, v in base.items())
+
+
+def perturbed(state: Mapping[str, torch.Tensor], own: Sequence[str], factor: float) -> OrderedDict:
+    """``state`` with its float tensors under the prefixes ``own`` scaled by ``factor``: a model of its own in those
+    parts (other content, nearly the same answers: what a set of distinct models costs to run)."""
+    return OrderedDict(
+        (k, v * factor if k.startswith(tuple(own)) and v.is_floating_point() else v) for k, v in state.items()
+    )
+
+
 def calibration_batch(photos: Sequence[bytes], architecture: str) -> torch.Tensor:
     """Photos letterboxed as for inference at ``architecture``'s input size, plus their mirror images:
     what a generated model's BatchNorm statistics are set from."""

@@ -1,8 +1,9 @@
 """Packaging: one model archive (MAR) for one optimization. Where the handler, the model set
 and the calibration photos are is the caller's to say (``MarOptions``): the package knows no checkout.
 
-A MAR holds the handler file, this package, the model set (a ``models.yaml`` and each model's
-weights under ``models/``, with its classes and sha256 written out, so every load verifies them;
+A MAR holds the handler file, the runtime package, the model set (a ``models.yaml`` and the weights under
+``models/``: each distinct tensor once in one store, an index per model, with its classes and sha256 written out,
+so every load verifies them;
 by default the repository's ``models.yaml``: the trained weights in ``weights/``), the optimization's
 build-time files (an ONNX export, AOT packages, an Inductor cache, made here by ``Optimization.build``)
 and a ``model-config.yaml``: TorchServe's per-model worker settings plus the ``handler:`` section,
@@ -12,21 +13,23 @@ the Dockerfiles and ``detlab.server`` all call.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
 import yaml
 
 import multidet
 from multidet.config import ConfigError, Settings
 from multidet.modelset import MODELS_FILE, ModelSet, load_models, pinned, read_model_set
-from multidet.weights import sidecar
+from multidet.weights import INDEX_SUFFIX, LoadedModel, sha256_file, sidecar, tensor_digest
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def build_mar(options: MarOptions, export_path: Path, log: Callable[[str], None]
         extra = Path(tmp) / "extra"
         package = Path(multidet.__file__).resolve().parent  # the runtime only: the lab stays out
         shutil.copytree(package, extra / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        write_model_set(packed, extra)
+        write_model_set(packed, models, extra)
         context = build.context(settings.allow_reduced, options.calibration_photos, log)
         opt = OPTIMIZATIONS[settings.optimization]
         if opt.build_step:
@@ -128,21 +131,46 @@ def build_mar(options: MarOptions, export_path: Path, log: Callable[[str], None]
     return mar
 
 
-def write_model_set(model_set: ModelSet, folder: Path) -> Path:
-    """Copy each entry's weights (and the project metadata beside them, if any) to ``folder/models/`` and
-    write ``folder/models.yaml`` pointing at the copies."""
+def write_model_set(model_set: ModelSet, models: Sequence[LoadedModel], folder: Path) -> Path:
+    """The set's weights under ``folder/models/``, each distinct tensor once: one tensor store and an index per
+    model (``multidet.weights.read_indexed``; a part the models share is stored once), the project metadata
+    beside each index, and ``folder/models.yaml`` pointing at the indexes with their sha256."""
     from dataclasses import replace
 
     target = Path(folder) / "models"
-    target.mkdir(parents=True, exist_ok=True)
+    indexes = write_indexed({m.name: m.net.state_dict() for m in models}, target)
     entries = []
     for e in model_set.entries:
-        copy = target / f"{e.name}{Path(e.weights).suffix}"
-        shutil.copy2(e.weights, copy)
+        index = indexes[e.name]
         if sidecar(e.weights) is not None:
-            shutil.copy2(Path(e.weights).with_suffix(".json"), copy.with_suffix(".json"))
-        entries.append(replace(e, weights=copy.resolve()))
+            shutil.copy2(Path(e.weights).with_suffix(".json"), index.with_suffix(".json"))
+        entries.append(replace(e, weights=index.resolve(), sha256=sha256_file(index)))
     return ModelSet(tuple(entries)).write(Path(folder) / MODELS_FILE)
+
+
+def write_indexed(states: dict[str, dict[str, torch.Tensor]], folder: Path, store_name: str = "tensors.safetensors"):
+    """``states`` (model name -> state_dict) as one store holding each distinct tensor once and an index per model
+    (``<name>.tensors``) in ``folder``; returns {name: index path}. What ``multidet.weights.read_indexed`` reads."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    store: dict[str, torch.Tensor] = {}
+    indexes = {}
+    for name, state in states.items():
+        digests = {}
+        for key, tensor in state.items():
+            digest = tensor_digest(tensor)
+            store.setdefault(digest, tensor.detach().cpu().contiguous())
+            digests[key] = digest
+        indexes[name] = digests
+    save_file(store, str(folder / store_name))
+    store_sha = sha256_file(folder / store_name)
+    out = {}
+    for name, digests in indexes.items():
+        out[name] = folder / f"{name}{INDEX_SUFFIX}"
+        out[name].write_text(json.dumps({"store": store_name, "store_sha256": store_sha, "tensors": digests}) + "\n")
+    return out
 
 
 def build_mar_isolated(options: MarOptions, export_path: Path) -> Path:

@@ -26,12 +26,13 @@ from pathlib import Path
 import yaml
 
 from .config import NAME, ConfigError
-from .weights import CheckpointError, load_entry, sha256_file, sidecar
+from .sharing import hold_once
+from .weights import INDEX_SUFFIX, CheckpointError, load_entry, sha256_file, sidecar
 
 MODELS_FILE = "models.yaml"  # the file's name in a folder (a model archive, a checkpoints folder)
 MAX_MODELS = 64
 KEYS = {"name", "architecture", "weights", "classes", "classes_file", "threshold", "sha256"}
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".tar", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".tar", ".bin", ".ckpt", INDEX_SUFFIX)
 
 
 class ModelSetError(ConfigError):
@@ -235,13 +236,15 @@ def read_model_set(path: Path | str) -> ModelSet:
 
 
 def load_models(model_set: ModelSet, names: Iterable[str] | None = None) -> list:
-    """Every entry's weights read, verified and loaded: a ``LoadedModel`` per entry, in the file's order."""
+    """Every entry's weights read, verified and loaded: a ``LoadedModel`` per entry, in the file's order; equal
+    tensors of different models are one tensor (``sharing.hold_once``)."""
     out = []
     for entry in model_set.select(list(names) if names else None):
         try:
             out.append(load_entry(entry))
         except CheckpointError as exc:
             raise ModelSetError(f"{model_set._where()}: {entry.name}: {exc}") from exc
+    hold_once([m.net for m in out])  # a tensor equal in several models is held once
     return out
 
 

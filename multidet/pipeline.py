@@ -31,6 +31,7 @@ from .modelset import ModelSet, load_models, read_model_set
 from .optimizations import LoadedModel, Optimization, architecture_groups, create_optimization, group_artifact_dir
 from .postprocess import detections_for, merge
 from .preprocess import Batch, Letterbox, Preprocessor
+from .sharing import Plan, summary
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,13 @@ class Detector:
                 threshold=settings.threshold,
             )
             self.groups.append(Group(arch, idx, pre, optimization))
+        # what the models of each architecture share (found from the weights; every set-wide optimization runs it once)
+        self.sharing = {
+            arch: Plan([self.models[k].net for k in idx]).describe([self.models[k].name for k in idx])
+            for arch, idx in groups
+        }
+        for arch, shared in self.sharing.items():
+            log.info("sharing (%s): %s", arch, summary(shared))
         self.preprocessors = list(preprocessors.values())
         self.decoder = decoder_for(settings)  # in-process, or a child with a deadline (decode_deadline_s)
 
@@ -125,6 +133,7 @@ class Detector:
             ],
             "optimization": self.description,
             "device": str(self.device),
+            "sharing": self.sharing,
         }
 
     def threshold_for(self, options: RequestOptions, model: LoadedModel) -> float:

@@ -61,10 +61,57 @@ def build_network(architecture: str, num_classes: int, image_size: int | None = 
     return EfficientDet(model_config(architecture, num_classes, image_size), pretrained_backbone=False)
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes: equal exactly when the tensors are."""
+    data = tensor.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
+    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+# A set's weights with each distinct tensor stored once (what a model archive holds): one safetensors STORE whose
+# keys are tensor digests, and per model an INDEX (``<name>.tensors``, JSON) naming the store, its sha256 and, per
+# state_dict key, the digest of its tensor. The entry's sha256 covers the index, the index's covers the store.
+INDEX_SUFFIX = ".tensors"
+_verified: set[tuple] = set()  # (store path, sha256, mtime, size) of the stores checked in this process
+
+
+def read_indexed(path: Path) -> OrderedDict[str, torch.Tensor]:
+    """A model's state_dict from its index and the store it names (verified once per process; only this model's
+    tensors are read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        index = json.loads(Path(path).read_text())
+        store, expected, tensors = Path(path).parent / index["store"], index["store_sha256"], index["tensors"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a weights index: {exc}") from None
+    if not store.is_file():
+        raise CheckpointError(f"{path} names the tensor store {store.name}, which is missing")
+    stat = store.stat()
+    key = (str(store.resolve()), expected, stat.st_mtime_ns, stat.st_size)
+    if key not in _verified:
+        actual = sha256_file(store)
+        if actual != expected:
+            raise CheckpointError(f"{store} failed its integrity check: sha256 {actual[:16]}... is not {expected[:16]}")
+        _verified.add(key)
+    try:
+        with safe_open(str(store), framework="pt") as f:
+            missing = sorted(set(tensors.values()) - set(f.keys()))
+            if missing:
+                raise CheckpointError(f"{path}: {len(missing)} of its tensors are not in {store.name}")
+            return OrderedDict((name, f.get_tensor(digest)) for name, digest in tensors.items())
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{store} is not a readable safetensors file: {exc}") from exc
+
+
 def read_state_dict(path: Path) -> OrderedDict[str, torch.Tensor]:
-    """A weights file: safetensors, or a torch file holding a bare state_dict or effdet train.py's dict
-    with ``state_dict_ema`` (preferred) / ``state_dict``. ``module.``/``model.`` prefixes are removed."""
+    """A weights file: safetensors, a weights index (``INDEX_SUFFIX``), or a torch file holding a bare state_dict or
+    effdet train.py's dict with ``state_dict_ema`` (preferred) / ``state_dict``. ``module.``/``model.`` prefixes are
+    removed."""
     path = Path(path)
+    if path.suffix.lower() == INDEX_SUFFIX:
+        return read_indexed(path)
     obj = load_safetensors(path) if path.suffix.lower() == ".safetensors" else safe_torch_load(path)
     if isinstance(obj, Mapping) and "state_dict_ema" in obj and obj["state_dict_ema"]:
         obj = obj["state_dict_ema"]

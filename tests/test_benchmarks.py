@@ -177,22 +177,33 @@ def test_peers_quick(tmp_path):
 
 
 def test_scaling_in_process_on_tiny_sets(tmp_path):
-    """Scaling in-process (its HTTP half is the same loop against servers: make scaling)."""
+    """Scaling in-process (its HTTP half is the same loop against servers: make scaling): sets made from one model
+    share what they were made to share."""
     from detlab.bench import environment
-    from detlab.experiments.scaling import ScalingResult, cycled, plot, report, run_in_process
+    from detlab.experiments.scaling import SHARING, ScalingResult, derived, plot, report, run_in_process
     from multidet.modelset import load_models, read_model_set
+    from multidet.sharing import Plan
 
-    base = load_models(read_model_set(RANDOM))
-    four = cycled(base, 4)
-    assert [m.name for m in four] == ["m0", "m1", "m2", "m3"] and four[3].net is base[0].net
+    base = load_models(read_model_set(RANDOM))[0]
+    heads = derived(base, 3, SHARING["all_but_class_net"])
+    assert [m.name for m in heads] == ["m0", "m1", "m2"] and heads[
+        2
+    ].net.backbone.conv_stem.weight is base.net.backbone.conv_stem.weight
+    assert not torch.equal(heads[2].net.class_net.predict.conv_pw.weight, base.net.class_net.predict.conv_pw.weight)
+    plans = {kind: Plan([m.net for m in derived(base, 2, own)]) for kind, own in SHARING.items()}
+    assert plans["all_but_class_net"].computed < plans["backbone_only"].computed < plans["nothing"].computed
+    assert plans["nothing"].computed == plans["nothing"].total
     lines = []
+    kinds = ["all_but_class_net", "nothing"]
     table = run_in_process(
-        base, [1, 2], ["baseline", "grouped"], [PHOTOS[0].read_bytes()], 2, tmp_path, say=lines.append
+        base, kinds, [1, 2], ["baseline", "grouped"], [PHOTOS[0].read_bytes()], 2, tmp_path, say=lines.append
     )
-    assert set(table) == {"baseline", "grouped"} and all(set(row) == {1, 2} for row in table.values())
-    assert all(ms > 0 for row in table.values() for ms in row.values()) and any("built" in x for x in lines)
+    assert set(table) == set(kinds) and all(set(row) == {1, 2} for t in table.values() for row in t.values())
+    assert all(ms > 0 for t in table.values() for row in t.values() for ms in row.values())
+    assert any("built" in x for x in lines)
     result = ScalingResult([1, 2], ["baseline", "grouped"], 2, table, environment=environment())
-    assert "speed-up vs baseline" in report(result) and result.to_json()["in_process_ms_per_model"]["baseline"][2]
+    assert "sharing all but class net" in report(result)
+    assert 2 in result.to_json()["in_process_added_model_cost"]["nothing"]["baseline"]
     assert plot(result, tmp_path / "scaling.png").stat().st_size > 5000
 
 

@@ -316,8 +316,11 @@ def test_one_batch_mixing_every_kind_of_bad_request(server, embedded, labelled):
 
 
 def test_customized_description(server):
-    """TorchServe's describe call (management API, customized=true) answers with the model set."""
+    """TorchServe's describe call (management API, customized=true) answers with the model set and what its
+    models share (the shipped models differ only in their class layers)."""
     info = requests.get(f"{server.management}/models/all?customized=true", timeout=30).json()[0]
     meta = info["customizedMetadata"]
     meta = json.loads(meta) if isinstance(meta, str) else meta
     assert [m["name"] for m in meta["models"]] == list(NAMES) and meta["optimization"]
+    shared = meta["sharing"]["efficientdet_d0"]
+    assert shared["computed"] < shared["without_sharing"] and set(shared["shares"]) <= set(NAMES[1:])

@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..artifacts import Artifact, ensure
 from ..preprocess import Preprocessor
-from .base import BuildContext, LoadedModel, on_device, register, weights_stamp
+from .base import BuildContext, LoadedModel, RawOutput, on_device, register, weights_stamp
 from .baseline import Baseline
 
 log = logging.getLogger(__name__)
@@ -132,3 +132,6 @@ class AotInductor(Baseline):
         t0 = time.perf_counter()
         self.nets = [torch._inductor.aoti_load_package(str(package_path(directory, m))) for m in self.models]
         log.info("loaded %d AOTInductor packages in %.2f s", len(self.nets), time.perf_counter() - t0)
+
+    def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
+        return self.forward_each(images, active)  # one program per network: shared parts run in each

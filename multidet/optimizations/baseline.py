@@ -1,4 +1,5 @@
-"""``baseline``: the three networks one after another, eager fp32, as effdet's DetBenchPredict."""
+"""``baseline``: the set's networks in eager fp32, as effdet's DetBenchPredict runs each, the parts that models share
+computed once (``multidet.sharing``: found from the weights; bit-identical to running each network alone)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..sharing import SharedNetwork
 from .base import Optimization, RawOutput, on_device, register
 
 
@@ -18,6 +20,11 @@ class Baseline(Optimization):
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
         self.nets = [on_device(m.net, self.device).eval() for m in self.models]
+        self.network = SharedNetwork(self.nets)
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
+        return self.network.run(images, active)
+
+    def forward_each(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
+        """Each network whole (for the optimizations that make every network one compiled program)."""
         return {i: self.nets[i](images) for i in active}

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..sharing import SharedNetwork
 from .base import RawOutput, register
 from .baseline import Baseline
 
@@ -20,7 +21,9 @@ class ChannelsLast(Baseline):
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
         # a copy: Module.to(memory_format) works in place, and the loaded nets are shared with other optimizations
-        self.nets = [copy.deepcopy(net).to(memory_format=torch.channels_last) for net in self.nets]
+        # (one deepcopy of the list keeps the tensors the networks share shared; Module.to converts them in place)
+        self.nets = [net.to(memory_format=torch.channels_last) for net in copy.deepcopy(self.nets)]
+        self.network = SharedNetwork(self.nets)
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         return super().forward(images.contiguous(memory_format=torch.channels_last), active)

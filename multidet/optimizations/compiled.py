@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .base import BuildContext, LoadedModel, register
+from .base import BuildContext, LoadedModel, RawOutput, register
 from .baseline import Baseline
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class Compiled(Baseline):
             )
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.nets = [torch.compile(net, mode=self.mode, dynamic=False) for net in self.nets]
+
+    def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
+        return self.forward_each(images, active)  # one program per network: shared parts run in each
 
 
 @register

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..sharing import split_flat
 from .base import RawOutput, register
-from .grouped import Grouped, split_outputs
+from .grouped import Grouped
 
 log = logging.getLogger(__name__)
 WARMUP_PASSES = 3
@@ -31,7 +32,7 @@ WARMUP_PASSES = 3
 class _Captured:
     graph: torch.cuda.CUDAGraph
     static_input: torch.Tensor
-    static_output: tuple[list[torch.Tensor], list[torch.Tensor]]
+    static_output: list[torch.Tensor]  # every model's levels, flat (sharing.split_flat)
     replays: int = 0
 
 
@@ -71,5 +72,4 @@ class CudaGraphs(Grouped):
         captured.static_input.copy_(images)
         captured.graph.replay()
         captured.replays += 1
-        cls_out, box_out = captured.static_output
-        return split_outputs(cls_out, box_out, self.widths, active)
+        return split_flat(captured.static_output, self.levels, active)

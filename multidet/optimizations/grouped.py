@@ -1,6 +1,9 @@
-"""``grouped``: one fused super-model for the three networks.
+"""``grouped``: the set's networks as one module, what they share once and their own parts stacked.
 
-Built once at load time from the three same-architecture networks:
+What the models share (``multidet.sharing``: found from the weights) runs once (``StackedShared``); where
+models branch, their own parts (everything, for models that share nothing) are ONE fused super-model
+(``merge_networks``), fed the shared state repeated once per model. The super-model of M same-architecture
+networks, built once at load time:
 
 1. BatchNorm is folded into the convolution before it (conv weights scaled by gamma/sigma, bias
    absorbs the shift); a BatchNormAct2d leaves only its activation behind.
@@ -16,8 +19,8 @@ Built once at load time from the three same-architecture networks:
    outputs concatenated (1053 channels). Padding it to one grouped conv of 3 x 810 outputs would
    compute 1377 channels of zeros: ~0.48 of ~3.7 GMAC per image, 13 % of the three networks.
 
-One forward pass issues a third of the three networks' convolution launches, plus the two extra
-class-head convs per level (``conv_calls`` counts them; a test checks it), and the module is a
+For three models that share nothing, one forward pass issues a third of the three networks' convolution launches,
+plus the two extra class-head convs per level (``conv_calls`` counts them; a test checks it), and the module is a
 static graph: ``torch.export``/``torch.jit.trace``/ONNX export it as one program.
 """
 
@@ -25,12 +28,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from effdet.efficientdet import FpnCombine
 
-from .base import CLASS_HEAD, Optimization, RawOutput, class_head_widths, register
+from ..sharing import Plan, Segment, segments, split_flat
+from .base import CLASS_HEAD, Optimization, RawOutput, class_head_widths, on_device, register
 
 STEM = "backbone.conv_stem"
 # (conv, bn) attribute pairs where the BatchNorm directly follows the conv in the parent's forward
@@ -183,18 +188,6 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def split_outputs(cls_out, box_out, widths: Sequence[int], active: Sequence[int]) -> dict[int, RawOutput]:
-    box = box_out[0].shape[1] // len(widths)  # 9 anchors x 4 coordinates per model
-    starts = [sum(widths[:k]) for k in range(len(widths))]
-    return {
-        k: (
-            [c[:, starts[k] : starts[k] + widths[k]] for c in cls_out],
-            [b[:, k * box : (k + 1) * box] for b in box_out],
-        )
-        for k in active
-    }
-
-
 def conv_calls(module: nn.Module, x: torch.Tensor) -> int:
     """How many convolutions one forward pass launches (a forward hook on every Conv2d)."""
     count = [0]
@@ -212,19 +205,118 @@ def conv_calls(module: nn.Module, x: torch.Tensor) -> int:
     return count[0]
 
 
+def _replicate(state, m: int):
+    """A shared state as the input of ``m`` stacked models: every tensor repeated along channels."""
+    if isinstance(state, torch.Tensor):
+        return torch.cat([state] * m, 1)
+    if isinstance(state, tuple):  # the backbone's (x, features)
+        return tuple(_replicate(s, m) if s is not None else None for s in state)
+    return [_replicate(s, m) for s in state]
+
+
+@dataclass(eq=False)
+class _Stack:
+    """Models whose own (unshared) parts start at the same segment of the same shared state: their networks
+    merged, run from that segment on over the state repeated once per model."""
+
+    models: list[int]
+    network: nn.Module
+    widths: list[int]
+    trunk: list[Segment]  # the merged network's trunk segments from the start (empty: the start is in a head)
+    heads: list[tuple[int, list[Segment]]]  # (head index, its segments from the start)
+    replicate: bool  # False at the root: the stem conv reads the one image for every model
+
+    def run(self, state, outputs: list[list]) -> None:
+        state = _replicate(state, len(self.models)) if self.replicate else state
+        for segment in self.trunk:
+            state = segment.run(state)
+        for h, chain in self.heads:
+            levels = state
+            for segment in chain:
+                levels = segment.run(levels)
+            for j, k in enumerate(self.models):  # class outputs: each model's width; box outputs: equal parts
+                if h == 0:
+                    start = sum(self.widths[:j])
+                    outputs[k][h] = [t[:, start : start + self.widths[j]] for t in levels]
+                else:
+                    part = levels[0].shape[1] // len(self.models)
+                    outputs[k][h] = [t[:, j * part : (j + 1) * part] for t in levels]
+
+
+class StackedShared(nn.Module):
+    """The set's networks as one module: what models share (``multidet.sharing.Plan``) computed once, and
+    where models branch, their own parts stacked into one merged network (``merge_networks``) fed the shared
+    state repeated per model. A set that shares nothing is today's grouped super-model; a set that shares
+    all but the class heads computes one network and the class heads. ``forward`` gives every model's
+    outputs flat (``sharing.split_flat``): a static graph for ONNX export."""
+
+    def __init__(self, nets: Sequence[nn.Module]):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        self.plan = Plan(list(nets))
+        self.count = len(nets)
+        self.stacks: dict[int, list[_Stack]] = {}  # id(node) -> the stacks that start below it
+        self.stacked: set[int] = set()  # id(child) of every child a stack replaces
+        merged_modules = []
+        for node in [self.plan.root, *self.plan.nodes()]:
+            own: dict[str, list] = {}  # the children of one model (its unshared rest), by first segment
+            for child in node.children.values():
+                if len(child.models) == 1:
+                    own.setdefault(child.segment.name, []).append(child)
+            for name, children in own.items():
+                models = sorted(next(iter(c.models)) for c in children)
+                if len(models) < 2:
+                    continue
+                merged, widths = merge_networks([nets[k] for k in models])
+                merged_modules.append(merged)
+                trunk, heads = segments(merged)
+                names = [s.name for s in trunk]
+                if name in names:
+                    start_trunk = trunk[names.index(name) :]
+                    chains = [(h, chain) for h, chain in enumerate(heads.values())]
+                else:
+                    start_trunk = []
+                    chains = [
+                        (h, chain[[s.name for s in chain].index(name) :])
+                        for h, chain in enumerate(heads.values())
+                        if name in [s.name for s in chain]
+                    ]
+                stack = _Stack(models, merged, widths, start_trunk, chains, node is not self.plan.root)
+                self.stacks.setdefault(id(node), []).append(stack)
+                self.stacked.update(id(c) for c in children)
+        self.merged = nn.ModuleList(merged_modules)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs: list[list] = [[None, None] for _ in range(self.count)]
+        self._visit(self.plan.root, x, outputs)
+        flat: list[torch.Tensor] = []
+        for cls_out, box_out in outputs:
+            flat += list(cls_out) + list(box_out)
+        return flat
+
+    def _visit(self, node, state, outputs: list[list]) -> None:
+        for k, h in node.ends:
+            outputs[k][h] = state
+        for stack in self.stacks.get(id(node), []):
+            stack.run(state, outputs)
+        for child in node.children.values():
+            if id(child) not in self.stacked:
+                self._visit(child, child.segment.run(state), outputs)
+
+
 @register
 class Grouped(Optimization):
     name = "grouped"
     auto_candidate = True
     # in eager PyTorch on a CPU, oneDNN's grouped convolutions were no faster than three plain ones (0.97x the
     # baseline on a 2-core EPYC, 2026-11-29): auto times it where it runs and keeps it only where it wins. Its
-    # graph is what onnxruntime runs, where it is the fastest optimization.
+    # graph is what onnxruntime runs, where it is the fastest optimization. What the models share runs once
+    # (StackedShared); only their own parts are stacked.
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
-        merged, self.widths = merge_networks([m.net for m in self.models])
-        self.network = merged.to(self.device)
+        self.network = StackedShared([on_device(m.net, self.device).eval() for m in self.models])
+        self.levels = self.models[0].net.config.num_levels
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
-        cls_out, box_out = self.network(images)
-        return split_outputs(cls_out, box_out, self.widths, active)
+        return split_flat(self.network(images), self.levels, active)

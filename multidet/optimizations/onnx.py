@@ -1,9 +1,11 @@
 """``onnxruntime`` / ``onnxruntime_per_model``: the networks exported to ONNX, run by ONNX Runtime.
 
 Two forms, both offered because which is faster depends on the CPU (the ablation measures both, and
-``auto`` times both at load): ``onnxruntime`` runs the grouped super-model as ONE graph (a third of
-the kernel launches, wider convolutions); ``onnxruntime_per_model`` runs three plain graphs, one
-session per network (what a user running the models on ONNX Runtime alone would do).
+``auto`` times both at load): ``onnxruntime`` runs the set as ONE graph, ``grouped.StackedShared``: what
+the models share (found from their weights, ``multidet.sharing``) once, their own parts stacked (a third of
+the kernel launches for three models that share nothing, wider convolutions); ``onnxruntime_per_model``
+runs one plain graph per network, one session each (what a user running the models on ONNX Runtime alone
+would do).
 
 The export is a build step: ``make mar OPT=onnxruntime`` writes ``artifacts/grouped.onnx`` (or
 ``artifacts/onnx/<model>.onnx``) plus a JSON stamp naming the checkpoints' sha256 it was exported
@@ -16,6 +18,7 @@ PyTorch, shared with every other path.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Sequence
@@ -25,8 +28,9 @@ import numpy as np
 import torch
 
 from ..artifacts import Artifact, ensure, reuse_or_build
-from .base import BuildContext, LoadedModel, Optimization, RawOutput, class_head_widths, register, weights_stamp
-from .grouped import merge_networks, split_outputs
+from ..sharing import split_flat
+from .base import BuildContext, LoadedModel, Optimization, RawOutput, register, weights_stamp
+from .grouped import StackedShared
 
 log = logging.getLogger(__name__)
 ONNX_FILE = "grouped.onnx"
@@ -35,13 +39,29 @@ OPSET = 17
 
 
 def _stamp(models: Sequence[LoadedModel]) -> dict:
-    # graph: the grouped super-model's layout (v2: one class-head conv per model, no zero padding)
-    return weights_stamp(models, opset=OPSET, torch=torch.__version__, graph=2)
+    # graph: the one graph's layout (v2: one class-head conv per model, no zero padding; v3: shared parts once,
+    # outputs per model)
+    return weights_stamp(models, opset=OPSET, torch=torch.__version__, graph=3)
 
 
-def export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """One network (or the grouped super-model) to ONNX: opset 17, dynamic batch, outputs named
-    class_0..4 then box_0..4 (effdet's level order)."""
+def output_names(models: int = 1, levels: int = 5) -> list[str]:
+    """class_0..4 then box_0..4 (effdet's level order) for one network; m<k>_class_<l>, m<k>_box_<l> per model for
+    the set's graph (``sharing.split_flat``'s order)."""
+    one = [f"class_{i}" for i in range(levels)] + [f"box_{i}" for i in range(levels)]
+    return one if models == 1 else [f"m{k}_{name}" for k in range(models) for name in one]
+
+
+def private(models: Sequence[LoadedModel]) -> list[torch.nn.Module]:
+    """Each network as a copy of its own, no tensor shared with another (what ``export_graph`` needs)."""
+    return [copy.deepcopy(m.net).eval() for m in models]
+
+
+def export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path, names: list[str] | None = None) -> Path:
+    """One network (or the set's graph) to ONNX: opset 17, dynamic batch, outputs ``names`` (``output_names``).
+
+    Give it copies (``private``): the TorchScript-based exporter folds BatchNorm into the parameters it is given,
+    once per use, so a tensor that two layers use (``sharing.hold_once``) came out folded twice, in the graph and
+    in the networks (measured)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # torch 2.14 marks the TorchScript-based exporter deprecated in favour of the torch.export
@@ -54,7 +74,7 @@ def export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path) -> 
             dynamo=False,
             opset_version=OPSET,
             input_names=["images"],
-            output_names=[f"class_{i}" for i in range(5)] + [f"box_{i}" for i in range(5)],
+            output_names=names or output_names(),
             dynamic_axes={"images": {0: "batch"}},
         )
     return path
@@ -66,9 +86,12 @@ def grouped_artifact(models: Sequence[LoadedModel], directory: Path) -> Artifact
 
 
 def export_onnx(models: Sequence[LoadedModel], path: Path) -> Path:
-    """The grouped super-model as one graph (``grouped_files`` stamps it)."""
-    merged, _ = merge_networks([m.net for m in models])
-    return export_graph(merged, torch.zeros(1, 3, *models[0].net.config.image_size), path)
+    """The set as one graph, shared parts once and own parts stacked (``grouped_files`` stamps it)."""
+    config = models[0].net.config
+    with torch.no_grad():
+        network = StackedShared(private(models))  # shared parts are found by content, not by tensor identity
+        names = output_names(len(models), config.num_levels)
+        return export_graph(network, torch.zeros(1, 3, *config.image_size), path, names)
 
 
 def per_model_paths(models: Sequence[LoadedModel], directory: Path) -> list[Path]:
@@ -82,7 +105,7 @@ def per_model_artifact(models: Sequence[LoadedModel], directory: Path) -> Artifa
 def export_per_model(models: Sequence[LoadedModel], directory: Path) -> list[Path]:
     """Each network as its own graph (``<directory>/onnx/<model>.onnx``; ``per_model_files`` stamps them)."""
     example = torch.zeros(1, 3, *models[0].net.config.image_size)
-    return [export_graph(m.net, example, path) for m, path in zip(models, per_model_paths(models, directory))]
+    return [export_graph(net, example, path) for net, path in zip(private(models), per_model_paths(models, directory))]
 
 
 def grouped_files(models: Sequence[LoadedModel], directory: Path, say=log.info) -> list[Path]:
@@ -134,7 +157,7 @@ class OnnxRuntime(_Ort):
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
-        self.widths = class_head_widths([m.net for m in self.models])  # the graph's class outputs, concatenated
+        self.levels = self.models[0].net.config.num_levels
         directory = self.artifacts()
         ensure(
             grouped_artifact(self.models, directory),
@@ -147,7 +170,7 @@ class OnnxRuntime(_Ort):
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         outputs = self.session.run(None, {"images": np.ascontiguousarray(images.detach().cpu().numpy())})
         tensors = [torch.from_numpy(o).to(self.device) for o in outputs]
-        return split_outputs(tensors[:5], tensors[5:], self.widths, active)
+        return split_flat(tensors, self.levels, active)
 
 
 @register

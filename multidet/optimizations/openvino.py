@@ -1,10 +1,11 @@
-"""``openvino`` / ``openvino_bf16`` / ``openvino_int8``: each network as OpenVINO IR on its CPU plugin.
+"""``openvino`` / ``openvino_bf16`` / ``openvino_int8``: the set's networks as one OpenVINO IR on its CPU plugin.
 
-Build (``make mar OPT=openvino...``, packed into the MAR): each network is exported to ONNX
-(``onnx.export_graph``), converted to OpenVINO IR (``ov.convert_model``, weights kept in f32) and saved to
-``artifacts/openvino/<model>.xml|.bin`` with a stamp naming the checkpoints' sha256 and the OpenVINO version.
-``openvino_int8`` also quantises each network with NNCF post-training quantisation (mixed preset: symmetric
-weights, asymmetric activations), calibrated on the first ``CALIBRATION_IMAGES`` images of that model's own
+Build (``make mar OPT=openvino...``, packed into the MAR): the set's networks as one graph whose shared parts run
+once (``sharing.SharedNetwork``: found from the weights; a set that shares nothing is its networks side by side)
+are exported to ONNX (``onnx.export_graph``), converted to OpenVINO IR (``ov.convert_model``, weights kept in f32)
+and saved to ``artifacts/openvino/set.xml|.bin`` with a stamp naming the checkpoints' sha256 and the OpenVINO
+version. ``openvino_int8`` also quantises the graph with NNCF post-training quantisation (mixed preset: symmetric
+weights, asymmetric activations), calibrated on the first ``CALIBRATION_IMAGES`` images of each model's own
 training split (handed in by the build's caller: ``BuildContext.calibration``; the lab gives the images ``make
 dataset`` writes), letterboxed and normalised exactly as served, with NNCF's overflow fix on every layer
 (``OVERFLOW_FIX``): weights use 7 of their 8 bits, so a u8 x s8 product pair fits the 16-bit sums of the CPUs
@@ -40,16 +41,43 @@ from ..artifacts import Artifact, ensure, reuse_or_build
 from ..artifacts import cache_dir as artifacts_cache
 from ..device import native_bf16
 from ..preprocess import Preprocessor
+from ..sharing import SharedNetwork, split_flat
 from .base import BuildContext, LoadedModel, Optimization, RawOutput, register, weights_stamp
-from .onnx import export_graph
+from .onnx import export_graph, output_names, private
 
 log = logging.getLogger(__name__)
 CALIBRATION_IMAGES = 32  # per model, from its training split
 CALIBRATION_SEED = 0  # the seed `make dataset` uses
+SET_IR = "set.xml"  # the set's networks as one graph, what the models share once (multidet.sharing)
 # NNCF's OverflowFix: "enable" (7-bit weights in every layer) makes INT8 answers independent of VNNI; NNCF's
 # default, "first_layer", leaves the other layers to saturate on AVX2-only CPUs
 OVERFLOW_FIX = "enable"
-OUTPUTS = [f"class_{i}" for i in range(5)] + [f"box_{i}" for i in range(5)]
+
+
+def to_ir(
+    module: torch.nn.Module, example: torch.Tensor, names: list[str] | None, xml: Path, calibration: list | None = None
+) -> Path:
+    """``module`` (one network, or a set's graph) exported to ONNX, converted to OpenVINO IR (weights kept in f32)
+    and, given ``calibration`` batches, quantised to INT8 by NNCF (mixed preset, ``OVERFLOW_FIX``); saved at
+    ``xml`` (+ ``.bin``)."""
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory(prefix="onnx-") as tmp:
+        model = ov.convert_model(str(export_graph(module, example, Path(tmp) / "graph.onnx", names)))
+    if calibration is not None:
+        import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+        model = nncf.quantize(
+            model,
+            nncf.Dataset(calibration),
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(calibration),
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix(OVERFLOW_FIX)),
+        )
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return xml
 
 
 def cache_dir() -> Path:
@@ -71,7 +99,6 @@ def calibration_batches(model: LoadedModel, context: BuildContext, count: int = 
 
 class _OpenVino(Optimization):
     devices = ("cpu",)
-    separable = True
     auto_candidate = True
     precision: ClassVar[str] = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT
     ir_dir: ClassVar[str] = "openvino"  # under the artifact dir
@@ -100,16 +127,17 @@ class _OpenVino(Optimization):
                 "overflow_fix": OVERFLOW_FIX,
                 "nncf": nncf.__version__,
             }
-        return weights_stamp(models, openvino=ov.get_version(), torch=torch.__version__, calibration=extra)
+        # graph 2: the set as one IR, shared parts once
+        return weights_stamp(models, openvino=ov.get_version(), torch=torch.__version__, calibration=extra, graph=2)
 
     @classmethod
-    def _xmls(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> list[Path]:
-        return [Path(artifact_dir) / cls.ir_dir / f"{m.name}.xml" for m in models]
+    def _xml(cls, artifact_dir: Path) -> Path:
+        return Path(artifact_dir) / cls.ir_dir / SET_IR
 
     @classmethod
     def _artifact(cls, models: Sequence[LoadedModel], artifact_dir: Path) -> Artifact:
-        files = [f for x in cls._xmls(models, artifact_dir) for f in (x, x.with_suffix(".bin"))]
-        return Artifact(files, Path(artifact_dir) / cls.ir_dir / "stamp.json", cls._stamp(models))
+        xml = cls._xml(artifact_dir)
+        return Artifact([xml, xml.with_suffix(".bin")], xml.parent / "stamp.json", cls._stamp(models))
 
     @classmethod
     def build(
@@ -124,36 +152,17 @@ class _OpenVino(Optimization):
 
     @classmethod
     def _convert(cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext) -> None:
-        import openvino as ov
-
-        example = torch.zeros(1, 3, *models[0].net.config.image_size)
-        with tempfile.TemporaryDirectory(prefix="onnx-") as tmp:
-            for k, (m, xml) in enumerate(zip(models, cls._xmls(models, artifact_dir))):
-                t0 = time.perf_counter()
-                onnx = export_graph(m.net, example, Path(tmp) / f"{m.name}.onnx")
-                model = ov.convert_model(str(onnx))
-                if cls.quantize:
-                    model = cls._quantize(model, m, context)
-                xml.parent.mkdir(parents=True, exist_ok=True)
-                ov.save_model(model, str(xml), compress_to_fp16=False)
-                context.log(
-                    f"{cls.name}: {m.name} ({k + 1}/{len(models)}) converted"
-                    + (" and quantised" if cls.quantize else "")
-                    + f" in {time.perf_counter() - t0:.0f} s"
-                )
-
-    @classmethod
-    def _quantize(cls, model, loaded: LoadedModel, context: BuildContext):
-        import nncf
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-
-        data = calibration_batches(loaded, context)
-        return nncf.quantize(
-            model,
-            nncf.Dataset(data),
-            preset=nncf.QuantizationPreset.MIXED,
-            subset_size=len(data),
-            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix(OVERFLOW_FIX)),
+        t0 = time.perf_counter()
+        network = SharedNetwork(private(models))  # what the models share: found by content, once in the graph
+        config = models[0].net.config
+        # INT8: every model's own calibration images, through the one graph
+        calibration = [b for m in models for b in calibration_batches(m, context)] if cls.quantize else None
+        names = output_names(len(models), config.num_levels)
+        to_ir(network, torch.zeros(1, 3, *config.image_size), names, cls._xml(artifact_dir), calibration)
+        plan = network.plan
+        context.log(
+            f"{cls.name}: the set's {len(models)} networks as one IR ({plan.computed} of {plan.total} segments: "
+            f"shared parts once)" + (" quantised" if cls.quantize else "") + f" in {time.perf_counter() - t0:.0f} s"
         )
 
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
@@ -166,7 +175,6 @@ class _OpenVino(Optimization):
             lambda: self.build(self.models, artifact_dir, BuildContext(log=log.info)),
             self.name,
         )
-        xmls = self._xmls(self.models, artifact_dir)
         core = ov.Core()
         cache = cache_dir()
         try:
@@ -180,35 +188,32 @@ class _OpenVino(Optimization):
             "INFERENCE_PRECISION_HINT": self.precision,
         }
         t0 = time.perf_counter()
-        self.compiled = [core.compile_model(str(x), "CPU", config) for x in xmls]
-        # outputs by name (class_0..4, box_0..4), not by position
-        self.order = [[c.output(name) for name in OUTPUTS] for c in self.compiled]
-        self.requests = [c.create_infer_request() for c in self.compiled]
+        self.compiled = core.compile_model(str(self._xml(artifact_dir)), "CPU", config)
+        self.levels = self.models[0].net.config.num_levels
+        # outputs by name (m<k>_class_<l>, m<k>_box_<l>), not by position
+        self.order = [self.compiled.output(name) for name in output_names(len(self.models), self.levels)]
+        self.request = self.compiled.create_infer_request()
         log.info(
-            "OpenVINO %s: compiled %d networks in %.1f s (precision %s, threads %d, cache %s)",
+            "OpenVINO %s: compiled the set's graph of %d networks in %.1f s (precision %s, threads %d, cache %s)",
             self.name,
-            len(self.compiled),
+            len(self.models),
             time.perf_counter() - t0,
-            self.compiled[0].get_property("INFERENCE_PRECISION_HINT"),
-            self.compiled[0].get_property("INFERENCE_NUM_THREADS"),
+            self.compiled.get_property("INFERENCE_PRECISION_HINT"),
+            self.compiled.get_property("INFERENCE_NUM_THREADS"),
             cache,
         )
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
-        x = np.ascontiguousarray(images.detach().cpu().numpy())
-        out = {}
-        for k in active:
-            results = self.requests[k].infer({0: x})
-            # copies: the request's output buffers are reused by its next call
-            tensors = [torch.from_numpy(np.array(results[o])).to(self.device) for o in self.order[k]]
-            out[k] = (tensors[:5], tensors[5:])
-        return out
+        results = self.request.infer({0: np.ascontiguousarray(images.detach().cpu().numpy())})
+        # copies: the request's output buffers are reused by its next call
+        tensors = [torch.from_numpy(np.array(results[o])).to(self.device) for o in self.order]
+        return split_flat(tensors, self.levels, active)
 
 
 @register
 class OpenVino(_OpenVino):
     name = "openvino"
-    build_step = "ONNX export + OpenVINO IR conversion of each network"
+    build_step = "ONNX export + OpenVINO IR conversion of the set's graph"
 
 
 @register
@@ -232,4 +237,4 @@ class OpenVinoInt8(_OpenVino):
     raw_tolerance = None
     ir_dir = "openvino_int8"
     quantize = True
-    build_step = "OpenVINO IR of each network, NNCF INT8 post-training quantisation on its training split"
+    build_step = "OpenVINO IR of the set's graph, NNCF INT8 post-training quantisation on each model's training split"
