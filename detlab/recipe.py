@@ -38,6 +38,7 @@ STEP_KEYS = (
     "eval_images",
     "final_images",
     "ema_decay",
+    "freeze",
 )
 
 

@@ -74,6 +74,9 @@ class TrainConfig:
     drop_path: float | None = 0.0  # the backbone's stochastic depth (None: the architecture's own, D0 0.1)
     backbone_init: str | None = None  # from scratch only: "efficientnet_lite0" (ImageNet, see BACKBONES)
     head_map: dict[int, int] | None = None  # with init: this model's class id -> init model's (sliced head)
+    # a part of the start model kept bit for bit (FROZEN: its weights and BatchNorm statistics; what the models of
+    # a set share is then computed once, multidet.sharing): none | backbone | backbone_fpn | all_but_class_net
+    freeze: str = "none"
     bn_recalibrate: int = 0  # at the end, re-estimate the EMA's BatchNorm statistics on this many train
     # images at the service's input size (0: keep the statistics of training's size)
     seed: int = 0
@@ -93,6 +96,36 @@ class TrainConfig:
         if self.head_map is not None:
             out["head_map"] = {str(k): v for k, v in self.head_map.items()}
         return out
+
+
+# what each ``freeze`` choice keeps of the start model: state_dict key prefixes
+FROZEN = {
+    "none": (),
+    "backbone": ("backbone.",),
+    "backbone_fpn": ("backbone.", "fpn."),
+    "all_but_class_net": ("backbone.", "fpn.", "box_net."),
+}
+
+
+def frozen_prefixes(cfg: TrainConfig) -> tuple[str, ...]:
+    if cfg.freeze not in FROZEN:
+        raise ValueError(f"freeze must be one of {sorted(FROZEN)}, got {cfg.freeze!r}")
+    if cfg.freeze != "none" and cfg.init is None:
+        raise ValueError(f"freeze={cfg.freeze} keeps a part of the start model: give one (init)")
+    return FROZEN[cfg.freeze]
+
+
+def freeze(net, prefixes: tuple[str, ...]) -> None:
+    """No gradient for the parameters under ``prefixes``; their modules in eval mode (BatchNorm statistics and
+    stochastic depth as at inference). Called after every ``net.train()``."""
+    if not prefixes:
+        return
+    for name, p in net.named_parameters():
+        if name.startswith(prefixes):
+            p.requires_grad_(False)
+    for name, m in net.named_modules():
+        if (name + ".").startswith(prefixes):
+            m.eval()
 
 
 @dataclass
@@ -292,11 +325,13 @@ def train_transform(cfg: TrainConfig, input_cfg: dict, scale: tuple[float, float
 
 
 def param_groups(net, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
-    """AdamW groups: with ``decay_norm_and_bias`` off, 1-d tensors (BatchNorm weights, biases) get none."""
+    """AdamW groups of the trainable parameters: with ``decay_norm_and_bias`` off, 1-d tensors (BatchNorm weights,
+    biases) get no decay."""
+    params = [p for p in net.parameters() if p.requires_grad]  # frozen ones: none
     if decay_norm_and_bias:
-        return [{"params": list(net.parameters()), "weight_decay": weight_decay}]
-    decay = [p for p in net.parameters() if p.ndim > 1]
-    rest = [p for p in net.parameters() if p.ndim <= 1]
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    rest = [p for p in params if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -304,7 +339,7 @@ def param_groups(net, weight_decay: float, decay_norm_and_bias: bool) -> list[di
 def recalibrate_bn(state: dict, cfg: TrainConfig, images: int, device: torch.device | None = None) -> dict:
     """BatchNorm statistics of ``state`` re-estimated at the service's input size: the running means and
     variances are replaced by their average over ``images`` training images letterboxed as the service
-    does (scale 1), every other weight untouched. Returns the new state."""
+    does (scale 1), every other weight untouched (and the statistics of a frozen part). Returns the new state."""
     size = serve_size(cfg.architecture)
     at_serve = replace(cfg, image_size=size, batch_size=4)
     device = device or torch.device("cpu")
@@ -312,7 +347,12 @@ def recalibrate_bn(state: dict, cfg: TrainConfig, images: int, device: torch.dev
     net.load_state_dict(state)
     net.to(device)
     batches = _Batches(at_serve, net, len(cfg.class_names), scale=(1.0, 1.0))
-    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    kept = frozen_prefixes(cfg)  # a frozen part keeps its statistics too
+    norms = [
+        m
+        for name, m in net.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not (kept and (name + ".").startswith(kept))
+    ]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
@@ -369,8 +409,11 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     state_path = out_dir / f"{cfg.model}.train.pt"
 
     net, start = initial_network(cfg)
+    kept = frozen_prefixes(cfg)
+    start_state = {k: v.detach().clone() for k, v in net.state_dict().items() if k.startswith(kept)} if kept else {}
     batches = _Batches(cfg, net, len(cfg.class_names))
     bench = DetBenchTrain(net, create_labeler=False).to(device).train()
+    freeze(net, kept)
     optimizer = torch.optim.AdamW(param_groups(net, cfg.weight_decay, cfg.decay_norm_and_bias), lr=cfg.lr)
     div = 25.0  # one-cycle starts at lr / 25
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -390,11 +433,12 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     step, history, wall = 0, [], 0.0
     if state_path.exists():
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        before = {"freeze": "none", **saved["config"]}  # a state saved before freeze existed froze nothing
         mismatch = {
-            k: (saved["config"].get(k), v)
+            k: (before.get(k), v)
             for k, v in cfg.to_json().items()
-            if k in ("model", "architecture", "steps", "batch_size", "lr", "image_size", "seed", "train_dir")
-            and saved["config"].get(k) != v
+            if k in ("model", "architecture", "steps", "batch_size", "lr", "image_size", "seed", "train_dir", "freeze")
+            and before.get(k) != v
         }
         if mismatch:
             raise ValueError(
@@ -441,7 +485,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
         tmp.replace(state_path)
 
     def weights() -> dict:
-        return {k: v.detach().cpu() for k, v in (ema.module if ema else net).state_dict().items()}
+        # a frozen part is the start's own tensors (the EMA of a constant could differ in its last bit)
+        state = (ema.module if ema else net).state_dict()
+        return {k: start_state[k] if k in start_state else v.detach().cpu() for k, v in state.items()}
 
     def run_eval(limit: int | None) -> dict | None:
         if cfg.val_dir is None:
@@ -484,6 +530,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
             net.eval()
             row["val"] = run_eval(cfg.eval_images)
             net.train()
+            freeze(net, kept)
             t_last = time.perf_counter()
         history.append(row)
         if step % cfg.save_every == 0 or step == cfg.steps:
@@ -495,6 +542,9 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     if cfg.bn_recalibrate:
         before_recalibration = run_eval(cfg.final_images)
         final_weights = recalibrate_bn(final_weights, cfg, cfg.bn_recalibrate, device)
+    changed = [k for k, v in start_state.items() if not torch.equal(final_weights[k], v)]
+    if changed:  # a defect of this function, not of the data: the frozen part would not be shared
+        raise RuntimeError(f"freeze={cfg.freeze}: {len(changed)} frozen tensors changed, e.g. {changed[:3]}")
     final = (
         evaluate_weights(final_weights, cfg, Path(cfg.val_dir), device, cfg.final_images)
         if cfg.val_dir is not None
@@ -521,6 +571,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
         "drop_path": cfg.drop_path,
         "decay_norm_and_bias": cfg.decay_norm_and_bias,
         "bn_recalibrate": cfg.bn_recalibrate,
+        "freeze": cfg.freeze,
         "ema_decay": cfg.ema_decay,
         "bf16": bf16,
         "device": str(device),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from detlab.training import BACKBONES, TrainConfig, train
+from detlab.training import BACKBONES, FROZEN, TrainConfig, train
 from multidet.config import ConfigError
 from multidet.modelset import read_model_set
 
@@ -73,6 +73,12 @@ def main(argv=None) -> int:
         help="random scale, relative to the size objects have in the service's letterbox (default %(default)s)",
     )
     p.add_argument("--backbone-init", choices=sorted(BACKBONES), help="from scratch: an ImageNet backbone (a wheel)")
+    p.add_argument(
+        "--freeze",
+        choices=sorted(FROZEN),
+        default="none",
+        help="keep this part of the --init model bit for bit (shared with it when served together: computed once)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -106,6 +112,7 @@ def main(argv=None) -> int:
         bn_recalibrate=args.bn_recalibrate,
         scale=tuple(args.scale),
         backbone_init=args.backbone_init,
+        freeze=args.freeze,
     )
     bars: list[tqdm] = []  # made at the first step, so a resumed run's rate and ETA count from there
 

@@ -262,3 +262,27 @@ def test_eval_on_a_val_split_of_another_seed(tmp_path):
     assert json.loads((tmp_path / "data" / MODEL / "val" / "annotations.json").read_text()) == own
     refused = subprocess.run(script + ["train", "--seed", "5", *common], capture_output=True, text=True)
     assert refused.returncode == 2 and "--seed is for dataset and eval" in refused.stderr
+
+
+@pytest.mark.parametrize("choice", ["backbone_fpn", "all_but_class_net"])
+def test_a_frozen_part_stays_the_start_models_and_is_shared_when_served(choice, tiny, tmp_path):
+    """freeze keeps a part of the start model bit for bit (weights and BatchNorm statistics, EMA and BatchNorm
+    re-estimation included), trains the rest, and the service then computes the frozen part once for both."""
+    from detlab.training import FROZEN
+    from multidet.modelset import ModelEntry, ModelSet, load_models
+    from multidet.sharing import Plan
+
+    out = tmp_path / "out"
+    cfg = config(tiny, out, freeze=choice, ema_decay=0.9, bn_recalibrate=4, steps=4)
+    train(cfg)
+    start = load_models(SET, [NAMES[0]])[0].net.state_dict()
+    tuned = load_checkpoint(out, MODEL)[1].state_dict()
+    kept = FROZEN[choice]
+    assert all(torch.equal(tuned[k], start[k]) for k in tuned if k.startswith(kept))
+    assert any(not torch.equal(tuned[k], start[k]) for k in tuned if k.startswith("class_net.conv_rep"))
+    both = ModelSet((SET[NAMES[0]], ModelEntry(MODEL, SET[MODEL].architecture, (out / f"{MODEL}.safetensors"))))
+    models = load_models(both)
+    shares = Plan([m.net for m in models]).describe([m.name for m in models])["shares"][MODEL]
+    assert shares["parts"][:2] == ["backbone", "fpn"] and ("box_net" in shares["parts"]) == ("box_net." in kept)
+    with pytest.raises(ValueError, match="freeze must be one of"):
+        train(replace(cfg, freeze="heads", out_dir=tmp_path / "bad"))
