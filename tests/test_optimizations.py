@@ -182,15 +182,16 @@ def test_int8_finds_the_objects_on_avx2_only_kernels(trained, labelled, labelled
 
 def test_onnxruntime_is_built_once_and_checked_at_load(detector, tmp_path, caplog):
     """The export is a build step with a stamp of the weights (its answer: the tests above)."""
-    from multidet.optimizations.onnx import ONNX_FILE, OnnxRuntime
+    from multidet.optimizations.onnx import SET_FILE, OnnxRuntime
 
+    onnx_file = SET_FILE[False]
     built = OnnxRuntime.build(detector.models, tmp_path)
-    assert [p.name for p in built] == [ONNX_FILE, "grouped.json"]
-    before = (tmp_path / ONNX_FILE).stat().st_mtime_ns
+    assert [p.name for p in built] == [onnx_file, "set.json"]
+    before = (tmp_path / onnx_file).stat().st_mtime_ns
     Detector.from_model_set(RANDOM, Settings(optimization="onnxruntime"), CPU, tmp_path)
-    assert (tmp_path / ONNX_FILE).stat().st_mtime_ns == before, "a fresh export must not be redone at load"
+    assert (tmp_path / onnx_file).stat().st_mtime_ns == before, "a fresh export must not be redone at load"
     # weights that differ from the stamp: re-exported once at load, with a warning
-    stale = tmp_path / "grouped.json"
+    stale = tmp_path / "set.json"
     stale.write_text(stale.read_text().replace('"opset": 17', '"opset": 0'))
     with caplog.at_level("WARNING"):
         Detector.from_model_set(RANDOM, Settings(optimization="onnxruntime"), CPU, tmp_path)

@@ -139,7 +139,7 @@ def test_the_shared_baseline_is_bit_identical_to_each_network_alone(baseline, im
         assert list(alone) == [3] and all(torch.equal(a, b) for a, b in zip(alone[3][0], got[3][0]))
 
 
-@pytest.mark.parametrize("name", ["grouped", "onnxruntime"])
+@pytest.mark.parametrize("name", ["grouped", "onnxruntime", "onnxruntime_stacked"])
 def test_stacked_and_exported_paths_share_and_agree(name, shared_set, baseline, images, tmp_path):
     """The stacked forms stack only what the models do not share (birds with pets_trunk's rest, pets_head's
     class net with pets's); every model's raw outputs stay within the path's tolerance of the baseline's."""
@@ -170,7 +170,7 @@ def test_an_exported_graph_holds_a_shared_part_once(baseline, tmp_path):
     from multidet.optimizations.onnx import export_onnx
 
     pets = [m for m in baseline.models if m.name in ("pets", "pets_copy")]
-    one, two = export_onnx(pets[:1], tmp_path / "one.onnx"), export_onnx(pets, tmp_path / "two.onnx")
+    one, two = export_onnx(pets[:1], tmp_path / "one.onnx", True), export_onnx(pets, tmp_path / "two.onnx", True)
     assert abs(two.stat().st_size - one.stat().st_size) < 0.01 * one.stat().st_size
     assert Plan([m.net for m in pets]).computed == Plan([pets[0].net]).computed
 

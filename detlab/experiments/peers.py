@@ -13,7 +13,7 @@ the run), on the same photos:
             threads = cores), OpenVINO bf16 (only where the CPU has native bf16) and OpenVINO INT8
             (NNCF, as ``openvino_int8`` builds it);
 - ours:     the project's graph of the set (the ``onnxruntime`` path's: shared parts once, own parts
-            stacked) alone on ONNX Runtime, no pre/post-processing: not a peer (users cannot run it
+            side by side) alone on ONNX Runtime, no pre/post-processing: not a peer (users cannot run it
             without this project), it shows what serving adds on top of the networks.
 
 Goal (issue 12): served p50 within 1.15x of the fastest exact peer (ONNX Runtime or OpenVINO f32);
@@ -37,7 +37,7 @@ from multidet.modelset import load_models as load_set
 from multidet.modelset import read_model_set
 from multidet.optimizations import LoadedModel
 from multidet.optimizations.auto import PAUSE_S  # between timed calls (runtimes' spinning threads)
-from multidet.optimizations.onnx import ONNX_FILE, grouped_files, per_model_files, per_model_paths, private, session
+from multidet.optimizations.onnx import SET_FILE, per_model_files, per_model_paths, private, session, set_files
 from multidet.optimizations.openvino import calibration_batches, to_ir
 from multidet.pipeline import Detector
 from multidet.timing import interleaved
@@ -67,8 +67,8 @@ def peers(models: list[LoadedModel], work: Path, int8: bool, calibration_photos:
         "exact",
         lambda x: [s.run(None, {"images": x}) for s in ort_sessions],
     )
-    grouped_files(models, work)
-    grouped = session(work / ONNX_FILE, torch.device("cpu"))
+    set_files(models, work)
+    grouped = session(work / SET_FILE[False], torch.device("cpu"))
     # not a peer: the project's own fused graph (the onnxruntime path) alone, i.e. the served optimization minus
     # decode, letterbox, top-k/NMS, JSON and TorchServe
     out["ours: the set's graph on onnxruntime"] = ("ours", lambda x: grouped.run(None, {"images": x}))
