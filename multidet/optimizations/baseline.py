@@ -4,6 +4,7 @@ computed once (``multidet.sharing``: found from the weights; bit-identical to ru
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 
@@ -20,7 +21,12 @@ class Baseline(Optimization):
     def __init__(self, models, device, max_detections=100, artifact_dir=None):
         super().__init__(models, device, max_detections, artifact_dir)
         self.nets = [on_device(m.net, self.device).eval() for m in self.models]
-        self.network = SharedNetwork(self.nets)
+
+    @cached_property
+    def network(self) -> SharedNetwork:
+        """``nets`` as one module whose shared parts run once; made at first use, from the nets a subclass left
+        (channels_last's copies; never for the ones that run each network whole: ``forward_each``)."""
+        return SharedNetwork(self.nets)
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         return self.network.run(images, active)

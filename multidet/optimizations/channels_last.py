@@ -8,7 +8,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ..sharing import SharedNetwork
 from .base import RawOutput, register
 from .baseline import Baseline
 
@@ -23,7 +22,6 @@ class ChannelsLast(Baseline):
         # a copy: Module.to(memory_format) works in place, and the loaded nets are shared with other optimizations
         # (one deepcopy of the list keeps the tensors the networks share shared; Module.to converts them in place)
         self.nets = [net.to(memory_format=torch.channels_last) for net in copy.deepcopy(self.nets)]
-        self.network = SharedNetwork(self.nets)
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         return super().forward(images.contiguous(memory_format=torch.channels_last), active)

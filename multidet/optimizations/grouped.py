@@ -220,7 +220,6 @@ class _Stack:
     merged, run from that segment on over the state repeated once per model."""
 
     models: list[int]
-    network: nn.Module
     widths: list[int]
     trunk: list[Segment]  # the merged network's trunk segments from the start (empty: the start is in a head)
     heads: list[tuple[int, list[Segment]]]  # (head index, its segments from the start)
@@ -241,6 +240,10 @@ class _Stack:
                 else:
                     part = levels[0].shape[1] // len(self.models)
                     outputs[k][h] = [t[:, j * part : (j + 1) * part] for t in levels]
+
+
+def _index_of(chain: Sequence[Segment], name: str) -> int | None:
+    return next((i for i, s in enumerate(chain) if s.name == name), None)
 
 
 class StackedShared(nn.Module):
@@ -270,18 +273,12 @@ class StackedShared(nn.Module):
                 merged, widths = merge_networks([nets[k] for k in models])
                 merged_modules.append(merged)
                 trunk, heads = segments(merged)
-                names = [s.name for s in trunk]
-                if name in names:
-                    start_trunk = trunk[names.index(name) :]
-                    chains = [(h, chain) for h, chain in enumerate(heads.values())]
-                else:
-                    start_trunk = []
-                    chains = [
-                        (h, chain[[s.name for s in chain].index(name) :])
-                        for h, chain in enumerate(heads.values())
-                        if name in [s.name for s in chain]
-                    ]
-                stack = _Stack(models, merged, widths, start_trunk, chains, node is not self.plan.root)
+                chains = list(enumerate(heads.values()))
+                start = _index_of(trunk, name)
+                if start is None:  # the models' own parts start in a head: that head, from there
+                    chains = [(h, chain[i:]) for h, chain in chains if (i := _index_of(chain, name)) is not None]
+                    start = len(trunk)
+                stack = _Stack(models, widths, trunk[start:], chains, node is not self.plan.root)
                 self.stacks.setdefault(id(node), []).append(stack)
                 self.stacked.update(id(c) for c in children)
         self.merged = nn.ModuleList(merged_modules)

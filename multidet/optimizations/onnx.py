@@ -88,15 +88,20 @@ def set_artifact(models: Sequence[LoadedModel], directory: Path, stacked: bool) 
     return Artifact([path], path.with_suffix(".json"), _stamp(models))
 
 
-def export_onnx(models: Sequence[LoadedModel], path: Path, stacked: bool = False) -> Path:
-    """The set as one graph, what the models share once (``set_files`` stamps it); their own parts side by side
-    (``SharedNetwork``) or stacked (``StackedShared``)."""
+def set_graph(models: Sequence[LoadedModel], stacked: bool = False) -> tuple[torch.nn.Module, torch.Tensor, list[str]]:
+    """The set as one module to export, what the models share once: their own parts side by side
+    (``SharedNetwork``) or stacked (``StackedShared``); with an example input and its output names."""
     config = models[0].net.config
+    nets = private(models)  # shared parts are found by content, not by tensor identity
+    network = StackedShared(nets) if stacked else SharedNetwork(nets)
+    return network, torch.zeros(1, 3, *config.image_size), output_names(len(models), config.num_levels)
+
+
+def export_onnx(models: Sequence[LoadedModel], path: Path, stacked: bool = False) -> Path:
+    """The set's graph (``set_graph``) as ONNX (``set_files`` stamps it)."""
     with torch.no_grad():
-        nets = private(models)  # shared parts are found by content, not by tensor identity
-        network = StackedShared(nets) if stacked else SharedNetwork(nets)
-        names = output_names(len(models), config.num_levels)
-        return export_graph(network, torch.zeros(1, 3, *config.image_size), path, names)
+        network, example, names = set_graph(models, stacked)
+        return export_graph(network, example, path, names)
 
 
 def per_model_paths(models: Sequence[LoadedModel], directory: Path) -> list[Path]:

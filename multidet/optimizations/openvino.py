@@ -41,9 +41,9 @@ from ..artifacts import Artifact, ensure, reuse_or_build
 from ..artifacts import cache_dir as artifacts_cache
 from ..device import native_bf16
 from ..preprocess import Preprocessor
-from ..sharing import SharedNetwork, split_flat
+from ..sharing import split_flat
 from .base import BuildContext, LoadedModel, Optimization, RawOutput, register, weights_stamp
-from .onnx import export_graph, output_names, private
+from .onnx import export_graph, output_names, set_graph
 
 log = logging.getLogger(__name__)
 CALIBRATION_IMAGES = 32  # per model, from its training split
@@ -153,12 +153,10 @@ class _OpenVino(Optimization):
     @classmethod
     def _convert(cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext) -> None:
         t0 = time.perf_counter()
-        network = SharedNetwork(private(models))  # what the models share: found by content, once in the graph
-        config = models[0].net.config
+        network, example, names = set_graph(models)  # what the models share, once in the graph
         # INT8: every model's own calibration images, through the one graph
         calibration = [b for m in models for b in calibration_batches(m, context)] if cls.quantize else None
-        names = output_names(len(models), config.num_levels)
-        to_ir(network, torch.zeros(1, 3, *config.image_size), names, cls._xml(artifact_dir), calibration)
+        to_ir(network, example, names, cls._xml(artifact_dir), calibration)
         plan = network.plan
         context.log(
             f"{cls.name}: the set's {len(models)} networks as one IR ({plan.computed} of {plan.total} segments: "
