@@ -16,7 +16,7 @@ IMG ?= docs/example.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints dataset train train-ablation eval annotate mar serve serve-secure serve-ray update stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean fronts
+.PHONY: help install java-check checkpoints dataset train train-ablation eval refit annotate mar serve serve-secure serve-ray update stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean fronts
 
 help:
 	@echo "make serve [OPT=auto] [MODELS=models.yaml] [BATCH=1] [SET='KEY=VALUE ...']  install, build the MAR, start TorchServe"
@@ -34,6 +34,7 @@ help:
 	@echo "make docker-build | docker-build-cuda | docker-run | docker-lint"
 	@echo "make dataset | train | eval [OPT=baseline] | annotate   recipe (training.yaml): data, weights/, mAP"
 	@echo "make train-ablation ABLATION=scripts/ablations/NAME.yaml   short runs, one recipe change each"
+	@echo "make refit DATA=\"NAME=DIR ...\" [FREEZE=all_but_class_net]   models 2..N onto model 1's trunk: mAP + latency before/after"
 	@echo "make lint                           ruff check + format --check + lint-imports: the layers (make test runs it)"
 	@echo "make install | checkpoints | mar | predict IMG=path | status | clean"
 
@@ -58,7 +59,7 @@ dataset: install
 	$(PY) scripts/recipe.py dataset --model-set $(MODELS) --recipe $(RECIPE)
 
 train: install
-	$(PY) scripts/recipe.py train --model-set $(MODELS) --recipe $(RECIPE)
+	$(PY) scripts/recipe.py train --model-set $(MODELS) --recipe $(RECIPE) $(if $(ONLY),--only $(ONLY))
 
 # short training runs of one model, one change each (the recipe's measurements): ABLATION=scripts/ablations/NAME.yaml
 train-ablation: dataset
@@ -66,6 +67,11 @@ train-ablation: dataset
 
 eval: install
 	$(PY) scripts/recipe.py eval --model-set $(MODELS) --recipe $(RECIPE) --optimization $(if $(filter auto,$(OPT)),baseline,$(OPT)) $(if $(SEED),--seed $(SEED))
+
+# models 2..N of a set refitted onto model 1's frozen trunk, each on its own data: mAP and latency before/after
+# (DATA="NAME=DIR ..." with DIR/train and DIR/val in COCO format; FREEZE, STEPS)
+refit: install
+	$(PY) scripts/refit.py --model-set $(MODELS) $(foreach d,$(DATA),--data $(d)) $(if $(FREEZE),--freeze $(FREEZE)) $(if $(STEPS),--steps $(STEPS))
 
 annotate: install
 	$(PY) scripts/annotate.py $(IMG) --model-set $(MODELS) --out docs/example_detections.png

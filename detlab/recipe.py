@@ -140,7 +140,81 @@ def data_spec(recipe: Recipe, model_set: ModelSet, name: str):
     from .synthetic import DataSpec
 
     r = recipe.model(name)
-    return DataSpec(name, model_set[name].class_names, r.class_ids)
+    return DataSpec(
+        name, model_set[name].class_names, class_ids_of(model_set, r), object_kinds(recipe, model_set)[name]
+    )
+
+
+def class_ids_of(model_set: ModelSet, r: ModelRecipe) -> tuple[int, ...]:
+    from .synthetic import DataSpec, class_ids
+
+    return class_ids(DataSpec(r.name, model_set[r.name].class_names, r.class_ids))
+
+
+def object_kinds(recipe: Recipe, model_set: ModelSet) -> dict[str, tuple[str, ...]]:
+    """Each recipe model's object kinds (names, parallel to the class ids its data draws): a class whose name an
+    earlier class had (this model's or a model before it in the recipe; case aside) is that class's kind, so label
+    sets overlap where their names do (a "car" of two models is one kind); any other class is the next kind not
+    yet given (``synthetic.KINDS``' order)."""
+    from .synthetic import KINDS
+
+    given: dict[str, str] = {}
+    free = iter(KINDS)
+    out = {}
+    for r in recipe.models:
+        names = model_set[r.name].class_names
+        own = []
+        for c in class_ids_of(model_set, r):
+            key = names[c - 1].strip().lower()
+            if key not in given:
+                kind = next(free, None)
+                if kind is None:
+                    raise ConfigError(
+                        f"{recipe.source}: the recipe's models name more distinct classes than the generator's "
+                        f"{len(KINDS)} object kinds (at {r.name}: {names[c - 1]!r})"
+                    )
+                given[key] = kind.name
+            own.append(given[key])
+        out[r.name] = tuple(own)
+    return out
+
+
+MIXED = "mixed"  # <data>/mixed/val: images holding every model's kinds, labelled by kind (the README's example)
+
+
+def mixed_spec(recipe: Recipe, model_set: ModelSet):
+    """The data of the set as a whole: every kind of every recipe model, each a class named by its kind (the
+    labels of ``annotate.py --choose``, which finds each model's own among them)."""
+    from .synthetic import KINDS, DataSpec
+
+    given = {k for kinds in object_kinds(recipe, model_set).values() for k in kinds}
+    names = tuple(k.name for k in KINDS if k.name in given)
+    return DataSpec(MIXED, names, tuple(range(1, len(names) + 1)), names)
+
+
+def mixed_view(recipe: Recipe, model_set: ModelSet, name: str) -> Path:
+    """The set's mixed val split as ``name`` sees it: its own kinds labelled with its class ids, every other
+    model's unlabelled (a detection of one is a false positive): ``<data>/mixed/val_<name>`` (images linked)."""
+    from .synthetic import kind_table
+
+    mixed = recipe.dataset(MIXED, "val")
+    coco = json.loads((mixed / "annotations.json").read_text())
+    own = {k.name: c for c, k in kind_table(data_spec(recipe, model_set, name)).items()}
+    by_kind = {c["id"]: c["supercategory"] for c in coco["categories"]}
+    out = recipe.dataset(MIXED, f"val_{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "images").exists():
+        (out / "images").symlink_to((mixed / "images").resolve())
+    annotations = [
+        {**a, "category_id": own[by_kind[a["category_id"]]]}
+        for a in coco["annotations"]
+        if by_kind[a["category_id"]] in own
+    ]
+    names = model_set[name].class_names
+    categories = [{"id": c, "name": names[c - 1], "supercategory": k} for k, c in own.items()]
+    view = {**coco, "annotations": annotations, "categories": categories}
+    (out / "annotations.json").write_text(json.dumps(view))
+    return out
 
 
 def datasets(
@@ -150,34 +224,59 @@ def datasets(
     say: Callable[[str], None] = print,
     splits: tuple[str, ...] = ("train", "val"),
 ) -> list[Path]:
-    """Every model's train and val split (skipped when already written with the same arguments)."""
+    """Every model's train and val split, and a val split of the set's kinds together (``MIXED``); each skipped
+    when already written with the same arguments."""
     from .synthetic import make_dataset
 
+    if MIXED in model_set.names:
+        raise ConfigError(f"{model_set.source}: a model named {MIXED!r} would share its data folder with the set's")
     written = []
-    for r in recipe.models:
-        for split, count in (("train", r.train_count), ("val", recipe.val_count)):
-            if split not in splits:
-                continue
-            out = recipe.dataset(r.name, split)
-            ann = out / "annotations.json"
-            info = json.loads(ann.read_text()).get("info", {}) if ann.exists() else {}
-            if (info.get("count"), info.get("seed"), info.get("model")) == (count, recipe.seed, r.name):
-                say(f"{out}: up to date")
-                continue
-            say(f"{out}: making {count} images...")
-            make_dataset(data_spec(recipe, model_set, r.name), split, count, recipe.seed, out, photos)
-            written.append(out)
+    wanted = [
+        (data_spec(recipe, model_set, r.name), split, count)
+        for r in recipe.models
+        for split, count in (("train", r.train_count), ("val", recipe.val_count))
+    ]
+    wanted.append((mixed_spec(recipe, model_set), "val", recipe.val_count))
+    for spec, split, count in wanted:
+        if split not in splits:
+            continue
+        out = recipe.dataset(spec.name, split)
+        ann = out / "annotations.json"
+        coco = json.loads(ann.read_text()) if ann.exists() else {}
+        info, kinds = coco.get("info", {}), [c.get("supercategory") for c in coco.get("categories", [])]
+        if (info.get("count"), info.get("seed"), info.get("model"), kinds) == (
+            count,
+            recipe.seed,
+            spec.name,
+            list(spec.kinds),
+        ):
+            say(f"{out}: up to date")
+            continue
+        say(f"{out}: making {count} images...")
+        make_dataset(spec, split, count, recipe.seed, out, photos)
+        written.append(out)
     return written
 
 
-def train_all(recipe: Recipe, model_set: ModelSet, progress=None, say: Callable[[str], None] = print) -> list:
-    """Train every model in the recipe's order, phase after phase (each resumable; a finished phase is
-    kept), then copy each model's last result beside the set's weights (``<weights stem>.safetensors`` +
-    ``.json``). Returns the last TrainResult of each model."""
+def train_all(
+    recipe: Recipe,
+    model_set: ModelSet,
+    progress=None,
+    say: Callable[[str], None] = print,
+    only: tuple[str, ...] | None = None,
+) -> list:
+    """Train every model in the recipe's order (``only``: these of them; the others' weights stay as they are),
+    phase after phase (each resumable; a finished phase is kept), then copy each model's last result beside
+    the set's weights (``<weights stem>.safetensors`` + ``.json``). Returns the last TrainResult of each model."""
     from .training import train
 
+    unknown = set(only or ()) - {r.name for r in recipe.models}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)} not in the recipe {recipe.source}")
     results = []
     for r in recipe.models:
+        if only is not None and r.name not in only:
+            continue
         entry = model_set[r.name]
         train_dir = shared_dataset(recipe, model_set, r.name) if r.also_train_on else None
         result = None
@@ -218,12 +317,6 @@ def phase_run(recipe: Recipe, name: str, k: int) -> Path:
     """Where phase ``k`` (0-based) of ``name`` runs: ``<run>/phase<k+1>``, or ``<run>`` for one phase."""
     r = recipe.model(name)
     return recipe.run(name) / f"phase{k + 1}" if len(r.runs()) > 1 else recipe.run(name)
-
-
-def final_run(recipe: Recipe, name: str) -> Path:
-    """The run that holds ``name``'s result (its last phase's)."""
-    r = recipe.model(name)
-    return phase_run(recipe, name, len(r.runs()) - 1)
 
 
 def shared_dataset(recipe: Recipe, model_set: ModelSet, name: str) -> Path:
@@ -288,7 +381,9 @@ def train_config(recipe: Recipe, model_set: ModelSet, name: str, recipe_fields: 
         train_dir=recipe.dataset(name, "train"),
         val_dir=recipe.dataset(name, "val"),
         out_dir=recipe.run(name),
-        init=(model_set.source if r.init == name else final_run(recipe, r.init)) if r.init else None,
+        # another model's start is that model's weights in the set (``train_all`` copies each result there before
+        # the next model trains, so a model trained alone starts from the shipped ones)
+        init=model_set.source if r.init else None,
         init_model=r.init,
         head_map=head_map(recipe, model_set, name, r.init) if r.init and r.init != name else None,
         seed=recipe.seed,
@@ -300,11 +395,12 @@ def train_config(recipe: Recipe, model_set: ModelSet, name: str, recipe_fields: 
 
 
 def head_map(recipe: Recipe, model_set: ModelSet, name: str, source: str) -> dict[int, int]:
-    """Class id of ``name`` -> class id of ``source`` for the same object kind: class k of every model's
-    data is kind k (the k-th id its data draws)."""
-    from .synthetic import class_ids
+    """Class id of ``name`` -> class id of ``source`` for the same object kind (``object_kinds``); a class of a
+    kind ``source`` does not have is left out."""
+    from .synthetic import kind_table
 
-    return dict(zip(class_ids(data_spec(recipe, model_set, name)), class_ids(data_spec(recipe, model_set, source))))
+    theirs = {k: c for c, k in kind_table(data_spec(recipe, model_set, source)).items()}
+    return {c: theirs[k] for c, k in kind_table(data_spec(recipe, model_set, name)).items() if k in theirs}
 
 
 @dataclass(frozen=True)
@@ -320,9 +416,21 @@ class AblationRow:
     before_bn_recalibration: dict | None = None
 
 
-def ablate(base, variants: dict[str, dict], out: Path, progress=None, say: Callable[[str], None] = print):
+def ablate(
+    base,
+    variants: dict[str, dict],
+    out: Path,
+    progress=None,
+    say: Callable[[str], None] = print,
+    wall_s: float | None = None,
+    probe_steps: int = 20,
+):
     """Train ``base`` (a TrainConfig) once per variant (its field overrides), each in ``out/<variant>``
-    (resumable), same seed and data; returns one AblationRow per variant (mAP on the final images)."""
+    (resumable), same seed and data; returns one AblationRow per variant (mAP on the final images).
+
+    ``wall_s``: every variant gets about this much training time instead of ``steps`` (choices that cost less
+    a step, e.g. a frozen part, take more steps): each first runs ``probe_steps`` steps (``out/<variant>/probe``,
+    no evaluation) whose seconds a step set its step count."""
     import dataclasses
 
     from .training import train
@@ -330,6 +438,21 @@ def ablate(base, variants: dict[str, dict], out: Path, progress=None, say: Calla
     rows = []
     for name, changes in variants.items():
         cfg = dataclasses.replace(base, out_dir=Path(out) / name, **(changes or {}))
+        if wall_s:
+            probe = dataclasses.replace(
+                cfg,
+                out_dir=cfg.out_dir / "probe",
+                steps=probe_steps,
+                warmup_pct=0.25,
+                val_dir=None,
+                bn_recalibrate=0,
+                eval_every=0,
+            )
+            walls = [row["wall_s"] for row in train(probe).history]
+            half = len(walls) // 2  # the first steps run slower (allocator, data workers starting): left out
+            per_step = (walls[-1] - walls[half - 1]) / (len(walls) - half)
+            cfg = dataclasses.replace(cfg, steps=max(1, round(wall_s / per_step)))
+            say(f"{name}: {per_step:.2f} s a step -> {cfg.steps} steps in {wall_s:.0f} s")
         say(f"{name}: {changes or 'as the base'} ({cfg.steps} steps)")
         t = train(cfg, progress).meta.training
         rows.append(

@@ -1,17 +1,20 @@
 """Labelled detection data, made offline and deterministically (no downloads on these machines).
 
 Each class of a model is one visually distinct object kind: a shape (circle, square, triangle,
-star, plus, ring, hexagon, crescent) in a colour (red, green, blue, yellow); 8 x 4 = 32 kinds.
+star, plus, ring, hexagon, crescent) in a colour (red, green, blue, yellow, then cyan, magenta); 8 x 6 = 48
+kinds.
 Objects vary in size (24 px at the service's 512 px letterbox to most of the image), aspect,
 rotation, shading, overlap and count, on varied backgrounds (noise, gradients, stripes, crops of
 the public-domain photos in ``load_tests/images``), in images of varied size and aspect ratio (so
 the letterbox is exercised).
 
 Data is made for one model's classes (``DataSpec``: its name, class names and the class ids the data
-uses; by default every named class, ``N/A`` placeholders left out; a training recipe may name a subset).
-Class ids are the model's own 1-based ids, so a dataset's ``annotations.json`` (COCO format) can be
-scored against that model's detections directly. Class k of every model (the k-th id its data
-uses) is kind k, so models share what they learn and fine-tuning one from another converges quickly.
+uses; by default every named class, ``N/A`` placeholders left out; a training recipe may name a subset),
+and which kind each of those classes is (by default class k, the k-th id its data uses, is kind k; a recipe
+gives classes of one name in several models one kind and every other class a kind of its own,
+``detlab.recipe``). Class ids are the model's own 1-based ids, so a dataset's ``annotations.json`` (COCO
+format, each category's ``supercategory`` naming its kind) can be scored against that model's detections
+directly.
 
 Same (model, split, count, seed) -> byte-identical files: every random draw comes from one
 ``numpy.random.Generator`` seeded from (seed, split, image index), and JPEGs are written with
@@ -32,6 +35,9 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "plus", "ring", "hexagon", "crescent")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (35, 70, 225), "yellow": (240, 210, 25)}
+# added after the first 32 kinds (which stay as they were: trained weights name them): hues between the first four
+MORE_COLOURS = {"cyan": (20, 195, 205), "magenta": (205, 40, 195)}
+RGB = {**COLOURS, **MORE_COLOURS}
 
 SPLITS = ("train", "val")
 MIN_OBJECT = 24  # px, the smallest object's extent at the service's input size
@@ -41,17 +47,20 @@ PLACEHOLDER = "N/A"  # a class id a label set leaves unused (COCO's 90 ids name 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Whose data: a model's name (it seeds the splits), its class names, and the 1-based class ids
-    the data uses (None: every class not named ``N/A``)."""
+    """Whose data: a model's name (it seeds the splits), its class names, the 1-based class ids the data
+    uses (None: every class not named ``N/A``) and the kind of each of them (names, e.g. ``"cyan star"``,
+    parallel to the ids; None: the k-th id is ``KINDS[k]``)."""
 
     name: str
     class_names: tuple[str, ...]
     class_ids: tuple[int, ...] | None = None
+    kinds: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, model) -> DataSpec:
-        """The spec of a loaded model (its metadata's recorded training ids, where there are any)."""
-        return cls(model.name, tuple(model.class_names), getattr(model, "trained_ids", None))
+        """The spec of a loaded model (its metadata's recorded training ids and kinds, where there are any)."""
+        ids, kinds = getattr(model, "trained_ids", None), getattr(model, "trained_kinds", None)
+        return cls(model.name, tuple(model.class_names), ids, kinds)
 
 
 @dataclass(frozen=True)
@@ -65,21 +74,23 @@ class Kind:
 
 
 def _kinds() -> tuple[Kind, ...]:
-    """32 kinds ordered so that any prefix is as distinct as possible: the first 8 are 8 shapes in
-    alternating colours, the next 8 the same shapes in the next colour, and so on."""
-    colours = list(COLOURS)
+    """48 kinds ordered so that any prefix is as distinct as possible: the first 8 are 8 shapes in
+    alternating colours, the next 8 the same shapes in the next colour, and so on; the first 32 in the
+    first four colours, the last 16 in the two added ones."""
     out = []
-    for j in range(len(colours)):
-        for s, shape in enumerate(SHAPES):
-            out.append(Kind(shape, colours[(s + j) % len(colours)]))
+    for colours in (list(COLOURS), list(MORE_COLOURS)):
+        for j in range(len(colours)):
+            for s, shape in enumerate(SHAPES):
+                out.append(Kind(shape, colours[(s + j) % len(colours)]))
     return tuple(out)
 
 
 KINDS = _kinds()
+KIND_BY_NAME = {k.name: k for k in KINDS}
 
 
 def class_ids(spec: DataSpec, cap: bool = False) -> tuple[int, ...]:
-    """The 1-based class ids a model's data uses (class k of this tuple is ``KINDS[k]``). More than the
+    """The 1-based class ids a model's data uses (``kind_table``: the kind of each). More than the
     generator's kinds is an error, or with ``cap`` the first ones (a check set of a large label set)."""
     n = len(spec.class_names)
     if spec.class_ids is not None:
@@ -97,7 +108,17 @@ def class_ids(spec: DataSpec, cap: bool = False) -> tuple[int, ...]:
 
 
 def kind_table(spec: DataSpec, cap: bool = False) -> dict[int, Kind]:
-    return dict(zip(class_ids(spec, cap), KINDS))
+    """Class id -> the object kind its data draws."""
+    ids = class_ids(spec, cap)
+    if spec.kinds is None:
+        return dict(zip(ids, KINDS))
+    unknown = [k for k in spec.kinds if k not in KIND_BY_NAME]
+    if len(spec.kinds) != len(spec.class_ids or ()) or unknown or len(set(spec.kinds)) != len(spec.kinds):
+        raise ValueError(
+            f"{spec.name}: kinds must name one distinct object kind per class id ({len(spec.class_ids or ())}), "
+            f"got {list(spec.kinds)}" + (f" (unknown: {unknown})" if unknown else "")
+        )
+    return {c: KIND_BY_NAME[k] for c, k in zip(ids, spec.kinds)}
 
 
 # -- drawing ---------------------------------------------------------------------------------------
@@ -253,7 +274,7 @@ def render_image(
         for k, (m, a) in enumerate(placed):
             placed[k] = (m * (1 - mask), a)
         placed.append((mask, full))
-        colour = np.array(COLOURS[kind.colour], np.float32) + rng.normal(0, 12, 3)
+        colour = np.array(RGB[kind.colour], np.float32) + rng.normal(0, 12, 3)
         x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
         wy0, wy1 = max(y0 - 1, 0), min(y1 + 1, h)  # the object's window (the mask is 0 outside)
         wx0, wx1 = max(x0 - 1, 0), min(x1 + 1, w)
@@ -356,14 +377,14 @@ def make_dataset(
 def check_set(count: int = 6, seed: int = 1234, specs: Sequence[DataSpec] = ()) -> tuple[list[bytes], dict[str, dict]]:
     """A small labelled set made in memory (no files, no photos), for checks at load time (``auto``).
 
-    The images hold as many kinds as the largest label set uses; every model's ground truth is the
-    objects of its own kinds, with its own class ids (class k = kind k). Returns the JPEG bytes and,
-    per model, COCO ground truth for ``quality.coco_map``."""
+    The images hold every kind of every model's label set; each model's ground truth is the objects of
+    its own kinds, with its own class ids. Returns the JPEG bytes and, per model, COCO ground truth for
+    ``quality.coco_map``."""
     import io
 
-    ids = {spec.name: class_ids(spec, cap=True) for spec in specs}
-    width = max((len(v) for v in ids.values()), default=len(KINDS))
-    kinds = dict(zip(range(1, width + 1), KINDS))  # kind k drawn with category k + 1
+    tables = {spec.name: {k: c for c, k in kind_table(spec, cap=True).items()} for spec in specs}
+    drawn = [k for k in KINDS if any(k in t for t in tables.values())] if specs else list(KINDS)
+    kinds = dict(zip(range(1, len(drawn) + 1), drawn))  # drawn[i] drawn with category i + 1
     bodies, objects_per_image = [], []
     for i in range(count):
         img, objects = render_image(np.random.default_rng([seed, i]), kinds)
@@ -373,19 +394,19 @@ def check_set(count: int = 6, seed: int = 1234, specs: Sequence[DataSpec] = ()) 
         objects_per_image.append((img.width, img.height, objects))
     truth = {}
     for spec in specs:
-        own = ids[spec.name]
+        own = tables[spec.name]
         images, annotations = [], []
         for i, (w, h, objects) in enumerate(objects_per_image):
             images.append({"id": i + 1, "file_name": f"check_{i}.jpg", "width": w, "height": h})
             for obj in objects:
-                k = obj["category_id"] - 1
-                if k < len(own):
+                kind = kinds[obj["category_id"]]
+                if kind in own:
                     x, y, bw, bh = obj["bbox"]
                     annotations.append(
                         {
                             "id": len(annotations) + 1,
                             "image_id": i + 1,
-                            "category_id": own[k],
+                            "category_id": own[kind],
                             "bbox": obj["bbox"],
                             "area": bw * bh,
                             "iscrowd": 0,
@@ -394,6 +415,6 @@ def check_set(count: int = 6, seed: int = 1234, specs: Sequence[DataSpec] = ()) 
         truth[spec.name] = {
             "images": images,
             "annotations": annotations,
-            "categories": [{"id": c, "name": spec.class_names[c - 1]} for c in own],
+            "categories": [{"id": c, "name": spec.class_names[c - 1]} for c in sorted(own.values())],
         }
     return bodies, truth

@@ -77,6 +77,9 @@ class TrainConfig:
     # a part of the start model kept bit for bit (FROZEN: its weights and BatchNorm statistics; what the models of
     # a set share is then computed once, multidet.sharing): none | backbone | backbone_fpn | all_but_class_net
     freeze: str = "none"
+    # with freeze: another model of ``init``'s set whose frozen part replaces the start's (the start keeps its own
+    # unfrozen parts): a separately fine-tuned model refitted onto a common trunk (detlab.refit)
+    trunk_model: str | None = None
     bn_recalibrate: int = 0  # at the end, re-estimate the EMA's BatchNorm statistics on this many train
     # images at the service's input size (0: keep the statistics of training's size)
     seed: int = 0
@@ -112,6 +115,8 @@ def frozen_prefixes(cfg: TrainConfig) -> tuple[str, ...]:
         raise ValueError(f"freeze must be one of {sorted(FROZEN)}, got {cfg.freeze!r}")
     if cfg.freeze != "none" and cfg.init is None:
         raise ValueError(f"freeze={cfg.freeze} keeps a part of the start model: give one (init)")
+    if cfg.trunk_model and cfg.freeze == "none":
+        raise ValueError(f"trunk_model={cfg.trunk_model} gives the frozen part: name one (freeze)")
     return FROZEN[cfg.freeze]
 
 
@@ -250,6 +255,17 @@ def initial_network(cfg: TrainConfig):
             if mapping
             else " (class layer re-initialised: none of its classes matches)"
         )
+    if cfg.trunk_model:
+        trunk_entry = read_model_set(cfg.init)[cfg.trunk_model]
+        if trunk_entry.architecture != cfg.architecture:
+            raise ValueError(f"{cfg.trunk_model} is {trunk_entry.architecture}; this model is {cfg.architecture}")
+        trunk = load_entry(trunk_entry).net.state_dict()
+        kept = frozen_prefixes(cfg)
+        for k in state:
+            if k.startswith(kept):
+                state[k] = trunk[k]
+        trunk_digest = sha256_file(trunk_entry.weights)[:12]
+        how += f" ({cfg.freeze.replace('all_but_', 'all but ')} from {cfg.trunk_model}@{trunk_digest})"
     net.load_state_dict(state, strict=True)
     digest = sha256_file(entry.weights)[:12]
     return net, f"{source}@{digest}{how}"
@@ -525,6 +541,7 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
             "class_loss": round(out["class_loss"].item(), 4),
             "box_loss": round(out["box_loss"].item(), 5),
             "lr": scheduler.get_last_lr()[0],
+            "wall_s": round(wall, 3),  # training time so far (evaluations left out)
         }
         if cfg.val_dir is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             net.eval()
@@ -553,11 +570,16 @@ def train(cfg: TrainConfig, progress: Callable[[dict], None] | None = None) -> T
     if progress and final:
         progress({"step": step, "final": final})
     annotations = Path(cfg.train_dir) / "annotations.json"
+    coco = json.loads(annotations.read_text())
+    categories = coco.get("categories", [])
+    generated = coco.get("info", {}).get("generator") == "detlab.synthetic"
     training = {
         "dataset": str(cfg.train_dir),
         "dataset_sha256": sha256_file(annotations),
-        # the class ids its data used (class k = the k-th): labelled check sets of the same kinds
-        "class_ids": [c["id"] for c in json.loads(annotations.read_text()).get("categories", [])],
+        # the class ids its data used and, in generated data, the object kind of each (a category's
+        # supercategory): labelled check sets of the same kinds
+        "class_ids": [c["id"] for c in categories],
+        "kinds": [c["supercategory"] for c in categories] if generated else None,
         "images": len(batches),
         "val_dataset": str(cfg.val_dir) if cfg.val_dir else None,
         "start": start,

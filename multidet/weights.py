@@ -186,8 +186,10 @@ class LoadedModel:
     class_names: tuple[str, ...]
     net: EfficientDet  # eval mode, on CPU as loaded; shared by every optimization, never moved (base.on_device)
     threshold: float | None = None  # the model's own default score threshold (None: the service's)
-    # the class ids its training data used, where its metadata records them (labelled check sets)
+    # the class ids its training data used and the object kind of each, where its metadata records them
+    # (labelled check sets)
     trained_ids: tuple[int, ...] | None = None
+    trained_kinds: tuple[str, ...] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -239,11 +241,13 @@ def load_entry(entry) -> LoadedModel:
     if len(classes) != num_classes:
         raise CheckpointError(f"{len(classes)} class names, but the weights have {num_classes} classes")
     net = check_architecture(state_dict, entry.architecture, num_classes)
-    trained = ((meta or {}).get("training") or {}).get("class_ids")
+    training = (meta or {}).get("training") or {}
+    trained, kinds = training.get("class_ids"), training.get("kinds")
     return LoadedModel(
         name=entry.name,
         class_names=tuple(classes),
         net=net,
         threshold=entry.threshold,
         trained_ids=tuple(int(c) for c in trained) if trained else None,
+        trained_kinds=tuple(str(k) for k in kinds) if trained and kinds else None,
     )

@@ -8,13 +8,14 @@ Runs the same data path as the server (multidet.pipeline.Detector) on a model se
 Where the image has labels beside it (docs/example.json: its objects' kinds and boxes), it also says
 which objects each model found, missed, or saw that are not there (detlab.evaluation.check_image).
 
-The README's example is chosen from labelled splits (`make dataset`) by the same check:
+The README's example is chosen from labelled splits (`make dataset`: data/mixed/val holds every model's kinds
+together) by the same check:
 
-    python scripts/annotate.py --choose data/efficientdet_d0_coco/val data/efficientdet_d0_aquarium/val \
-        [--export docs/example.jpg]
+    python scripts/annotate.py --choose data/mixed/val [--export docs/example.jpg]
 
-lists the images every model answers completely (each object found at 0.6, no false positive at 0.4:
-at 0.5 nothing is near a tie), most objects first; --export copies the first and writes its labels.
+lists the images the models answer completely (each object found at 0.6, no false positive at 0.4: at 0.5
+nothing is near a tie), those found by most models first, then those with an object several models found
+(a kind their label sets share), then most objects; --export copies the first and writes its labels.
 """
 
 from __future__ import annotations
@@ -105,11 +106,17 @@ def choose(detector: Detector, splits: list[Path], threshold: float, export: Pat
             if objects and not found.missed and not check_image(dets, objects, kinds, clean).false:
                 distinct = len({o["kind"] for o in objects})
                 models = len({model for model, _, _ in found.found})
-                candidates.append(((len(objects), distinct, models), path, objects, img))
+                finders = [i for _, i, _ in found.found]
+                shared = len({i for i in finders if finders.count(i) > 1})  # objects more than one model found
+                candidates.append(((models, min(shared, 1), len(objects), distinct), path, objects, img))
+    # most models answering, an object several of them found, most objects, most kinds
     candidates.sort(key=lambda c: c[0], reverse=True)
     print(f"{len(candidates)} images answered completely (found at {sure:g}, nothing else at {clean:g})")
-    for (n, distinct, models), path, _, img in candidates[:top]:
-        print(f"  {path}: {n} objects, {distinct} kinds, found by {models} models, {img['width']}x{img['height']}")
+    for (models, shared, n, distinct), path, _, img in candidates[:top]:
+        print(
+            f"  {path}: {n} objects, {distinct} kinds, found by {models} models"
+            f"{', one by several' if shared else ''}, {img['width']}x{img['height']}"
+        )
     if export and candidates:
         _, path, objects, img = candidates[0]
         export.write_bytes(path.read_bytes())

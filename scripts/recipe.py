@@ -3,6 +3,7 @@
 
     python scripts/recipe.py dataset        # every model's train/val splits (make dataset)
     python scripts/recipe.py train          # train in the recipe's order, copy into weights/ (make train)
+    python scripts/recipe.py train --only NAME[,NAME]   # some of them (make train ONLY=NAME)
     python scripts/recipe.py eval [--optimization NAME]   # mAP of each model on its val split (make eval)
     python scripts/recipe.py eval --seed 1  # ... on a val split drawn with another seed (DATA/seed-1/NAME/val)
     python scripts/recipe.py ablate --ablation FILE.yaml  # short runs of one model, one change each
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from detlab import build
 from detlab.bench import environment
 from detlab.evaluation import evaluate
-from detlab.recipe import ablate, datasets, read_recipe, train_all, train_config
+from detlab.recipe import MIXED, ablate, datasets, mixed_view, read_recipe, train_all, train_config
 from multidet.config import ConfigError, Settings
 from multidet.modelset import read_model_set
 from multidet.optimizations import SERVABLE, build_optimization
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--model-set", type=Path, default=MODEL_SET)
     p.add_argument("--recipe", type=Path, default=RECIPE)
     p.add_argument("--splits", default="train,val", help="dataset: which splits (e.g. val)")
+    p.add_argument("--only", help="train: these models of the recipe (comma-separated; the others keep their weights)")
     p.add_argument("--val-count", type=int, help="dataset: val images per model (default: the recipe's)")
     p.add_argument("--optimization", default="baseline", choices=SERVABLE, help="eval: the path to score")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "eval", help="eval: where the JSON goes")
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
             datasets(recipe, model_set, PHOTOS, say=lambda line: print(line, flush=True), splits=splits)
         elif args.step == "train":
             datasets(recipe, model_set, PHOTOS, say=lambda line: print(line, flush=True))
-            train_all(recipe, model_set, progress=Progress(), say=lambda line: tqdm.write(line))
+            only = tuple(n.strip() for n in args.only.split(",")) if args.only else None
+            train_all(recipe, model_set, progress=Progress(), say=lambda line: tqdm.write(line), only=only)
             print(f"trained checkpoints beside {model_set.source}'s weights (commit them to ship them)")
         elif args.step == "ablate":
             if args.ablation is None:
@@ -98,6 +101,10 @@ def evaluate_all(recipe, model_set, optimization: str, out: Path, tag: str = "")
 
             result = evaluate(detector, recipe.dataset(r.name, "val"), r.name, progress=progress)
         summary = {**result.summary(), "data": str(recipe.dataset(r.name, "val")), "seed": recipe.seed}
+        if (recipe.dataset(MIXED, "val") / "annotations.json").exists():
+            # among the other models' kinds too: what it finds of its own, and what else it names
+            mixed = evaluate(detector, mixed_view(recipe, model_set, r.name), r.name).summary()
+            summary["mixed"] = {k: mixed[k] for k in ("map50", "map", "images")}
         print(json.dumps(summary), flush=True)
         weakest = sorted(result.per_class.items(), key=lambda kv: kv[1][0])[:5]
         print("  weakest classes (AP@0.5): " + ", ".join(f"{k} {v[0]:.3f}" for k, v in weakest), flush=True)
@@ -116,11 +123,14 @@ def run_ablation(recipe, model_set, path: Path) -> None:
         overrides["init"] = ROOT / overrides["init"]
     base = train_config(recipe, model_set, spec["model"], recipe_fields=False, **overrides)
     out = ROOT / "outputs" / "train_ablation" / path.stem
-    rows = ablate(base, spec["variants"], out, progress=Progress(), say=lambda line: tqdm.write(line))
+    rows = ablate(
+        base, spec["variants"], out, progress=Progress(), say=lambda line: tqdm.write(line), wall_s=spec.get("wall_s")
+    )
     record = {
         "ablation": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
         "model": spec["model"],
         "base": spec.get("base") or {},
+        "wall_s": spec.get("wall_s"),
         "environment": environment(),
         "rows": [dataclasses.asdict(r) for r in rows],
     }

@@ -79,7 +79,7 @@ def test_objects_vary_in_size_count_and_kind():
 
     kinds = kind_table(spec(NAMES[2]))
     sides, counts, seen = [], [], set()
-    for i in range(40):
+    for i in range(80):
         img, objects = render_image(np.random.default_rng([3, i]), kinds)
         counts.append(len(objects))
         for o in objects:
@@ -91,14 +91,71 @@ def test_objects_vary_in_size_count_and_kind():
 
 
 def test_kinds_are_distinct_and_class_sets_fit():
-    assert len(set(KINDS)) == len(KINDS) == 32
+    assert len(set(KINDS)) == len(KINDS) == 48
+    # the first 32 are the four first colours', in the order trained weights name them
+    assert [k.name for k in KINDS[:3]] == ["red circle", "green square", "blue triangle"]
+    assert {k.colour for k in KINDS[:32]} == {"red", "green", "blue", "yellow"}
     for name in NAMES:
         ids = class_ids(spec(name))
         assert len(ids) == len(set(ids)) and all(1 <= i <= len(SET[name].class_names) for i in ids)
     assert len(class_ids(spec(NAMES[1]))) == 7 and len(class_ids(spec(NAMES[2]))) == 20
     # without a recipe's ids: every named class (N/A placeholders left out), capped to the kinds on request
     coco = DataSpec("x", SET[NAMES[0]].class_names)
-    assert len(class_ids(coco, cap=True)) == 32 and 12 not in class_ids(coco, cap=True)
+    assert len(class_ids(coco, cap=True)) == 48 and 12 not in class_ids(coco, cap=True)
+
+
+def test_each_model_has_its_own_kinds_overlapping_where_label_sets_do(tmp_path):
+    """The recipe's rule: a class named as an earlier one (any model's) is that one's kind, every other class a
+    kind of its own; the data, the sliced class layer and the check sets follow it."""
+    from detlab.recipe import head_map, read_recipe
+
+    kinds = {n: kind_table(spec(n)) for n in NAMES}
+    names = {n: {c: SET[n].class_names[c - 1] for c in kinds[n]} for n in NAMES}
+    for a in NAMES:
+        for b in NAMES:
+            shared = {names[a][c] for c in kinds[a]} & {names[b][c] for c in kinds[b]}
+            for ca, ka in kinds[a].items():
+                for cb, kb in kinds[b].items():
+                    assert (ka == kb) == (names[a][ca] == names[b][cb]), (a, ca, b, cb)
+            if a != b and "aquarium" in a + b:
+                assert not shared  # the aquarium model shares no label with the others
+    vehicles_coco = {names[NAMES[2]][c] for c in kinds[NAMES[2]]} & {names[NAMES[0]][c] for c in kinds[NAMES[0]]}
+    assert {"car", "truck", "bus", "motorcycle", "bicycle"} <= vehicles_coco
+    recipe = read_recipe(ROOT / "training.yaml", SET)
+    shared_ids = head_map(recipe, SET, NAMES[2], NAMES[0])
+    assert {names[NAMES[2]][c] for c in shared_ids} == vehicles_coco
+    assert all(names[NAMES[2]][c] == names[NAMES[0]][s] for c, s in shared_ids.items())
+    assert head_map(recipe, SET, NAMES[1], NAMES[0]) == {}
+    # a check set of the three draws every kind once and labels each model's own, by its own ids
+    bodies, truth = check_set(count=4, seed=3, specs=[spec(n) for n in NAMES])
+    by_box = {}
+    for n in NAMES:
+        for a in truth[n]["annotations"]:
+            by_box.setdefault((a["image_id"], tuple(a["bbox"])), []).append((n, names[n][a["category_id"]]))
+    assert all(len({label for _, label in v}) == 1 for v in by_box.values())  # one object, one name
+    assert any(len(v) == 2 for v in by_box.values())  # a vehicles kind the COCO-subset model has too
+    # the set's mixed split: every kind once, labelled by kind; each model's view keeps its own, by its ids
+    import dataclasses
+
+    from detlab.recipe import MIXED, mixed_spec, mixed_view
+    from detlab.synthetic import make_dataset
+
+    recipe = dataclasses.replace(recipe, data=tmp_path)
+    mixed = mixed_spec(recipe, SET)
+    assert len(mixed.class_names) == len({k for n in NAMES for k in kinds[n].values()}) == 24 + 12 + 7
+    coco = make_dataset(mixed, "val", 4, 0, recipe.dataset(MIXED, "val"))
+    for n in NAMES:
+        view = json.loads((mixed_view(recipe, SET, n) / "annotations.json").read_text())
+        mine = {k.name: c for c, k in kinds[n].items()}
+        expected = [
+            mine[mixed.class_names[a["category_id"] - 1]]
+            for a in coco["annotations"]
+            if mixed.class_names[a["category_id"] - 1] in mine
+        ]
+        assert [a["category_id"] for a in view["annotations"]] == expected
+    assert len(coco["annotations"]) > max(
+        len(json.loads((mixed_view(recipe, SET, n) / "annotations.json").read_text())["annotations"]) for n in NAMES
+    )
 
 
 def test_check_set_annotates_every_models_objects():

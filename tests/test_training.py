@@ -184,10 +184,9 @@ def test_recipe_phases_and_shared_data(tmp_path):
     others' splits too gets one joined dataset with their ids mapped to its own by kind."""
     import yaml
 
-    from detlab.recipe import phase_configs, read_recipe, shared_dataset
-    from detlab.synthetic import DataSpec
+    from detlab.recipe import data_spec, head_map, phase_configs, read_recipe, shared_dataset
 
-    first, second = NAMES[0], NAMES[1]
+    first, second = NAMES[0], NAMES[2]
     recipe_file = write_recipe(
         tmp_path,
         [
@@ -205,13 +204,18 @@ def test_recipe_phases_and_shared_data(tmp_path):
     phases = phase_configs(recipe, SET, first)
     assert [(c.steps, c.image_size, c.batch_size) for c in phases] == [(4, 256, 8), (2, 512, 2)]
     assert phases[0].init is None and phases[1].init == phases[0].out_dir and phases[1].init_model == first
-    for name, ids, n in ((first, [5, 9], 3), (second, None, 2)):
-        make_dataset(DataSpec(name, SET[name].class_names, ids), "train", n, 0, recipe.dataset(name, "train"), IMAGES)
+    # the second starts from the first's weights in the set (the recipe copies each result there)
+    assert phase_configs(recipe, SET, second)[0].init == SET.source
+    for name, n in ((first, 3), (second, 6)):
+        make_dataset(data_spec(recipe, SET, name), "train", n, 0, recipe.dataset(name, "train"), IMAGES)
     joined = shared_dataset(recipe, SET, first)
     ann = json.loads((joined / "annotations.json").read_text())
-    assert len(ann["images"]) == 5 and all((joined / "images" / i["file_name"]).is_file() for i in ann["images"])
-    # the second model's kind k (its id k) is the first's k-th id: 1 -> 5, 2 -> 9, other kinds dropped
-    assert {a["category_id"] for a in ann["annotations"]} <= {5, 9}
+    assert len(ann["images"]) == 9 and all((joined / "images" / i["file_name"]).is_file() for i in ann["images"])
+    # one name, one kind: the second's airplane (19) and boat (18) are the first's 5 and 9, its other kinds dropped
+    assert head_map(recipe, SET, second, first) == {19: 5, 18: 9}
+    own = json.loads((recipe.dataset(second, "train") / "annotations.json").read_text())["annotations"]
+    assert {a["category_id"] for a in ann["annotations"]} == {5, 9}
+    assert len(ann["annotations"]) > sum(a["category_id"] in (18, 19) for a in own) > 0
     assert shared_dataset(recipe, SET, first) == joined  # up to date: kept
 
     # its own name as init: continue from its current weights in the model set, every layer kept
@@ -286,3 +290,39 @@ def test_a_frozen_part_stays_the_start_models_and_is_shared_when_served(choice, 
     assert shares["parts"][:2] == ["backbone", "fpn"] and ("box_net" in shares["parts"]) == ("box_net." in kept)
     with pytest.raises(ValueError, match="freeze must be one of"):
         train(replace(cfg, freeze="heads", out_dir=tmp_path / "bad"))
+
+
+def test_refit_puts_models_onto_the_first_ones_trunk(tiny, tmp_path):
+    """`make refit`: model 2 of a set of unrelated models keeps model 1's frozen part bit for bit and trains the
+    rest on its own data; the refitted set then computes that part once, and the report has both sides."""
+    from detlab.refit import refit
+    from helpers import PHOTOS
+    from multidet.weights import load_entry
+
+    pair = read_model_set(RANDOM).select(NAMES[:2])
+    pair = read_model_set(pair.write(tmp_path / "pair.yaml"))
+    first, second = NAMES[:2]
+    fields = dict(steps=2, batch_size=4, image_size=256, workers=0, eval_every=0, ema_decay=0.0)
+    lines = []
+    result = refit(
+        pair,
+        {second: tiny},
+        tmp_path / "out",
+        [PHOTOS[0].read_bytes()],
+        train_fields=fields,
+        requests=2,
+        say=lines.append,
+    )
+    refitted = read_model_set(result.set_file)
+    assert refitted.names == pair.names and refitted[first].weights == pair[first].weights.resolve()
+    trunk, own, was = (load_entry(e).net.state_dict() for e in (pair[first], refitted[second], pair[second]))
+    kept = [k for k in own if k.startswith(("backbone.", "fpn.", "box_net."))]
+    assert kept and all(torch.equal(own[k], trunk[k]) for k in kept)
+    assert any(not torch.equal(own[k], was[k]) for k in own if k.startswith("class_net."))  # its own part trained
+    before, after = (sum(d["computed"] for d in result.segments[w].values()) for w in ("before", "after"))
+    assert after < before  # the trunk runs once now
+    m = result.models[second]
+    assert m["steps"] == 2 and set(m["before"]) >= {"map50", "map"} and set(m["after"]) >= {"map50", "map"}
+    assert f"from {first}@" in m["start"] and first not in result.models
+    assert set(result.latency_ms) == {"before", "after"} and result.latency_ms["after"]["n"] == 2
+    assert "segments computed" in lines[-1] and second in lines[-1]

@@ -51,7 +51,9 @@ def check_artifact(models, artifact_dir: Path) -> Artifact:
     stamp = {
         "count": CHECK_COUNT,
         "seed": CHECK_SEED,
-        "models": [[m.name, list(m.class_names), list(m.trained_ids or ())] for m in models],
+        "models": [
+            [m.name, list(m.class_names), list(m.trained_ids or ()), list(m.trained_kinds or ())] for m in models
+        ],
     }
     files = [folder / f"check_{i}.jpg" for i in range(CHECK_COUNT)] + [folder / "truth.json"]
     return Artifact(files, folder / "stamp.json", stamp)
