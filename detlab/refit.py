@@ -53,7 +53,7 @@ class RefitResult:
             "|---|---|---|---|---|",
         ]
         for name, m in self.models.items():
-            b, a = m["before"], m.get("after") or m["before"]
+            b, a = m["before"], m["after"]
             lines.append(f"| {name} | {b['map50']:.3f} | {a['map50']:.3f} | {b['map']:.3f} | {a['map']:.3f} |")
         b, a = self.latency_ms["before"]["p50"], self.latency_ms["after"]["p50"]
         lines.append(

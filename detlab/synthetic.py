@@ -113,9 +113,9 @@ def kind_table(spec: DataSpec, cap: bool = False) -> dict[int, Kind]:
     if spec.kinds is None:
         return dict(zip(ids, KINDS))
     unknown = [k for k in spec.kinds if k not in KIND_BY_NAME]
-    if len(spec.kinds) != len(spec.class_ids or ()) or unknown or len(set(spec.kinds)) != len(spec.kinds):
+    if len(spec.kinds) != len(ids) or unknown or len(set(spec.kinds)) != len(spec.kinds):
         raise ValueError(
-            f"{spec.name}: kinds must name one distinct object kind per class id ({len(spec.class_ids or ())}), "
+            f"{spec.name}: kinds must name one distinct object kind per class id ({len(ids)}), "
             f"got {list(spec.kinds)}" + (f" (unknown: {unknown})" if unknown else "")
         )
     return {c: KIND_BY_NAME[k] for c, k in zip(ids, spec.kinds)}

@@ -237,7 +237,8 @@ def initial_network(cfg: TrainConfig):
             return net, f"scratch, backbone from {cfg.backbone_init} ({n} tensors)"
         return net, "scratch"
     source = cfg.init_model or cfg.model
-    entry = read_model_set(cfg.init)[source]
+    start_set = read_model_set(cfg.init)
+    entry = start_set[source]
     if entry.architecture != cfg.architecture:
         raise ValueError(f"{source} is {entry.architecture}; this model is {cfg.architecture}")
     loaded = load_entry(entry)
@@ -256,7 +257,7 @@ def initial_network(cfg: TrainConfig):
             else " (class layer re-initialised: none of its classes matches)"
         )
     if cfg.trunk_model:
-        trunk_entry = read_model_set(cfg.init)[cfg.trunk_model]
+        trunk_entry = start_set[cfg.trunk_model]
         if trunk_entry.architecture != cfg.architecture:
             raise ValueError(f"{cfg.trunk_model} is {trunk_entry.architecture}; this model is {cfg.architecture}")
         trunk = load_entry(trunk_entry).net.state_dict()
