@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from multidet.config import Settings
 from multidet.pipeline import Detector, RequestOptions
 from multidet.quality import ap_table, iou
 
@@ -26,6 +27,10 @@ class EvalResult:
     images: int
     detections: dict[int, list[dict]] = field(default_factory=dict, repr=False)  # image id -> detections
     per_class: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)  # name -> (AP@.5, AP)
+    # at the serving threshold (mAP ranks detections at any score; a served answer keeps those above it):
+    threshold: float = 0.0
+    recall: float = 0.0  # labelled objects found (same class, IoU >= 0.5) by a detection scoring >= threshold
+    false_per_image: float = 0.0  # detections scoring >= threshold that find no labelled object, per image
 
     def summary(self) -> dict:
         return {
@@ -34,6 +39,8 @@ class EvalResult:
             "map50": round(self.map50, 4),
             "map": round(self.map, 4),
             "images": self.images,
+            f"recall@{self.threshold:g}": round(self.recall, 4),
+            f"false_per_image@{self.threshold:g}": round(self.false_per_image, 3),
         }
 
 
@@ -54,8 +61,13 @@ def evaluate(
     batch_size: int = 4,
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    threshold: float | None = None,
 ) -> EvalResult:
-    """Run ``model`` of ``detector`` over the dataset at ``data_dir`` and score it."""
+    """Run ``model`` of ``detector`` over the dataset at ``data_dir`` and score it: mAP over every
+    detection, recall and false positives over those scoring >= ``threshold`` (the served answer; default:
+    the service's default threshold)."""
+    if threshold is None:
+        threshold = Settings().threshold
     data_dir = Path(data_dir)
     coco_gt = read_dataset(data_dir)
     images = coco_gt["images"][:limit] if limit else coco_gt["images"]
@@ -91,6 +103,11 @@ def evaluate(
     map50, map_ = table.means
     names = {c["id"]: c.get("name", str(c["id"])) for c in coco_gt.get("categories", [])}
     per_class = {names.get(c, str(c)): ap for c, ap in table.per_category().items()}
+    found = false = objects = 0
+    for img in images:
+        labelled = [a for a in coco_gt["annotations"] if a["image_id"] == img["id"]]
+        match = served_matches(per_image[img["id"]], labelled, threshold)
+        found, false, objects = found + match[0], false + match[1], objects + len(labelled)
     return EvalResult(
         model=model,
         optimization=detector.description,
@@ -99,7 +116,32 @@ def evaluate(
         images=len(images),
         detections=per_image,
         per_class=per_class,
+        threshold=threshold,
+        recall=found / objects if objects else 0.0,
+        false_per_image=false / len(images) if images else 0.0,
     )
+
+
+def served_matches(detections: list[dict], labelled: list[dict], threshold: float, min_iou: float = 0.5):
+    """(objects found, false detections) of one image's answer at ``threshold``: greedy by score, a detection
+    finds the free labelled object of its class it overlaps most (IoU >= ``min_iou``)."""
+    free = {i: a for i, a in enumerate(labelled)}
+    found = false = 0
+    for d in sorted((d for d in detections if d["score"] >= threshold), key=lambda d: -d["score"]):
+        best, overlap = None, 0.0
+        for i, a in free.items():
+            if a["category_id"] != d["class_id"]:
+                continue
+            x, y, w, h = a["bbox"]
+            o = iou(d["box"], [x, y, x + w, y + h])
+            if o > overlap:
+                best, overlap = i, o
+        if best is not None and overlap >= min_iou:
+            del free[best]
+            found += 1
+        else:
+            false += 1
+    return found, false
 
 
 @dataclass

@@ -42,6 +42,9 @@ STEP_KEYS = (
 )
 
 
+OTHERS_FRACTION = "others_fraction"  # a model's or a phase's key beside TrainConfig's: 0..1
+
+
 @dataclass(frozen=True)
 class ModelRecipe:
     name: str
@@ -57,8 +60,16 @@ class ModelRecipe:
     # other models whose train splits it trains on too, their class ids mapped to its own by object kind
     also_train_on: tuple[str, ...] = ()
 
-    def runs(self) -> tuple[dict, ...]:
+    def _runs(self) -> tuple[dict, ...]:
         return tuple({**self.train, **p} for p in self.phases) or (dict(self.train),)
+
+    def runs(self) -> tuple[dict, ...]:
+        """Each run's TrainConfig fields."""
+        return tuple({k: v for k, v in r.items() if k != OTHERS_FRACTION} for r in self._runs())
+
+    def others_fraction(self, k: int) -> float:
+        """The share of each ``also_train_on`` split's images run ``k`` trains on beside its own (default: all)."""
+        return float(self._runs()[k].get(OTHERS_FRACTION, 1.0)) if self.also_train_on else 0.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ def read_recipe(path: Path, model_set: ModelSet, root: Path | None = None) -> Re
         raise ConfigError(f"{path}: expected data, runs, seed, val_count and a list of models")
     from .training import TrainConfig
 
-    train_keys = {f.name for f in fields(TrainConfig)} & set(STEP_KEYS)
+    train_keys = {f.name for f in fields(TrainConfig)} & set(STEP_KEYS) | {OTHERS_FRACTION}
     models, seen = [], []
     for i, m in enumerate(raw["models"]):
         where = f"{path}: models[{i}]"
@@ -112,6 +123,9 @@ def read_recipe(path: Path, model_set: ModelSet, root: Path | None = None) -> Re
         others = m.get("also_train_on") or []
         if not isinstance(others, list) or any(o not in model_set.names or o == m["name"] for o in others):
             raise ConfigError(f"{where} ({m['name']}): also_train_on must list other models of the set")
+        fractions = [p[OTHERS_FRACTION] for p in [m, *phases] if OTHERS_FRACTION in p]
+        if any(not isinstance(f, (int, float)) or not 0 <= f <= 1 for f in fractions) or (fractions and not others):
+            raise ConfigError(f"{where} ({m['name']}): {OTHERS_FRACTION} is a number in 0..1, with also_train_on")
         if not isinstance(m.get("train_count"), int) or m["train_count"] < 1:
             raise ConfigError(f"{where} ({m['name']}): train_count must be a positive integer")
         models.append(
@@ -278,11 +292,10 @@ def train_all(
         if only is not None and r.name not in only:
             continue
         entry = model_set[r.name]
-        train_dir = shared_dataset(recipe, model_set, r.name) if r.also_train_on else None
         result = None
         for k, cfg in enumerate(phase_configs(recipe, model_set, r.name)):
-            if train_dir is not None:
-                cfg = replace(cfg, train_dir=train_dir)
+            if r.others_fraction(k) > 0:
+                cfg = replace(cfg, train_dir=shared_dataset(recipe, model_set, r.name, r.others_fraction(k)))
             what = f"{r.name} phase {k + 1}/{len(r.runs())}" if len(r.runs()) > 1 else r.name
             say(
                 f"training {what} ({entry.architecture}, {len(cfg.class_names)} classes, "
@@ -319,11 +332,12 @@ def phase_run(recipe: Recipe, name: str, k: int) -> Path:
     return recipe.run(name) / f"phase{k + 1}" if len(r.runs()) > 1 else recipe.run(name)
 
 
-def shared_dataset(recipe: Recipe, model_set: ModelSet, name: str) -> Path:
-    """``name``'s train split joined with the train splits of its ``also_train_on`` models, their class
-    ids mapped to ``name``'s by object kind: ``<data>/<name>/train_shared`` (images linked, not copied)."""
+def shared_dataset(recipe: Recipe, model_set: ModelSet, name: str, fraction: float = 1.0) -> Path:
+    """``name``'s train split joined with the train splits of its ``also_train_on`` models (the first
+    ``fraction`` of each one's images), their class ids mapped to ``name``'s by object kind:
+    ``<data>/<name>/train_shared`` (``train_shared_<fraction>`` for a part; images linked, not copied)."""
     r = recipe.model(name)
-    out = recipe.dataset(name, "train_shared")
+    out = recipe.dataset(name, "train_shared" if fraction >= 1 else f"train_shared_{fraction:g}")
     own = json.loads((recipe.dataset(name, "train") / "annotations.json").read_text())
     sources = [(name, own, None)] + [
         (
@@ -334,7 +348,10 @@ def shared_dataset(recipe: Recipe, model_set: ModelSet, name: str) -> Path:
         for o in r.also_train_on
     ]
     stamp = {
-        "sources": [[src, ann.get("info", {}).get("count"), ann.get("info", {}).get("seed")] for src, ann, _ in sources]
+        "sources": [
+            [src, ann.get("info", {}).get("count"), ann.get("info", {}).get("seed")] for src, ann, _ in sources
+        ],
+        "fraction": fraction,
     }
     ann_path = out / "annotations.json"
     if ann_path.exists() and json.loads(ann_path.read_text()).get("info", {}).get("shared") == stamp:
@@ -343,7 +360,8 @@ def shared_dataset(recipe: Recipe, model_set: ModelSet, name: str) -> Path:
     images, annotations = [], []
     for src, ann, mapping in sources:
         ids = {}
-        for img in ann["images"]:
+        kept = ann["images"] if mapping is None else ann["images"][: round(fraction * len(ann["images"]))]
+        for img in kept:
             new_id = len(images) + 1
             ids[img["id"]] = new_id
             file_name = f"{src}__{img['file_name']}"
@@ -353,7 +371,7 @@ def shared_dataset(recipe: Recipe, model_set: ModelSet, name: str) -> Path:
             images.append({**img, "id": new_id, "file_name": file_name})
         for a in ann["annotations"]:
             cat = a["category_id"] if mapping is None else mapping.get(a["category_id"])
-            if cat is None:
+            if cat is None or a["image_id"] not in ids:
                 continue  # a kind the first model does not have
             annotations.append({**a, "id": len(annotations) + 1, "image_id": ids[a["image_id"]], "category_id": cat})
     merged = {
@@ -389,7 +407,7 @@ def train_config(recipe: Recipe, model_set: ModelSet, name: str, recipe_fields: 
         seed=recipe.seed,
     )
     if recipe_fields:
-        fields_.update(r.train)
+        fields_.update({k: v for k, v in r.train.items() if k != OTHERS_FRACTION})
     fields_.update(overrides)
     return TrainConfig(**fields_)
 

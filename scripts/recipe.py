@@ -104,7 +104,7 @@ def evaluate_all(recipe, model_set, optimization: str, out: Path, tag: str = "")
         if (recipe.dataset(MIXED, "val") / "annotations.json").exists():
             # among the other models' kinds too: what it finds of its own, and what else it names
             mixed = evaluate(detector, mixed_view(recipe, model_set, r.name), r.name).summary()
-            summary["mixed"] = {k: mixed[k] for k in ("map50", "map", "images")}
+            summary["mixed"] = {k: v for k, v in mixed.items() if k not in ("model", "optimization")}
         print(json.dumps(summary), flush=True)
         weakest = sorted(result.per_class.items(), key=lambda kv: kv[1][0])[:5]
         print("  weakest classes (AP@0.5): " + ", ".join(f"{k} {v[0]:.3f}" for k, v in weakest), flush=True)

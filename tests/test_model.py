@@ -75,18 +75,29 @@ def test_trained_models_find_the_objects(trained, labelled):
         assert value >= 0.5, (model, value)
 
 
-def test_readme_example_is_found_entirely(trained):
-    """docs/example.jpg, the README's example: every labelled object (docs/example.json) is found at the
-    serving threshold by every model whose classes include its kind, and nothing else is reported. It was
-    chosen (scripts/annotate.py --choose) with finds scoring >= 0.6 and anything else < 0.4, so no near-tie
-    decides this on any CPU."""
+def test_readme_example_shows_different_detectors(trained):
+    """docs/example.jpg, the README's example (data/mixed/val, chosen by scripts/annotate.py --choose): every
+    labelled object (docs/example.json) is found at the serving threshold by every model whose classes include
+    its kind; the models are different detectors: each finds something, one object is found by one model alone
+    and one of a kind two models share by both; what else is reported is a model naming another model's
+    object as one of its own kinds (a confusion the README shows), never a box on nothing. Chosen with every
+    find and every other detection >= 0.55 and nothing else in 0.45..0.55, so no near-tie decides this on
+    any CPU."""
+    from multidet.quality import iou
+
     labels = json.loads((ROOT / "docs" / "example.json").read_text())
     body = (ROOT / "docs" / "example.jpg").read_bytes()
     response = trained.predict_one(body, RequestOptions(threshold=SERVING_THRESHOLD))
     assert response["image"] == {"width": labels["width"], "height": labels["height"]}
     check = check_image(response["detections"], labels["objects"], kinds_of(trained), SERVING_THRESHOLD)
-    assert check.complete, (check.missed, check.false)
-    assert len(labels["objects"]) >= 5 and len({model for model, _, _ in check.found}) == len(trained.models)
+    assert not check.missed, check.missed
+    assert len(labels["objects"]) >= 4 and len({model for model, _, _ in check.found}) == len(trained.models)
+    finders: dict[int, set[str]] = {}
+    for model, obj, _ in check.found:
+        finders.setdefault(obj, set()).add(model)
+    assert sorted(len(who) for who in finders.values())[0] == 1 and max(map(len, finders.values())) >= 2, finders
+    for d in check.false:
+        assert max(iou(d["box"], o["box"]) for o in labels["objects"]) >= 0.5, d
 
 
 def test_model_subset_and_threshold(detector, photos):

@@ -18,10 +18,11 @@ from helpers import IMAGES, NAMES, RANDOM, ROOT, SHIPPED
 from multidet.config import ConfigError, Settings
 from multidet.modelset import read_model_set
 from multidet.pipeline import Detector
+from multidet.weights import load_entry
 
 SET = read_model_set(SHIPPED)
 MODEL = NAMES[1]  # trained again from the first model, as the recipe does
-SPEC = DataSpec(MODEL, SET[MODEL].class_names)
+SPEC = DataSpec.of(load_entry(SET[MODEL]))  # its own object kinds, as its shipped weights learnt them
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,9 @@ def test_a_few_steps_lower_the_loss_and_the_checkpoint_serves(tiny, tmp_path):
     assert meta == result.meta and meta.format == "safetensors" and meta.source == "trained"
     t = meta.training
     assert t["steps"] == 8 and t["seed"] == 0 and t["images"] == 8 and "class layer re-initialised" in t["start"]
-    assert set(t["val"]) == {"model", "optimization", "map50", "map", "images"} and t["val"]["images"] == 6
+    assert {"model", "map50", "map", "images", "recall@0.5", "false_per_image@0.5"} <= set(t["val"]) and t["val"][
+        "images"
+    ] == 6
     assert rows[-1]["final"] == t["val"]
     # the result loads (sha256, architecture) and serves through the whole data path
     load_checkpoint(tmp_path / "out", MODEL)
@@ -133,9 +136,32 @@ def test_evaluate_script_reports_map_of_the_trained_model(tiny, tmp_path):
     )
     result = json.loads(out.read_text())
     assert json.loads(run.stdout.strip().splitlines()[-1]) == result
-    assert set(result) == {"model", "optimization", "map50", "map", "images"}
+    assert set(result) == {"model", "optimization", "map50", "map", "images", "recall@0.5", "false_per_image@0.5"}
     assert result["model"] == MODEL and result["images"] == 6 and result["optimization"] == "baseline"
     assert result["map50"] >= 0.5 and 0 < result["map"] <= result["map50"]  # the shipped model finds them
+    assert 0.5 <= result["recall@0.5"] <= 1 and result["false_per_image@0.5"] >= 0  # and serves them at 0.5
+
+
+def test_served_matches_counts_what_a_served_answer_finds():
+    """Recall at the serving threshold: one detection finds one labelled object of its class (IoU >= 0.5);
+    a second box on it, a wrong class or a miss is a false detection; below the threshold nothing counts."""
+    from detlab.evaluation import served_matches
+
+    labelled = [
+        {"category_id": 1, "bbox": [0, 0, 10, 10]},
+        {"category_id": 2, "bbox": [20, 20, 10, 10]},
+        {"category_id": 1, "bbox": [50, 50, 10, 10]},
+    ]
+    dets = [
+        {"class_id": 1, "score": 0.9, "box": [0, 0, 10, 10]},  # finds object 0
+        {"class_id": 1, "score": 0.8, "box": [1, 0, 10, 10]},  # object 0 again: false
+        {"class_id": 1, "score": 0.7, "box": [20, 20, 30, 30]},  # object 1's box, wrong class: false
+        {"class_id": 2, "score": 0.6, "box": [21, 21, 30, 30]},  # finds object 1 (IoU 0.81)
+        {"class_id": 1, "score": 0.4, "box": [50, 50, 60, 60]},  # would find object 2, below 0.5
+    ]
+    assert served_matches(dets, labelled, 0.5) == (2, 2)
+    assert served_matches(dets, labelled, 0.3) == (3, 2)
+    assert served_matches([], labelled, 0.5) == (0, 0)
 
 
 def test_sliced_head_gives_the_source_models_scores_for_the_same_kinds():
@@ -195,7 +221,10 @@ def test_recipe_phases_and_shared_data(tmp_path):
                 "train_count": 3,
                 "class_ids": [5, 9],
                 "also_train_on": [second],
-                "phases": [{"steps": 4, "image_size": 256}, {"steps": 2, "image_size": 512, "batch_size": 2}],
+                "phases": [
+                    {"steps": 4, "image_size": 256, "others_fraction": 0.5},
+                    {"steps": 2, "image_size": 512, "batch_size": 2},
+                ],
             },
             {"name": second, "train_count": 2, "init": first},
         ],
@@ -217,6 +246,12 @@ def test_recipe_phases_and_shared_data(tmp_path):
     assert {a["category_id"] for a in ann["annotations"]} == {5, 9}
     assert len(ann["annotations"]) > sum(a["category_id"] in (18, 19) for a in own) > 0
     assert shared_dataset(recipe, SET, first) == joined  # up to date: kept
+    # a phase may take a part of the others' images (others_fraction; default all): the first half of each
+    assert [recipe.model(first).others_fraction(k) for k in (0, 1)] == [0.5, 1.0]
+    assert recipe.model(second).others_fraction(0) == 0.0 and "others_fraction" not in recipe.model(first).runs()[0]
+    half = json.loads((shared_dataset(recipe, SET, first, 0.5) / "annotations.json").read_text())
+    assert [i["file_name"] for i in half["images"]] == [i["file_name"] for i in ann["images"][:6]]
+    assert half["annotations"] == [a for a in ann["annotations"] if a["image_id"] <= 6]
 
     # its own name as init: continue from its current weights in the model set, every layer kept
     raw = yaml.safe_load(recipe_file.read_text())
