@@ -217,6 +217,8 @@ def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled
         elif row["optimization"] not in (chosen, "baseline") and row["ms"] is not None:
             assert row["equal"] is None and "not checked" in row["why"], row
     assert f"-> {chosen}" in caplog.text and "mAP@0.5" in caplog.text  # the measured table is logged
+    per_model = table["onnxruntime_per_model"]  # outdone where the set shares work: neither built nor timed
+    assert per_model["ms"] is None and per_model["why"] in caplog.text
     got = answers(det, labelled[0])
     for want, have in zip(labelled_reference, got):
         assert_same_answer(want, have)
@@ -346,6 +348,21 @@ def test_builds_are_kept_once_in_the_sessions_own_cache(detector, tmp_path):
     second = OnnxRuntimePerModel.build(detector.models, tmp_path / "b", BuildContext(log=said.append))
     assert "reused from " + str(cache_dir() / "builds") in said[-1], said
     assert [f.read_bytes() for f in first] == [f.read_bytes() for f in second]
+
+
+def test_auto_leaves_out_per_model_graphs_where_the_set_shares_work(detector, trained, tmp_path):
+    """onnxruntime_per_model runs each network whole: where models share segments, onnxruntime runs the same
+    segments on the same runtime with the shared ones once, so auto neither builds nor times it (an archive
+    of N models sharing all but their class nets would otherwise hold N full graphs). A set sharing nothing
+    keeps it as a candidate."""
+    from multidet.optimizations.onnx import PER_MODEL_DIR, OnnxRuntimePerModel
+
+    assert OnnxRuntimePerModel.outdone(detector.models) is None  # the random checkpoints share nothing
+    why = OnnxRuntimePerModel.outdone(trained.models)  # the shipped set shares its backbone, and more
+    assert why and "onnxruntime computes 36 segments an image where this computes 60" in why
+    files = build_optimization("auto", trained.models, tmp_path, CONTEXT)
+    assert files and not (tmp_path / PER_MODEL_DIR).exists()
+    assert any(f.name == "stamp.json" for f in files)
 
 
 def test_mock_lower_bound_detects_nothing_and_is_not_servable(photos):

@@ -114,7 +114,7 @@ class Auto(Optimization):
         return write_check_set(models, artifact_dir, context) + [
             f
             for c in OPTIMIZATIONS.values()
-            if c.auto_candidate and (c.tier == "exact" or context.allow_reduced)
+            if c.auto_candidate and (c.tier == "exact" or context.allow_reduced) and not c.outdone(models)
             for f in c.build(models, artifact_dir, context)
         ]
 
@@ -140,6 +140,10 @@ class Auto(Optimization):
         # 1. every candidate built and warmed up (any lazy init, a runtime's first-call allocations) ...
         for name in candidates(self.device, allow_reduced):
             cls = OPTIMIZATIONS[name]
+            outdone = cls.outdone(self.models)
+            if outdone:  # not built either (``build``)
+                self.table.append({"optimization": name, "tier": cls.tier, "ms": None, "equal": None, "why": outdone})
+                continue
             t0 = time.perf_counter()
             try:
                 optimization = cls(self.models, self.device, max_detections, self.artifacts())

@@ -163,6 +163,12 @@ class Optimization(ABC):
         return torch.device(device).type in cls.devices
 
     @classmethod
+    def outdone(cls, models: Sequence[LoadedModel]) -> str | None:
+        """Why another candidate always does this one's work for ``models`` with less (auto neither builds nor
+        times it then); None: a candidate worth timing."""
+        return None
+
+    @classmethod
     def build(
         cls, models: Sequence[LoadedModel], artifact_dir: Path, context: BuildContext | None = None
     ) -> list[Path]:

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from ..artifacts import Artifact, ensure, reuse_or_build
-from ..sharing import SharedNetwork, split_flat
-from .base import BuildContext, LoadedModel, Optimization, RawOutput, register, weights_stamp
+from ..sharing import Plan, SharedNetwork, split_flat
+from .base import BuildContext, LoadedModel, Optimization, RawOutput, architecture_groups, register, weights_stamp
 from .grouped import StackedShared
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,18 @@ class OnnxRuntimePerModel(_Ort):
     name = "onnxruntime_per_model"
     build_step = "ONNX export of each network"
     separable = True
+
+    @classmethod
+    def outdone(cls, models: Sequence[LoadedModel]) -> str | None:
+        """A set whose models share segments: ``onnxruntime`` runs the same segments on the same runtime, the
+        shared ones once; this runs them once per model (and its graphs store them once per model)."""
+        plans = [Plan([models[k].net for k in idx]) for _, idx in architecture_groups(models)]
+        computed, total = sum(p.computed for p in plans), sum(p.total for p in plans)
+        if computed < total:
+            return (
+                f"the models share work: onnxruntime computes {computed} segments an image where this computes {total}"
+            )
+        return None
 
     @classmethod
     def build(
