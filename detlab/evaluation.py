@@ -103,11 +103,14 @@ def evaluate(
     map50, map_ = table.means
     names = {c["id"]: c.get("name", str(c["id"])) for c in coco_gt.get("categories", [])}
     per_class = {names.get(c, str(c)): ap for c, ap in table.per_category().items()}
-    found = false = objects = 0
+    by_image: dict[int, list[dict]] = {}
+    for a in coco_gt["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    found = false = 0
     for img in images:
-        labelled = [a for a in coco_gt["annotations"] if a["image_id"] == img["id"]]
-        match = served_matches(per_image[img["id"]], labelled, threshold)
-        found, false, objects = found + match[0], false + match[1], objects + len(labelled)
+        match = served_matches(per_image[img["id"]], by_image.get(img["id"], []), threshold)
+        found, false = found + match[0], false + match[1]
+    objects = sum(map(len, by_image.values()))
     return EvalResult(
         model=model,
         optimization=detector.description,
@@ -123,24 +126,30 @@ def evaluate(
 
 
 def served_matches(detections: list[dict], labelled: list[dict], threshold: float, min_iou: float = 0.5):
-    """(objects found, false detections) of one image's answer at ``threshold``: greedy by score, a detection
-    finds the free labelled object of its class it overlaps most (IoU >= ``min_iou``)."""
-    free = {i: a for i, a in enumerate(labelled)}
-    found = false = 0
+    """(objects found, false detections) of one image's answer at ``threshold`` against its COCO annotations,
+    by ``greedy_match`` (class ids as kinds)."""
+    objects = {}
+    for i, a in enumerate(labelled):
+        x, y, w, h = a["bbox"]
+        objects[i] = (a["category_id"], [x, y, x + w, y + h])
+    found, false = greedy_match(detections, objects, lambda d: d["class_id"], threshold, min_iou)
+    return len(found), len(false)
+
+
+def greedy_match(detections, objects: dict, kind_of, threshold: float, min_iou: float = 0.5):
+    """The detections scoring >= ``threshold``, highest first, each finding the free object (``objects``:
+    index -> (kind, box)) of its kind (``kind_of(detection)``) it overlaps most, at IoU >= ``min_iou``; a
+    detection that finds none is false. Returns ([(object index, detection)], [false detections])."""
+    free = dict(objects)
+    found, false = [], []
     for d in sorted((d for d in detections if d["score"] >= threshold), key=lambda d: -d["score"]):
-        best, overlap = None, 0.0
-        for i, a in free.items():
-            if a["category_id"] != d["class_id"]:
-                continue
-            x, y, w, h = a["bbox"]
-            o = iou(d["box"], [x, y, x + w, y + h])
-            if o > overlap:
-                best, overlap = i, o
-        if best is not None and overlap >= min_iou:
-            del free[best]
-            found += 1
+        kind = kind_of(d)
+        overlap, best = max(((iou(d["box"], box), i) for i, (k, box) in free.items() if k == kind), default=(0.0, None))
+        if best is None or overlap < min_iou:
+            false.append(d)
         else:
-            false += 1
+            del free[best]
+            found.append((best, d))
     return found, false
 
 
@@ -178,20 +187,12 @@ def check_image(
     threshold (those below ``threshold`` are ignored); ``kinds``: ``kinds_of(detector)``."""
     found, missed, false = [], [], []
     for model, table in kinds.items():
-        dets = sorted(
-            (d for d in detections if d["model"] == model and d["score"] >= threshold), key=lambda d: -d["score"]
-        )
-        free = {i for i, o in enumerate(objects) if o["kind"] in table.values()}
-        for d in dets:
-            kind = table.get(d["class_id"])
-            overlaps = [(iou(d["box"], objects[i]["box"]), i) for i in free if objects[i]["kind"] == kind]
-            overlap, best = max(overlaps, default=(0.0, None))
-            if best is None or overlap < min_iou:
-                false.append(d)
-            else:
-                free.discard(best)
-                found.append((model, best, d))
-        missed += [(model, i) for i in sorted(free)]
+        own = {i: (o["kind"], o["box"]) for i, o in enumerate(objects) if o["kind"] in table.values()}
+        mine = [d for d in detections if d["model"] == model]
+        hits, wrong = greedy_match(mine, own, lambda d, table=table: table.get(d["class_id"]), threshold, min_iou)
+        found += [(model, i, d) for i, d in hits]
+        false += wrong
+        missed += [(model, i) for i in sorted(set(own) - {i for i, _ in hits})]
     return ImageCheck(len(objects), found, missed, false)
 
 

@@ -42,7 +42,7 @@ STEP_KEYS = (
 )
 
 
-OTHERS_FRACTION = "others_fraction"  # a model's or a phase's key beside TrainConfig's: 0..1
+OTHERS_FRACTION = "others_fraction"  # a model's or a phase's recipe key beside TrainConfig's: 0..1 (default 1)
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,14 @@ class ModelRecipe:
     # other models whose train splits it trains on too, their class ids mapped to its own by object kind
     also_train_on: tuple[str, ...] = ()
 
-    def _runs(self) -> tuple[dict, ...]:
-        return tuple({**self.train, **p} for p in self.phases) or (dict(self.train),)
+    # per run: the share of each ``also_train_on`` split's images it trains on beside its own (0 without them)
+    others_fractions: tuple[float, ...] = ()
 
     def runs(self) -> tuple[dict, ...]:
-        """Each run's TrainConfig fields."""
-        return tuple({k: v for k, v in r.items() if k != OTHERS_FRACTION} for r in self._runs())
+        return tuple({**self.train, **p} for p in self.phases) or (dict(self.train),)
 
     def others_fraction(self, k: int) -> float:
-        """The share of each ``also_train_on`` split's images run ``k`` trains on beside its own (default: all)."""
-        return float(self._runs()[k].get(OTHERS_FRACTION, 1.0)) if self.also_train_on else 0.0
+        return self.others_fractions[k] if self.others_fractions else 0.0
 
 
 @dataclass(frozen=True)
@@ -103,13 +101,17 @@ def read_recipe(path: Path, model_set: ModelSet, root: Path | None = None) -> Re
         raise ConfigError(f"{path}: expected data, runs, seed, val_count and a list of models")
     from .training import TrainConfig
 
-    train_keys = {f.name for f in fields(TrainConfig)} & set(STEP_KEYS) | {OTHERS_FRACTION}
+    train_keys = {f.name for f in fields(TrainConfig)} & set(STEP_KEYS)
     models, seen = [], []
     for i, m in enumerate(raw["models"]):
         where = f"{path}: models[{i}]"
         if not isinstance(m, dict) or m.get("name") not in model_set.names:
             raise ConfigError(f"{where}: name must be a model of {model_set.source} {list(model_set.names)}")
-        unknown = set(m) - {"name", "train_count", "class_ids", "init", "phases", "also_train_on"} - train_keys
+        unknown = (
+            set(m)
+            - {"name", "train_count", "class_ids", "init", "phases", "also_train_on", OTHERS_FRACTION}
+            - train_keys
+        )
         if unknown:
             raise ConfigError(f"{where} ({m['name']}): unknown key(s) {sorted(unknown)}")
         if m.get("init") is not None and m["init"] not in seen + [m["name"]]:
@@ -118,14 +120,18 @@ def read_recipe(path: Path, model_set: ModelSet, root: Path | None = None) -> Re
                 "(continue from its weights in the model set)"
             )
         phases = m.get("phases") or []
-        if not isinstance(phases, list) or any(not isinstance(p, dict) or set(p) - train_keys for p in phases):
+        if not isinstance(phases, list) or any(
+            not isinstance(p, dict) or set(p) - train_keys - {OTHERS_FRACTION} for p in phases
+        ):
             raise ConfigError(f"{where} ({m['name']}): phases must be a list of {{{', '.join(sorted(train_keys))}}}")
         others = m.get("also_train_on") or []
         if not isinstance(others, list) or any(o not in model_set.names or o == m["name"] for o in others):
             raise ConfigError(f"{where} ({m['name']}): also_train_on must list other models of the set")
-        fractions = [p[OTHERS_FRACTION] for p in [m, *phases] if OTHERS_FRACTION in p]
-        if any(not isinstance(f, (int, float)) or not 0 <= f <= 1 for f in fractions) or (fractions and not others):
+        given = [p[OTHERS_FRACTION] for p in [m, *phases] if OTHERS_FRACTION in p]
+        if any(not isinstance(f, (int, float)) or not 0 <= f <= 1 for f in given) or (given and not others):
             raise ConfigError(f"{where} ({m['name']}): {OTHERS_FRACTION} is a number in 0..1, with also_train_on")
+        fraction = float(m.get(OTHERS_FRACTION, 1.0)) if others else 0.0
+        fractions = tuple(float(p.get(OTHERS_FRACTION, fraction)) if others else 0.0 for p in phases) or (fraction,)
         if not isinstance(m.get("train_count"), int) or m["train_count"] < 1:
             raise ConfigError(f"{where} ({m['name']}): train_count must be a positive integer")
         models.append(
@@ -135,8 +141,9 @@ def read_recipe(path: Path, model_set: ModelSet, root: Path | None = None) -> Re
                 class_ids=tuple(m["class_ids"]) if m.get("class_ids") else None,
                 init=m.get("init"),
                 train={k: m[k] for k in train_keys if k in m},
-                phases=tuple(phases),
+                phases=tuple({k: v for k, v in p.items() if k != OTHERS_FRACTION} for p in phases),
                 also_train_on=tuple(others),
+                others_fractions=fractions,
             )
         )
         seen.append(m["name"])
@@ -372,7 +379,7 @@ def shared_dataset(recipe: Recipe, model_set: ModelSet, name: str, fraction: flo
         for a in ann["annotations"]:
             cat = a["category_id"] if mapping is None else mapping.get(a["category_id"])
             if cat is None or a["image_id"] not in ids:
-                continue  # a kind the first model does not have
+                continue  # a kind the first model does not have, or an image left out (fraction)
             annotations.append({**a, "id": len(annotations) + 1, "image_id": ids[a["image_id"]], "category_id": cat})
     merged = {
         "info": {**own.get("info", {}), "shared": stamp},
@@ -407,7 +414,7 @@ def train_config(recipe: Recipe, model_set: ModelSet, name: str, recipe_fields: 
         seed=recipe.seed,
     )
     if recipe_fields:
-        fields_.update({k: v for k, v in r.train.items() if k != OTHERS_FRACTION})
+        fields_.update(r.train)
     fields_.update(overrides)
     return TrainConfig(**fields_)
 
