@@ -13,9 +13,10 @@ together) by the same check:
 
     python scripts/annotate.py --choose data/mixed/val [--export docs/example.jpg]
 
-lists the images the models answer completely (each object found at 0.55, no false positive at 0.45: at 0.5
-nothing is near a tie; --margin), those found by most models first, then those with an object several models found
-(a kind their label sets share), then most objects; --export copies the first and writes its labels.
+ranks the images whose answer no score near the threshold decides (the same finds and false detections at
+0.45 as at 0.55; --margin): most models answering first, then an object several models found (a kind their
+label sets share), fewest false detections, fewest missed, most found; it says how many are answered
+completely; --export copies the first and writes its labels.
 """
 
 from __future__ import annotations
