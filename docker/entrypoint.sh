@@ -12,8 +12,9 @@
 #   DRAIN_SECONDS serving after SIGTERM with readiness off (default 5); DRAIN_FILE the marker probe.py reads
 #   FRONT         torchserve (default) or ray: the same model set on Ray Serve (scripts/serve_ray.py
 #                 foreground: a one-node Ray cluster in the container, port RAY_PORT 8000, OPT and
-#                 MODELS as the image was built with). On KubeRay the operator starts Ray itself:
-#                 deploy/k8s/rayservice.yaml
+#                 MODELS as the image was built with). Ray's GCS on loopback, token authentication on
+#                 (RAY_AUTH_TOKEN from a secret, else one made in $HOME/.ray/auth_token): only the
+#                 serve port is a way in. On KubeRay the operator starts Ray itself: deploy/k8s/rayservice.yaml
 set -eu
 APP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$APP"

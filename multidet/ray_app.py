@@ -20,6 +20,7 @@ deploy/k8s/rayservice.yaml).
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -45,13 +46,36 @@ log = logging.getLogger(__name__)
 # replica at 15 beside a training run at 19 got ~70 % of one core). Serving processes run at 0; a
 # cluster started by this project (serve_ray.py, the tests, the experiments) sets it, and the RayService
 # manifest sets it in its pods.
-RAY_ENV = {"RAY_worker_niceness": "0"}
+# Token authentication on: without it anyone who reaches the GCS or the dashboard runs any code on the cluster
+# (its Jobs API; CVE-2023-48022). Every process of a cluster and every client needs the token (README "Ray Serve").
+RAY_ENV = {"RAY_worker_niceness": "0", "RAY_AUTH_MODE": "token"}
 
 
 def serving_environment() -> None:
-    """Set RAY_ENV in this process's environment (inherited by the Ray cluster it starts), unless set."""
-    for key, value in RAY_ENV.items():
-        os.environ.setdefault(key, value)
+    """Set RAY_ENV in this process's environment (inherited by the Ray cluster it starts), unless set (an explicit
+    ``RAY_AUTH_MODE=disabled`` stays), and with token authentication make sure there is a token: ``RAY_AUTH_TOKEN``,
+    the file ``RAY_AUTH_TOKEN_PATH`` names, else Ray's default file, written here (mode 0600) where it is missing."""
+    changed = [key for key in RAY_ENV if key not in os.environ]
+    for key in changed:
+        os.environ[key] = RAY_ENV[key]
+    if "RAY_AUTH_MODE" in changed:
+        # Ray read its configuration when it was imported (above): read again, as Ray itself does where it turns
+        # token authentication on (ray._private.authentication), or this process's own ray.init sends no token
+        from ray._raylet import Config
+
+        Config.initialize("")
+    if os.environ["RAY_AUTH_MODE"].lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")  # Ray's default
+    if path.exists():
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(secrets.token_hex(32))
+    except FileExistsError:  # another process made it meanwhile: theirs is the token
+        pass
+    log.info("made a Ray authentication token in %s", path)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 """The model set on Ray Serve (multidet.ray_app): start a local Ray cluster (or join one), deploy, wait.
 
     python scripts/serve_ray.py start [--model-set models.yaml] [--optimization auto] [--set num_replicas=2 ...]
+    python scripts/serve_ray.py start --dashboard              # with Ray's dashboard on 127.0.0.1:8265
     python scripts/serve_ray.py start --address HEAD:6379     # deploy onto a running cluster instead
     python scripts/serve_ray.py build --set artifact_dir=DIR   # only the build files (auto's check set, IR...)
     python scripts/serve_ray.py stop                           # Serve's applications, then the local cluster
@@ -9,6 +10,9 @@
     python scripts/serve_ray.py foreground --bind 0.0.0.0      # containers (FRONT=ray): start, then wait
                                                                # for SIGTERM: drain, stop Serve and Ray
 
+The local cluster runs with Ray's token authentication (``RAY_AUTH_MODE=token``; the token in ~/.ray/auth_token,
+made on first start, or ``RAY_AUTH_TOKEN``): a Ray client, job or dashboard visit without it is refused (your
+own Ray clients: ``RAY_AUTH_MODE=token`` in their environment, and they read the file).
 ``--set KEY=VALUE`` takes any field of ``multidet.ray_app.RayFront`` (replicas, num_cpus, threads, batching,
 autoscaling, max_request_size) or of ``Settings`` (threshold, decode limits, ...). Routes: README "Ray Serve".
 """
@@ -27,9 +31,6 @@ BIN = Path(sys.executable).parent
 
 
 def ray(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    from multidet.ray_app import serving_environment
-
-    serving_environment()  # replicas at niceness 0, not Ray's default 15
     return subprocess.run([str(BIN / "ray"), *args], check=check, text=True, capture_output=not check)
 
 
@@ -71,6 +72,19 @@ def front_args(opts) -> dict:
     return {"model_set": str(Path(opts.model_set).resolve()), "optimization": opts.optimization, **values}
 
 
+def head_args(opts) -> list[str]:
+    """``ray start`` of the local cluster, with token authentication (``serving_environment``): a client needs the
+    token (~/.ray/auth_token) to attach. The dashboard (and its Jobs API) only with ``--dashboard``, on loopback.
+    Ray binds its GCS and raylet to every interface (it resolves a loopback node address to the host's own), so
+    off Kubernetes the token is what closes them; on Kubernetes the network policy closes them too."""
+    args = ["--head", "--disable-usage-stats", f"--port={opts.ray_port}"]
+    if opts.dashboard:
+        args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={opts.dashboard_port}"]
+    else:
+        args.append("--include-dashboard=false")
+    return args + (["--num-cpus", str(opts.num_cpus)] if opts.num_cpus else [])
+
+
 def start(opts) -> int:
 
     from multidet.ray_app import RayFront, deploy
@@ -81,9 +95,8 @@ def start(opts) -> int:
     if not connect(opts.address):
         if opts.address is not None:
             raise SystemExit(f"no Ray cluster answers at {opts.address}")
-        cpus = ["--num-cpus", str(opts.num_cpus)] if opts.num_cpus else []
-        print("starting a local Ray cluster (ray start --head) ...", flush=True)
-        ray("start", "--head", "--disable-usage-stats", "--include-dashboard=false", *cpus)
+        print("starting a local Ray cluster (ray start --head, token authentication) ...", flush=True)
+        ray("start", *head_args(opts))
         if not connect(None):
             raise SystemExit("the local Ray cluster did not answer after ray start")
     print(f"deploying {front.settings.optimization} with {front.deployment_options()} ...", flush=True)
@@ -161,6 +174,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--optimization", default="auto")
     p.add_argument("--address", default=None, help="a running cluster (HEAD:6379); default: a local one")
     p.add_argument("--num-cpus", type=int, default=0, help="CPUs of the local cluster (default: all)")
+    p.add_argument("--ray-port", type=int, default=6379, help="the local cluster's GCS port")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard on 127.0.0.1 (token needed)")
+    p.add_argument("--dashboard-port", type=int, default=8265)
     p.add_argument("--bind", default="127.0.0.1", help="Serve's HTTP address (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--timeout", type=float, default=900)
@@ -175,6 +191,9 @@ def main(argv=None) -> int:
     opts = p.parse_args(argv)
     if any("=" not in kv for kv in opts.set):
         p.error("--set takes KEY=VALUE")
+    from multidet.ray_app import serving_environment
+
+    serving_environment()  # before any Ray call of this process: token authentication, replicas' niceness
     commands = {"start": start, "build": build, "stop": stop, "status": status, "foreground": foreground}
     return commands[opts.command](opts)
 

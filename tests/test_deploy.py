@@ -171,7 +171,7 @@ def test_kubernetes_manifests_validate_against_the_schema():
             continue  # CRD-defined kinds: checked field by field below
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         checked += 1
-    assert checked == 5  # two Deployments, Service, HPA, NetworkPolicy
+    assert checked == 6  # two Deployments, Service, HPA, two NetworkPolicies
 
 
 def test_manifests_match_config_properties():
@@ -209,7 +209,8 @@ def test_manifests_match_config_properties():
     assert [p["containerPort"] for p in c["ports"]] == [port["inference"]]
     assert c["readinessProbe"]["exec"]["command"] == ["python", "/app/scripts/probe.py", "ready"]
     policy = docs["multidet/NetworkPolicy"]["spec"]
-    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "multidet"}
+    own = {"app.kubernetes.io/name": "multidet", "multidet/front": "torchserve"}
+    assert policy["podSelector"]["matchLabels"] == own
     opened = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
     assert opened == {port["inference"], port["metrics"]} and port["management"] not in opened
     assert "from" not in policy["ingress"][0] and policy["ingress"][0]["ports"] == [
@@ -217,6 +218,116 @@ def test_manifests_match_config_properties():
     ]  # inference from anywhere; metrics only from the monitoring namespace
     assert {"name": "BIND", "value": "0.0.0.0"} in c["env"]
     assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(port["metrics"])
+
+
+# -- the network policies, read together with the pods they select ---------------------------------------------
+NAMESPACE = {"kubernetes.io/metadata.name": "multidet"}  # where the manifests are applied (any name works alike)
+ALL = frozenset({"all"})  # every port
+
+
+def pod_templates() -> dict[str, dict]:
+    """Every pod the manifests make: name -> {labels, ports} (Deployments' templates, the RayService's groups)."""
+    pods = {}
+    for _, doc in manifests():
+        if doc.get("kind") == "Deployment":
+            templates = {doc["metadata"]["name"]: doc["spec"]["template"]}
+        elif doc.get("kind") == "RayService":
+            cluster = doc["spec"]["rayClusterConfig"]
+            templates = {"ray-head": cluster["headGroupSpec"]["template"]}
+            templates.update({f"ray-{g['groupName']}": g["template"] for g in cluster["workerGroupSpecs"]})
+        else:
+            continue
+        for name, t in templates.items():
+            ports = {p["containerPort"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
+            pods[name] = {"labels": t["metadata"]["labels"], "ports": ports}
+    return pods
+
+
+def matches(selector: dict | None, labels: dict) -> bool:
+    assert not (selector or {}).get("matchExpressions"), "only matchLabels are read here"
+    return all(labels.get(k) == v for k, v in (selector or {}).get("matchLabels", {}).items())
+
+
+def open_ports(policies: list[dict], pod: dict, source: dict) -> frozenset:
+    """The ports of ``pod`` that ``source`` ({namespace: labels, pod: labels}) may reach under ``policies``
+    (NetworkPolicy ingress: the union of every rule of every policy that selects the pod; a pod no policy
+    selects is open)."""
+    selecting = [p["spec"] for p in policies if matches(p["spec"]["podSelector"], pod["labels"])]
+    if not selecting:
+        return ALL
+    opened: set = set()
+    for spec in selecting:
+        assert spec["policyTypes"] == ["Ingress"]
+        for rule in spec.get("ingress", []):
+            peers = rule.get("from")
+            allowed = peers is None or any(
+                (
+                    matches(peer["namespaceSelector"], source["namespace"])
+                    if "namespaceSelector" in peer
+                    else source["namespace"] == NAMESPACE
+                )
+                and matches(peer.get("podSelector"), source["pod"])
+                for peer in peers
+            )
+            if allowed:
+                if "ports" not in rule:
+                    return ALL
+                opened |= {p["port"] for p in rule["ports"]}
+    return frozenset(opened)
+
+
+def test_network_policies_fit_each_front():
+    """Each front's pods are selected by their own policy only; the Ray cluster's pods reach each other on every port
+    (it forms: GCS, raylets, object managers pick ports at random); clients reach Serve's proxy (8000) and nothing
+    else of Ray, the operator its dashboard and agents, Prometheus the metrics ports; TorchServe's pods as before."""
+    policies = [d for _, d in manifests() if d.get("kind") == "NetworkPolicy"]
+    pods = pod_templates()
+    assert set(pods) == {"multidet", "multidet-gpu", "ray-head", "ray-cpu"}
+    front = {name: p["labels"]["multidet/front"] for name, p in pods.items()}
+    assert front == {"multidet": "torchserve", "multidet-gpu": "torchserve", "ray-head": "ray", "ray-cpu": "ray"}
+    for policy in policies:  # one policy per front, selecting that front's pods only
+        selected = {front[n] for n, p in pods.items() if matches(policy["spec"]["podSelector"], p["labels"])}
+        assert len(selected) == 1, (policy["metadata"]["name"], selected)
+    elsewhere = {"kubernetes.io/metadata.name": "elsewhere"}
+    sources = {
+        "a client anywhere": {"namespace": elsewhere, "pod": {}},
+        "another pod here": {"namespace": NAMESPACE, "pod": {"app": "other"}},
+        "a TorchServe pod": {"namespace": NAMESPACE, "pod": pods["multidet"]["labels"]},
+        "a Ray pod": {"namespace": NAMESPACE, "pod": pods["ray-cpu"]["labels"]},
+        "Prometheus": {"namespace": {"kubernetes.io/metadata.name": "monitoring"}, "pod": {}},
+        "the KubeRay operator": {"namespace": {"kubernetes.io/metadata.name": "ray-system"}, "pod": {}},
+    }
+    want = {
+        "torchserve": {
+            "a client anywhere": {8080},
+            "another pod here": {8080},
+            "a TorchServe pod": {8080},
+            "a Ray pod": {8080},
+            "Prometheus": {8080, 8082},
+            "the KubeRay operator": {8080},
+        },
+        "ray": {
+            "a client anywhere": {8000},
+            "another pod here": {8000},
+            "a TorchServe pod": {8000},
+            "a Ray pod": ALL,
+            "Prometheus": {8000, 8080},
+            "the KubeRay operator": {8000, 8265, 52365},
+        },
+    }
+    for name, pod in pods.items():
+        for who, source in sources.items():
+            got = open_ports(policies, pod, source)
+            expected = want[front[name]][who]
+            assert got == (expected if expected is ALL else frozenset(expected)), (name, who, sorted(got))
+    # the ports each pod listens on: GCS and dashboard only for the cluster itself (and the operator's 8265)
+    assert {6379, 8265, 8000, 8080} <= pods["ray-head"]["ports"]
+    assert pods["multidet"]["ports"] == {8080, 8082}
+    # the TorchServe Service routes to TorchServe's pods only (KubeRay makes the Ray cluster's Services)
+    (svc,) = [d for _, d in manifests() if d.get("kind") == "Service"]
+    assert {front[n] for n, p in pods.items() if matches({"matchLabels": svc["spec"]["selector"]}, p["labels"])} == {
+        "torchserve"
+    }
 
 
 def test_rayservice_pods_validate_and_its_serve_config_builds():
@@ -240,6 +351,9 @@ def test_rayservice_pods_validate_and_its_serve_config_builds():
         assert c["image"] == "multidet:cpu" and c["resources"]["requests"] == c["resources"]["limits"]
         assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
         assert {"name": "RAY_worker_niceness", "value": "0"} in c["env"]
+    # closed: token authentication through the Secret (KubeRay sets RAY_AUTH_MODE and RAY_AUTH_TOKEN in every pod)
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "multidet-ray-auth"}
+    assert tuple(int(v) for v in cluster["rayVersion"].split(".")) >= (2, 52)
     serve_config = yaml.safe_load(svc["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
     module, name = app["import_path"].split(":")
