@@ -225,19 +225,15 @@ def not_found(name: str, oip: bool = False) -> JSONResponse:
 @serve.ingress(api)
 class MultiDet:
     def __init__(self, config: Mapping[str, Any]):
-        import torch
-
         self.front = front = RayFront.from_mapping(config)
-        torch.set_num_threads(front.torch_threads)
-        device = select_device(front.settings.device)
-        self.detector = Detector.from_model_set(
-            front.model_set, front.settings, device, Path(front.artifact_dir) if front.artifact_dir else None
-        )
-        warm = self.detector.warmup() if front.settings.warmup else None
-        # every batch runs on this one thread, as in TorchServe's worker: one OpenMP team for torch's threads.
-        # Through asyncio's default pool successive batches landed on different threads, each with a team of
-        # its own whose threads spin after their work, beside the team that works next (measured in make fronts)
+        # all of the replica's torch work, its loading and warm-up included, runs on this one thread, as in TorchServe's
+        # worker (its main thread). OpenMP gives each thread that starts parallel work a team of its own; with two
+        # teams on 2 cores libgomp counts more threads than CPUs and stops spinning between parallel regions, and
+        # every layer pays a sleep and a wake-up: loading on the replica's thread and inferring on another cost ~15 %
+        # of the pipeline's time (docs/benchmarks.md 8c). Through asyncio's default pool successive batches even
+        # landed on different threads (8b).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multidet-batch")
+        device, warm = self.executor.submit(self.load).result()
         self.run_batch.set_max_batch_size(front.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(front.batch_wait_s)
         log.info(
@@ -249,6 +245,18 @@ class MultiDet:
             front.torch_threads,
             f"{warm:.0f}" if warm is not None else "skipped",
         )
+
+    def load(self) -> tuple[Any, float | None]:
+        """The Detector, on the inference thread: its device and the warm-up request's ms (None: skipped)."""
+        import torch
+
+        front = self.front
+        torch.set_num_threads(front.torch_threads)  # OpenMP's thread count is the calling thread's setting
+        device = select_device(front.settings.device)
+        self.detector = Detector.from_model_set(
+            front.model_set, front.settings, device, Path(front.artifact_dir) if front.artifact_dir else None
+        )
+        return device, self.detector.warmup() if front.settings.warmup else None
 
     def __del__(self) -> None:
         """Ray Serve's shutdown hook of a replica: the Detector's decode child ends with it."""
