@@ -225,16 +225,31 @@ def test_auto_keeps_the_fastest_path_with_the_baselines_answer(trained, labelled
     assert det.predict_one(labelled[0][0])["optimization"] == f"auto:{chosen}"
 
 
-def test_auto_considers_reduced_precision_only_when_allowed(trained, tmp_path, caplog):
+def test_auto_considers_reduced_precision_only_when_allowed(trained, tmp_path, caplog, monkeypatch):
+    from multidet.optimizations import base
+
     build_optimization(
         "auto", trained.models, tmp_path, build.context(True, IMAGES)
     )  # as `make mar OPT=auto REDUCED=1`
+    seen = []  # the thresholds post-processing was given while auto timed and checked
+
+    def select(*args, **kwargs):
+        seen.append(None if args[-1] is None else tuple(round(v, 6) for v in args[-1].tolist()))
+        return select_detections(*args, **kwargs)
+
+    select_detections = base.select_detections
+    monkeypatch.setattr(base, "select_detections", select)
     with caplog.at_level("INFO", logger="multidet.optimizations.auto"):
         det = Detector.from_model_set(
             SHIPPED, Settings(optimization="auto", allow_reduced=True, threshold=0.4), CPU, tmp_path
         )
     table = {row["optimization"]: row for row in det.optimization.table}
     assert det.optimization.threshold == 0.4 and "compared at threshold 0.4" in caplog.text  # the served one
+    # timed as served: every timed call post-processes at the served threshold (at 0 the top-k and NMS of every
+    # candidate would be timed, which no request at 0.4 pays); the check (mAP) needs every detection
+    timed = [row for row in table.values() if row.get("ms") is not None]
+    assert seen.count((0.4,)) >= len(timed) * 3 * len(trained.models), seen
+    assert set(seen) <= {(0.4,), None}, set(seen)
     reduced = [
         n for n in list_optimizations(device=CPU, tier="reduced", auto_candidate=True) if OPTIMIZATIONS[n].fast_on(CPU)
     ]

@@ -135,6 +135,9 @@ class Auto(Optimization):
         batch = Preprocessor(self.models[0].net.config).prepare_bytes(bodies, self.device)
         one = batch.head(1)
         active = list(range(len(self.models)))
+        # timed as served: post-processing at the served threshold (candidates below it dropped before the top-k);
+        # at 0 every candidate goes through top-k and NMS, which with many models outweighed the networks
+        served = torch.full((1,), float(self.threshold))
         self.table: list[dict] = []
         timed: dict[str, tuple[Optimization, dict, dict]] = {}  # name -> (optimization, raw outputs of one image, row)
         # 1. every candidate built and warmed up (any lazy init, a runtime's first-call allocations) ...
@@ -149,7 +152,7 @@ class Auto(Optimization):
                 optimization = cls(self.models, self.device, max_detections, self.artifacts())
                 with torch.inference_mode():
                     raw = optimization.forward(one.tensor, active)  # also the raw outputs for the check
-                    optimization.detect(one)
+                    optimization.detect(one, None, served)
             except Exception as exc:  # an optimization that fails here is simply not chosen
                 log.warning("auto: %s failed on %s: %s", name, self.device, exc)
                 self.table.append(
@@ -160,7 +163,7 @@ class Auto(Optimization):
             self.table.append(row)
             timed[name] = (optimization, raw, row)
         # ... then timed on one image in interleaved rounds (a noisy moment hits every optimization alike)
-        calls = {name: (lambda r, optimization=entry[0]: optimization.detect(one)) for name, entry in timed.items()}
+        calls = {name: (lambda r, o=entry[0]: o.detect(one, None, served)) for name, entry in timed.items()}
         with torch.inference_mode():
             times = interleaved(calls, repeats, pause_s=PAUSE_S, sync=lambda: synchronize(self.device)).ms
         for name, ms in times.items():

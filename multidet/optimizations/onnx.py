@@ -129,12 +129,19 @@ def per_model_files(models: Sequence[LoadedModel], directory: Path, say=log.info
     return reuse_or_build(per_model_artifact(models, directory), lambda: export_per_model(models, directory), say)
 
 
-def session(path: Path, device: torch.device):
+def session(path: Path, device: torch.device, spin: bool = True):
+    """An ORT session on torch's thread count. ``spin``: its threads busy-wait between parallel sections and for a
+    while after a run (ORT's default). Only where nothing else runs between its runs: where a set's several models
+    follow a run with their post-processing in torch, or several sessions take turns, the spinning threads take the
+    cores from that work (measured, docs/benchmarks.md 7b: 8 models 100 -> 77 ms an image without it, three
+    per-model sessions 170 -> 102 ms; one model 33 -> 35 ms)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
     return ort.InferenceSession(str(path), options, providers=providers)
 
@@ -177,7 +184,7 @@ class OnnxRuntime(_Ort):
             self.name,
             "exporting",
         )
-        self.session = session(directory / SET_FILE[self.stacked], self.device)
+        self.session = session(directory / SET_FILE[self.stacked], self.device, spin=len(self.models) == 1)
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         outputs = self.session.run(None, {"images": np.ascontiguousarray(images.detach().cpu().numpy())})
@@ -221,7 +228,8 @@ class OnnxRuntimePerModel(_Ort):
         directory = self.artifacts()
         artifact = per_model_artifact(self.models, directory)
         ensure(artifact, lambda: per_model_files(self.models, directory), self.name, "exporting")
-        self.sessions = [session(p, self.device) for p in per_model_paths(self.models, directory)]
+        spin = len(self.models) == 1
+        self.sessions = [session(p, self.device, spin) for p in per_model_paths(self.models, directory)]
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         x = {"images": np.ascontiguousarray(images.detach().cpu().numpy())}
