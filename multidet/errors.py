@@ -10,6 +10,8 @@ One rule for the whole service:
   would cost the decoder more than a limit allows (``ImageTooComplex``: e.g. a JPEG with thousands of
   scans), found before any pixel is decoded; or whose decoding took longer than ``decode_deadline_s``
   (``multidet.isolation.DecodeTimeout``). 413 too when decoding needs more than ``decode_memory_mib``.
+- 404 / 405 / 431 on the Ray front as TorchServe answers them: an unknown route (``RouteNotFound``), a method the
+  route does not take (``MethodNotAllowed``), request headers over 8 KiB (``HeadersTooLarge``).
 - 500 (``ProcessingFailed``): an image we accepted but failed on; a bug of ours, reported for that
   request alone (the others in its batch are served) and logged with its traceback.
 """
@@ -74,3 +76,18 @@ class ProcessingFailed(InputError):
 class NotFound(InputError):
     status = 404
     kind = "ModelNotFoundException"
+
+
+class RouteNotFound(InputError):
+    status = 404
+    kind = "ResourceNotFoundException"  # TorchServe's words for a path it does not serve
+
+
+class MethodNotAllowed(InputError):
+    status = 405
+    kind = "MethodNotAllowedException"
+
+
+class HeadersTooLarge(InputError):
+    status = 431
+    kind = "RequestHeaderFieldsTooLarge"

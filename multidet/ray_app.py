@@ -30,12 +30,22 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .config import ConfigError, Settings
 from .device import select_device
 from .envelopes import parse_request, torchserve_value
-from .errors import BadRequest, InputError, NotFound, ProcessingFailed, RequestTooLarge
+from .errors import (
+    BadRequest,
+    HeadersTooLarge,
+    InputError,
+    MethodNotAllowed,
+    NotFound,
+    ProcessingFailed,
+    RequestTooLarge,
+    RouteNotFound,
+)
 from .oip import error_body, model_metadata, parse_infer, server_metadata
 from .pipeline import Detector
 
@@ -213,8 +223,38 @@ async def form_row(body: bytes, headers: Mapping[str, str]) -> dict[str, object]
 api = FastAPI(title="multidet", docs_url=None, redoc_url=None)
 
 
+MAX_HEADER_BYTES = 8192  # a request's headers together, as TorchServe's frontend bounds them (netty's 8 KiB)
+
+
 def error(err: InputError, oip: bool = False) -> JSONResponse:
     return JSONResponse(error_body(err) if oip else err.to_dict(), status_code=err.status)
+
+
+def is_oip(request: Request) -> bool:
+    return request.url.path.startswith("/v2")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, a method the route does not take) in the project's words."""
+    if exc.status_code == 404:
+        err: InputError = RouteNotFound(f"no route {request.url.path}; see README (Ray Serve) for the routes")
+    elif exc.status_code == 405:
+        err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        err = BadRequest(str(exc.detail))
+        err.status = exc.status_code
+    return error(err, is_oip(request))
+
+
+@api.middleware("http")
+async def bounded_headers(request: Request, call_next):
+    """Headers over MAX_HEADER_BYTES together: 431 before any route reads them (Ray's proxy takes far more)."""
+    size = sum(len(name) + len(value) + 4 for name, value in request.headers.raw)
+    if size > MAX_HEADER_BYTES:
+        err = HeadersTooLarge(f"the request's headers take {size} bytes; at most {MAX_HEADER_BYTES}")
+        return error(err, is_oip(request))
+    return await call_next(request)
 
 
 def not_found(name: str, oip: bool = False) -> JSONResponse:

@@ -150,6 +150,25 @@ def test_bad_input_gets_the_same_status_as_on_torchserve(server, ray_url, photos
     assert rs.json()["type"] == ts.json()["type"] and "\n" not in rs.json()["message"]
 
 
+def test_unknown_routes_methods_and_oversized_headers_answer_in_the_projects_words(server, ray_url):
+    """Not FastAPI's {"detail": ...}: the project's {code, type, message} (OIP routes: with "error"), as TorchServe
+    words an unknown route; headers over 8 KiB are 431 (TorchServe bounds them too); the replica serves on."""
+    ts = requests.get(f"{server.inference}/no/such/route", timeout=30)
+    rs = requests.get(f"{ray_url}/no/such/route", timeout=30)
+    assert ts.status_code == rs.status_code == 404 and rs.json()["type"] == ts.json()["type"], (ts.text, rs.text)
+    assert set(rs.json()) == {"code", "type", "message"}
+    r = requests.delete(f"{ray_url}/predictions/all", timeout=30)
+    assert r.status_code == 405 and r.json()["type"] == "MethodNotAllowedException" and r.json()["code"] == 405
+    r = requests.get(f"{ray_url}/v2/models/all/nothing-here", timeout=30)
+    assert r.status_code == 404 and r.json()["error"] and r.json()["type"] == "ResourceNotFoundException"
+    big = {"X-Filler": "a" * 9000}
+    r = requests.put(f"{ray_url}/predictions/all", data=b"x", headers=big, timeout=30)
+    assert r.status_code == 431 and r.json()["type"] == "RequestHeaderFieldsTooLarge", r.text
+    r = requests.post(f"{ray_url}/v2/models/all/infer", data=b"{}", headers=big, timeout=30)
+    assert r.status_code == 431 and r.json()["error"] and r.json()["code"] == 431
+    assert requests.get(f"{ray_url}/v2/health/ready", timeout=30).status_code == 200
+
+
 def test_oversized_body_is_413(ray_url):
     r = requests.put(f"{ray_url}/predictions/all", data=b"\xff" * (17 * 1024 * 1024), timeout=60)
     assert r.status_code == 413 and r.json()["type"] == "RequestTooLarge"
