@@ -51,6 +51,7 @@ class Settings:
     artifact_dir: str = "artifacts"  # build-time files of an optimization (ONNX), relative too
     models: tuple[str, ...] = ()  # a subset of the set's names, in any order (empty: all of them)
     warmup: bool = True
+    hold_memory: bool = True  # keep freed tensors' memory for the next request (glibc: device.hold_freed_memory)
     allow_reduced: bool = False  # auto may serve a reduced-precision optimization (bf16/fp16/INT8)
     profile: bool = False  # read by TorchServe itself (ts.handler_utils.timer): ts_handler_* timing metrics
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .artifacts import folder_of
 from .config import Settings
-from .device import synchronize
+from .device import hold_freed_memory, synchronize
 from .envelopes import RequestOptions
 from .errors import InputError, ProcessingFailed
 from .isolation import decoder_for
@@ -54,6 +54,8 @@ class Detector:
     ):
         self.settings = settings
         self.device = torch.device(device)
+        if settings.hold_memory:
+            hold_freed_memory()
         self.models = list(models)
         if not self.models:
             raise ValueError("a Detector needs at least one model")
