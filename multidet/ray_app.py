@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 # cluster started by this project (serve_ray.py, the tests, the experiments) sets it, and the RayService
 # manifest sets it in its pods.
 # Token authentication on: without it anyone who reaches the GCS or the dashboard runs any code on the cluster
-# (its Jobs API; CVE-2023-48022). Every process of a cluster and every client needs the token (README "Ray Serve").
+# (its Jobs API; CVE-2023-48022). Every process of a cluster and every client needs the token (README "Security").
 RAY_ENV = {"RAY_worker_niceness": "0", "RAY_AUTH_MODE": "token"}
 
 
@@ -84,7 +84,7 @@ def serving_environment() -> None:
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(secrets.token_hex(32))
     except FileExistsError:  # another process made it meanwhile: theirs is the token
-        pass
+        return
     log.info("made a Ray authentication token in %s", path)
 
 
