@@ -273,21 +273,21 @@ class MultiDet:
         # of the pipeline's time (docs/benchmarks.md 8c). Through asyncio's default pool successive batches even
         # landed on different threads (8b).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multidet-batch")
-        device, warm = self.executor.submit(self.load).result()
+        warm = self.executor.submit(self.load).result()
         self.run_batch.set_max_batch_size(front.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(front.batch_wait_s)
         log.info(
             "replica pid %d: %s on %s, %s, %d thread(s), warm request %s ms",
             os.getpid(),
             ",".join(self.detector.model_names),
-            device,
+            self.detector.device,
             self.detector.description,
             front.torch_threads,
             f"{warm:.0f}" if warm is not None else "skipped",
         )
 
-    def load(self) -> tuple[Any, float | None]:
-        """The Detector, on the inference thread: its device and the warm-up request's ms (None: skipped)."""
+    def load(self) -> float | None:
+        """The Detector, on the inference thread; the warm-up request's ms (None: skipped)."""
         import torch
 
         front = self.front
@@ -296,7 +296,7 @@ class MultiDet:
         self.detector = Detector.from_model_set(
             front.model_set, front.settings, device, Path(front.artifact_dir) if front.artifact_dir else None
         )
-        return device, self.detector.warmup() if front.settings.warmup else None
+        return self.detector.warmup() if front.settings.warmup else None
 
     def __del__(self) -> None:
         """Ray Serve's shutdown hook of a replica: the Detector's decode child ends with it."""

@@ -137,7 +137,7 @@ class Auto(Optimization):
         active = list(range(len(self.models)))
         # timed as served: post-processing at the served threshold (candidates below it dropped before the top-k);
         # at 0 every candidate goes through top-k and NMS, which with many models outweighed the networks
-        served = torch.full((1,), float(self.threshold))
+        served = torch.full((1,), float(self.threshold), device=self.device)  # as the pipeline makes it
         self.table: list[dict] = []
         timed: dict[str, tuple[Optimization, dict, dict]] = {}  # name -> (optimization, raw outputs of one image, row)
         # 1. every candidate built and warmed up (any lazy init, a runtime's first-call allocations) ...

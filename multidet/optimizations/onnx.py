@@ -150,6 +150,12 @@ class _Ort(Optimization):
     auto_candidate = True
     devices = ("cpu", "cuda")
 
+    @property
+    def spin(self) -> bool:
+        """Whether its sessions' threads busy-wait (``session``): only where one model is served, so nothing (another
+        model's post-processing, another session) runs between its runs."""
+        return len(self.models) == 1
+
     @classmethod
     def supports(cls, device: torch.device) -> bool:
         try:
@@ -184,7 +190,7 @@ class OnnxRuntime(_Ort):
             self.name,
             "exporting",
         )
-        self.session = session(directory / SET_FILE[self.stacked], self.device, spin=len(self.models) == 1)
+        self.session = session(directory / SET_FILE[self.stacked], self.device, self.spin)
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         outputs = self.session.run(None, {"images": np.ascontiguousarray(images.detach().cpu().numpy())})
@@ -228,8 +234,7 @@ class OnnxRuntimePerModel(_Ort):
         directory = self.artifacts()
         artifact = per_model_artifact(self.models, directory)
         ensure(artifact, lambda: per_model_files(self.models, directory), self.name, "exporting")
-        spin = len(self.models) == 1
-        self.sessions = [session(p, self.device, spin) for p in per_model_paths(self.models, directory)]
+        self.sessions = [session(p, self.device, self.spin) for p in per_model_paths(self.models, directory)]
 
     def forward(self, images: torch.Tensor, active: Sequence[int]) -> dict[int, RawOutput]:
         x = {"images": np.ascontiguousarray(images.detach().cpu().numpy())}
