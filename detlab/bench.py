@@ -231,7 +231,7 @@ _BACKEND = re.compile(r"\[METRICS\](\w+)\.\w+:([-0-9.eE]+)\|.*#hostname:[^,]*,(\
 
 
 def backend_metrics(ts_log: Path, since: float, until: float) -> dict[str, list[float]]:
-    """Per-batch figures the worker reported (HandlerTime ms, PredictionTime ms, our RequestsPerBatch)
+    """Per-batch figures the worker reported (HandlerTime ms, PredictionTime ms, multidet_batch_images, ...)
     between two unix times, from TorchServe's ts_log.log. Each line is logged twice by the frontend
     (stdout and the metrics logger): kept once per (name, timestamp, request id)."""
     seen, out = set(), {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import torch
 import ts
+import yaml
 from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from multidet.config import Settings
+from multidet.metrics import metrics_yaml
 
 
 @dataclass
@@ -56,10 +59,13 @@ class EmbeddedService:
         batch_size: int = 1,
         model_name: str = "all",
     ):
-        metrics = MetricsCacheYamlImpl(
-            config_file_path=os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml")
-        )
+        # TorchServe's metrics declaration with the service's (as metrics.yaml: multidet.metrics.metrics_yaml)
+        defaults = yaml.safe_load(Path(ts.__file__).with_name("configs").joinpath("metrics.yaml").read_text())
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(metrics_yaml(defaults), f)
+        metrics = MetricsCacheYamlImpl(config_file_path=f.name)
         metrics.initialize_cache()
+        os.unlink(f.name)
         metrics.set_request_ids(str(uuid.uuid4()))
         self.context = Context(
             model_name,

@@ -16,16 +16,19 @@ from ts.handler_utils.timer import timed
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
+from multidet import tracing
 from multidet.config import Settings
 from multidet.device import select_device
 from multidet.envelopes import parse_request
-from multidet.errors import BadRequest
+from multidet.errors import BadRequest, InputError
+from multidet.metrics import Metric, Metrics
 from multidet.pipeline import Detector
 from multidet.tsconfig import busy_dir
 
 logger = logging.getLogger(__name__)
 
 DESCRIBE = object()  # a request asking for the model's description (TorchServe's describe header)
+ROUTE = "/predictions/{model}"  # what reaches a handler (TorchServe's frontend answers its other routes itself)
 
 
 class EfficientDetHandler(BaseHandler):
@@ -33,6 +36,7 @@ class EfficientDetHandler(BaseHandler):
         t0 = time.perf_counter()
         props = context.system_properties
         settings = Settings.from_mapping((context.model_yaml_config or {}).get("handler"))
+        tracing.install(json_lines=settings.log_format == "json")
         device = select_device(settings.device, props.get("gpu_id"))
         model_dir = Path(props["model_dir"])
         self.detector = Detector.from_model_set(
@@ -41,6 +45,14 @@ class EfficientDetHandler(BaseHandler):
         atexit.register(self.detector.close)  # TorchServe has no unload hook: the worker's exit ends the decode child
         self.busy_marker = self.marker_for(context)
         warm = self.detector.warmup() if settings.warmup else None
+        cache = context.metrics  # the worker's (declared in metrics.yaml); the frontend's metrics port shows them
+
+        def sink(metric: Metric, value: float, labels) -> None:
+            cache.get_metric(metric.name, MetricTypes[metric.kind.upper()]).add_or_update(value, list(labels))
+
+        self.metrics = Metrics(sink, "torchserve")
+        version = (getattr(context, "manifest", None) or {}).get("model", {}).get("modelVersion", "")
+        self.metrics.info(self.detector.description, self.detector.model_names, str(version))
         self.initialized = True
         logger.info(
             "loaded %s on %s with optimization=%s in %.1f s (warm request %s ms)",
@@ -93,13 +105,18 @@ class EfficientDetHandler(BaseHandler):
 
     @timed
     def preprocess(self, data):
-        """Per request: its format and instances (multidet.envelopes), DESCRIBE, or the InputError it is."""
-        # How full TorchServe's batches are (a [METRICS] line in logs/ts_log.log)
-        self.context.metrics.add_metric("RequestsPerBatch", len(data), "count", metric_type=MetricTypes.GAUGE)
+        """Per request: its format and instances (multidet.envelopes), DESCRIBE, or the InputError it is; its
+        request id (``self.request_ids``: the client's X-Request-Id, else TorchServe's own id of the request)."""
         settings = self.detector.settings
-        out = []
+        out, self.request_ids, self.started = [], [], time.perf_counter()
         for idx, row in enumerate(data):
             headers = self.context.get_all_request_header(idx) or {}
+            try:
+                self.request_ids.append(tracing.request_id(headers, self.context.get_request_id(idx)))
+            except BadRequest as err:
+                self.request_ids.append(self.context.get_request_id(idx))
+                out.append(err)
+                continue
             if headers.get("describe") == "True":
                 out.append(DESCRIBE)
             elif headers.get("explain") == "True":
@@ -120,7 +137,13 @@ class EfficientDetHandler(BaseHandler):
     @timed
     def inference(self, data, *args, **kwargs):
         """Every good instance of the batch in one Detector.predict call; per request (request, results)."""
-        return self.detector.answer(data)
+        with tracing.use(self.request_ids):
+            answered = self.detector.answer(data)
+        self.metrics.batch(sum(1 for _, results in answered for r in results or () if not isinstance(r, InputError)))
+        for _, results in answered:
+            self.metrics.results(results or ())
+        self.metrics.decoder(getattr(self.detector.decoder, "restarts", 0))
+        return answered
 
     @timed
     def postprocess(self, data):
@@ -133,8 +156,20 @@ class EfficientDetHandler(BaseHandler):
                 status, body = request.status, request.to_dict()
             else:
                 status, body = request.format(results)
+            # the JSON's request_id: the client's X-Request-Id, else TorchServe's own id of the request, which its
+            # frontend always puts in the response's x-request-id header (it overwrites the handler's)
+            request_id, own = self.request_ids[idx], self.context.get_request_id(idx)
+            if isinstance(body, dict):
+                body = {**body, "request_id": request_id}
             self.context.set_response_content_type(idx, "application/json")
             if status != 200:
                 self.context.set_response_status(status, HTTPStatus(status).phrase, idx)
+            self.metrics.request(ROUTE, status)
+            if isinstance(request, InputError):
+                self.metrics.error(request)
+            with tracing.use([request_id]):
+                ms = (time.perf_counter() - self.started) * 1e3
+                also = f" (torchserve id {own})" if own != request_id else ""
+                logger.info("%s %d in %.1f ms%s", ROUTE, status, ms, also)
             responses.append(body)
         return responses

@@ -53,6 +53,7 @@ class Settings:
     warmup: bool = True
     hold_memory: bool = True  # keep freed tensors' memory for the next request (glibc: device.hold_freed_memory)
     allow_reduced: bool = False  # auto may serve a reduced-precision optimization (bf16/fp16/INT8)
+    log_format: str = "text"  # text | json (one JSON object a line); either way with the request ids (tracing)
     profile: bool = False  # read by TorchServe itself (ts.handler_utils.timer): ts_handler_* timing metrics
 
     def __post_init__(self) -> None:
@@ -70,6 +71,8 @@ class Settings:
         for key in [f.name for f in fields(DecodeLimits)] + ["max_request_pixels"]:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
         bad = [m for m in self.models if not isinstance(m, str) or not NAME.match(m)]
         if bad or len(set(self.models)) != len(self.models):
             raise ConfigError(f"models must be distinct model names ([a-z0-9_]+), got {list(self.models)}")

@@ -145,18 +145,27 @@ class Detector:
         return model.threshold if model.threshold is not None else self.settings.threshold
 
     def detect(
-        self, batches: dict[tuple, Batch], active: Sequence[int], thresholds: dict[int, torch.Tensor] | None = None
+        self,
+        batches: dict[tuple, Batch],
+        active: Sequence[int],
+        thresholds: dict[int, torch.Tensor] | None = None,
+        ms: dict[int, float] | None = None,
     ) -> dict[int, torch.Tensor]:
         """Per active model index (into ``models``): its [B, max_det, 6] detections in network pixels.
-        ``batches``: one Batch per preprocessor key (``prepare``)."""
+        ``batches``: one Batch per preprocessor key (``prepare``). ``ms``, where given, gets per model index the
+        milliseconds of its group's run (the models of one architecture run together)."""
         wanted, out = set(active), {}
         for g in self.groups:
             local = [j for j, k in enumerate(g.indices) if k in wanted]
             if not local:
                 continue
             per_model = None if thresholds is None else {j: thresholds[g.indices[j]] for j in local}
+            t0 = time.perf_counter()
             for j, dets in g.optimization.detect(batches[g.preprocessor.key], local, per_model).items():
                 out[g.indices[j]] = dets
+            if ms is not None:
+                synchronize(self.device)
+                ms.update({g.indices[j]: (time.perf_counter() - t0) * 1e3 for j in local})
         return out
 
     def prepare(self, images: Sequence[Image.Image]) -> dict[tuple, Batch]:
@@ -204,7 +213,8 @@ class Detector:
             for k in active
         }
         t1 = time.perf_counter()
-        detections = self.detect(batches, active, thresholds)
+        model_ms: dict[int, float] = {}
+        detections = self.detect(batches, active, thresholds, model_ms)
         detections = {k: v.cpu() for k, v in detections.items()}
         synchronize(self.device)
         t2 = time.perf_counter()
@@ -225,6 +235,8 @@ class Detector:
                         self.threshold_for(opts, model),
                     )
             dets, summary = merge(per_model, {m.name: m.num_classes for m in self.models})
+            ms_of = {self.models[k].name: model_ms[k] for k in active}
+            summary = [{**entry, "inference_ms": round(ms_of[entry["name"]], 3)} for entry in summary]
             letterbox = batches[self.preprocessors[0].key].letterboxes[pos]
             t = timings[idx]
             t["preprocess"] += share

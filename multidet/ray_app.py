@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -32,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
+from . import __version__, tracing
 from .config import ConfigError, Settings
 from .device import select_device
 from .envelopes import parse_request, torchserve_value
@@ -46,6 +47,7 @@ from .errors import (
     RequestTooLarge,
     RouteNotFound,
 )
+from .metrics import BUCKETS, METRICS, Metric, Metrics
 from .oip import error_body, model_metadata, parse_infer, server_metadata
 from .pipeline import Detector
 
@@ -226,8 +228,60 @@ api = FastAPI(title="multidet", docs_url=None, redoc_url=None)
 MAX_HEADER_BYTES = 8192  # a request's headers together, as TorchServe's frontend bounds them (netty's 8 KiB)
 
 
+# this process's replica's metrics (one replica a process: Ray runs each in an actor of its own); None before it loads
+replica_metrics: Metrics | None = None
+
+
+def replica_setup(front: RayFront) -> Metrics:
+    """What a replica sets in its process (Serve ships the deployment class by value, with its own copy of this
+    module's globals: module state is set here, in the module itself): the request ids on every log record, the
+    package's log lines in the replica's log (Ray Serve's handlers, at INFO), this process's metrics."""
+    global replica_metrics
+    tracing.install(json_lines=front.settings.log_format == "json")
+    package, serve_log = logging.getLogger(__name__.split(".")[0]), logging.getLogger("ray.serve")
+    for handler in serve_log.handlers:
+        if handler not in package.handlers:
+            package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = not serve_log.handlers
+    replica_metrics = ray_metrics()
+    return replica_metrics
+
+
+def ray_metrics() -> Metrics:
+    """multidet.metrics through ``ray.serve.metrics`` (each node's metrics agent exposes them, as ray_<name>)."""
+    from ray.serve import metrics as serve_metrics
+
+    kinds = {"counter": serve_metrics.Counter, "histogram": serve_metrics.Histogram, "gauge": serve_metrics.Gauge}
+    made = {}
+    for m in METRICS:
+        extra = {"boundaries": list(BUCKETS)} if m.kind == "histogram" else {}
+        made[m.name] = kinds[m.kind](m.name, description=m.help, tag_keys=m.labels, **extra)
+
+    def sink(metric: Metric, value: float, labels) -> None:
+        made_metric, tags = made[metric.name], dict(zip(metric.labels, labels))
+        if metric.kind == "counter":
+            made_metric.inc(value, tags)
+        elif metric.kind == "histogram":
+            made_metric.observe(value, tags)
+        else:
+            made_metric.set(value, tags)
+
+    return Metrics(sink, "ray")
+
+
+def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """A JSON answer; an object gets the request's id (``request_id``, as on TorchServe)."""
+    ids = tracing.current()
+    if isinstance(body, dict) and ids:
+        body = {**body, "request_id": ids[0]}
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
 def error(err: InputError, oip: bool = False) -> JSONResponse:
-    return JSONResponse(error_body(err) if oip else err.to_dict(), status_code=err.status)
+    if replica_metrics is not None:
+        replica_metrics.error(err)
+    return json_response(error_body(err) if oip else err.to_dict(), err.status)
 
 
 def is_oip(request: Request) -> bool:
@@ -247,14 +301,40 @@ async def routing_error(request: Request, exc: StarletteHTTPException) -> JSONRe
     return error(err, is_oip(request))
 
 
+def serve_request_id() -> str | None:
+    """Ray Serve's id of the request being handled (the client's X-Request-Id where given, else one it made)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or None
+    except Exception:  # outside a replica's request (unit tests of the app)
+        return None
+
+
 @api.middleware("http")
-async def bounded_headers(request: Request, call_next):
-    """Headers over MAX_HEADER_BYTES together: 431 before any route reads them (Ray's proxy takes far more)."""
+async def front_door(request: Request, call_next):
+    """Around every request: its id (multidet.tracing: the client's X-Request-Id, validated, else Ray's own) in the
+    response's header and JSON and in every log line meanwhile; headers over MAX_HEADER_BYTES together refused (431)
+    before any route reads them (Ray's proxy takes far more); the request counted by route and status, and logged."""
+    t0 = time.perf_counter()
+    made = serve_request_id()
+    try:
+        request_id, err = tracing.request_id(request.headers, made), None
+    except InputError as bad:  # Ray's proxy took the client's bad id as its own and echoes it in its header
+        request_id, err = tracing.request_id({}), bad
     size = sum(len(name) + len(value) + 4 for name, value in request.headers.raw)
     if size > MAX_HEADER_BYTES:
         err = HeadersTooLarge(f"the request's headers take {size} bytes; at most {MAX_HEADER_BYTES}")
-        return error(err, is_oip(request))
-    return await call_next(request)
+    with tracing.use([request_id]):
+        response = error(err, is_oip(request)) if err is not None else await call_next(request)
+        # the template of the route it took (a bounded label, never the raw path); unrouted (refused before): unknown
+        template = getattr(request.scope.get("route"), "path", "unknown")
+        if made is None:  # Ray's proxy puts its own id (this one) in the response's x-request-id
+            response.headers[tracing.HEADER] = request_id
+        if replica_metrics is not None:
+            replica_metrics.request(template, response.status_code)
+        log.info("%s %d in %.1f ms", template, response.status_code, (time.perf_counter() - t0) * 1e3)
+    return response
 
 
 def not_found(name: str, oip: bool = False) -> JSONResponse:
@@ -266,6 +346,7 @@ def not_found(name: str, oip: bool = False) -> JSONResponse:
 class MultiDet:
     def __init__(self, config: Mapping[str, Any]):
         self.front = front = RayFront.from_mapping(config)
+        self.metrics = replica_setup(front)
         # all of the replica's torch work, its loading and warm-up included, runs on this one thread, as in TorchServe's
         # worker (its main thread). OpenMP gives each thread that starts parallel work a team of its own; with two
         # teams on 2 cores libgomp counts more threads than CPUs and stops spinning between parallel regions, and
@@ -276,6 +357,7 @@ class MultiDet:
         warm = self.executor.submit(self.load).result()
         self.run_batch.set_max_batch_size(front.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(front.batch_wait_s)
+        self.metrics.info(self.detector.description, self.detector.model_names, front.version)
         log.info(
             "replica pid %d: %s on %s, %s, %d thread(s), warm request %s ms",
             os.getpid(),
@@ -298,6 +380,11 @@ class MultiDet:
         )
         return self.detector.warmup() if front.settings.warmup else None
 
+    def check_health(self) -> None:
+        """Ray Serve's health check (every health_check_period_s): sets the info gauge again, as Ray exports a gauge
+        only while it is set."""
+        self.metrics.refresh()
+
     def __del__(self) -> None:
         """Ray Serve's shutdown hook of a replica: the Detector's decode child ends with it."""
         detector = getattr(self, "detector", None)
@@ -308,12 +395,25 @@ class MultiDet:
             executor.shutdown(wait=False)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def run_batch(self, requests: list) -> list:
-        """Requests of several HTTP calls, their images in one Detector.predict (in a thread: the event
-        loop keeps taking requests); per request (its results, the batch's image count)."""
-        loop = asyncio.get_running_loop()
-        answered = await loop.run_in_executor(self.executor, self.detector.answer, requests)
+    async def run_batch(self, items: list) -> list:
+        """Requests of several HTTP calls (each ``(parsed request, arrival time, request id)``), their images in one
+        Detector.predict (in a thread: the event loop keeps taking requests); per request (its results, the batch's
+        image count)."""
+        requests, arrived, ids = zip(*items)
+
+        def work() -> tuple[float, list]:
+            with tracing.use(ids):
+                return time.perf_counter(), self.detector.answer(requests)
+
+        started, answered = await asyncio.get_running_loop().run_in_executor(self.executor, work)
         images = sum(len(r.instances) for r in requests)
+        self.metrics.batch(
+            sum(1 for _, results in answered for r in results if not isinstance(r, InputError)),
+            [started - t for t in arrived],
+        )
+        for _, results in answered:
+            self.metrics.results(results)
+        self.metrics.decoder(getattr(self.detector.decoder, "restarts", 0))
         return [(results, images) for _, results in answered]
 
     async def body(self, request: Request) -> bytes:
@@ -321,7 +421,7 @@ class MultiDet:
 
     async def answer(self, parsed) -> tuple[list, int]:
         try:
-            return await self.run_batch(parsed)
+            return await self.run_batch((parsed, time.perf_counter(), tracing.current()[0]))
         except Exception as exc:  # a bug of ours in the batch: every image of the request gets 500
             log.exception("batch failed")
             failed = ProcessingFailed(f"could not process this request ({type(exc).__name__}: {exc})")
@@ -338,7 +438,7 @@ class MultiDet:
             return not_found(model)
         headers = dict(request.headers)
         if headers.get("describe") == "True":
-            return JSONResponse(self.detector.describe())
+            return json_response(self.detector.describe())
         if headers.get("explain") == "True":
             return error(BadRequest("this model gives no explanations; ask /predictions/all for its detections"))
         try:
@@ -373,7 +473,7 @@ class MultiDet:
             return error(parsed)
         results, images = await self.answer(parsed)
         status, body = parsed.format(results)
-        return JSONResponse(body, status_code=status, headers={"x-batch-images": str(images)})
+        return json_response(body, status, {"x-batch-images": str(images)})
 
     # -- the Open Inference Protocol (KServe v2) ------------------------------------------------------
     @api.get("/v2")

@@ -7,15 +7,20 @@ import os
 import tempfile
 from pathlib import Path
 
+FILE_KEYS = ("metrics_config",)  # paths in the file: relative to the file's folder, made absolute when read
+
 
 def read_properties(path: Path | str) -> dict[str, str]:
-    """A config.properties as a dict (comments and blank lines skipped)."""
+    """A config.properties as a dict (comments and blank lines skipped); FILE_KEYS' paths absolute."""
     props = {}
     for line in Path(path).read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, value = line.split("=", 1)
             props[key.strip()] = value.strip()
+    for key in FILE_KEYS:
+        if key in props:
+            props[key] = str((Path(path).resolve().parent / props[key]).resolve())
     return props
 
 

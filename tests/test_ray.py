@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
 import helpers
-from helpers import RANDOM, ROOT, SHIPPED, assert_same_answer, assert_schema, free_ports
+from helpers import NAMES, RANDOM, ROOT, SHIPPED, assert_same_answer, assert_schema, free_ports
+from promserver import Prometheus, assert_counted
 
 ray = pytest.importorskip("ray")
 tritonclient_http = pytest.importorskip("tritonclient.http")
@@ -27,6 +30,7 @@ from ray.util.state import list_actors  # noqa: E402
 from multidet.ray_app import deploy, serving_environment  # noqa: E402
 
 pytestmark = pytest.mark.integration
+METRICS_PORTS = free_ports(2)  # the two nodes' metrics agents
 
 APP = {
     "model_set": str(SHIPPED),
@@ -45,8 +49,10 @@ REPLICA_CLASS = "ServeReplica:multidet:multidet"
 def cluster():
     """Two Ray nodes on this machine (two logical CPUs each: a redeploy's new replicas fit beside the old)."""
     serving_environment()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    c.add_node(num_cpus=2)
+    # every node's metrics agent on a port of its own, reporting every second (Ray's default: 10 s)
+    os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "metrics_export_port": METRICS_PORTS[0]})
+    c.add_node(num_cpus=2, metrics_export_port=METRICS_PORTS[1])
     ray.init(address=c.address, logging_level="WARNING")
     c.wait_for_nodes()
     yield c
@@ -156,7 +162,7 @@ def test_unknown_routes_methods_and_oversized_headers_answer_in_the_projects_wor
     ts = requests.get(f"{server.inference}/no/such/route", timeout=30)
     rs = requests.get(f"{ray_url}/no/such/route", timeout=30)
     assert ts.status_code == rs.status_code == 404 and rs.json()["type"] == ts.json()["type"], (ts.text, rs.text)
-    assert set(rs.json()) == {"code", "type", "message"}
+    assert set(rs.json()) == {"code", "type", "message", "request_id"}
     r = requests.delete(f"{ray_url}/predictions/all", timeout=30)
     assert r.status_code == 405 and r.json()["type"] == "MethodNotAllowedException" and r.json()["code"] == 405
     r = requests.get(f"{ray_url}/v2/models/all/nothing-here", timeout=30)
@@ -281,3 +287,23 @@ def test_redeploy_with_new_weights_under_load_loses_no_request(cluster, ray_url,
     assert not old & {a.actor_id for a in replicas()}, "the old replicas were replaced"
     assert load.outcomes and all(o == 200 for o in load.outcomes), load.outcomes
     assert requests.get(f"{ray_url}/v2/models/all", timeout=30).json()["versions"] == ["2"]
+
+
+def test_prometheus_counts_ray_per_model_across_both_nodes(cluster, ray_url, tmp_path):
+    """A real Prometheus scraping both nodes' metrics agents with the shipped scrape config (which takes Ray's ray_
+    prefix off): the same per-model, per-status and per-error counts as on TorchServe (test_metrics), summed over
+    the replicas of both nodes; each answer's id in its x-request-id header, its JSON and its replica's log."""
+    targets = {"ray": [f"127.0.0.1:{port}" for port in METRICS_PORTS]}
+    prom = Prometheus(tmp_path / "prometheus", targets)
+    try:
+        answers = assert_counted(prom, "ray", ray_url, list(NAMES))
+        assert prom.value('count(ray_multidet_model_images_total{job="ray"})') is None  # renamed at scrape
+    finally:
+        prom.stop()
+    logs = "".join(
+        p.read_text(errors="replace")
+        for p in (Path(cluster.head_node.get_session_dir_path()) / "logs" / "serve").glob("replica_*.log")
+    )
+    assert answers[1][1]["request_id"] == "prom-test-1"
+    for header_id, body in answers:
+        assert header_id == body["request_id"] and f"[request_id={header_id}]" in logs

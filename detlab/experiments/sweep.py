@@ -82,7 +82,7 @@ def server_figures(before: dict, after: dict, ts_log: Path | None, since: float,
         out.update(queue_ms=round(queue, 2), frontend_ms=round(total, 2), worker_ms=round(total - queue, 2))
     if ts_log is not None:
         worker = backend_metrics(ts_log, since, until)
-        handler, sizes = worker.get("HandlerTime", []), worker.get("RequestsPerBatch", [])
+        handler, sizes = worker.get("HandlerTime", []), worker.get("multidet_batch_images", [])
         if handler:
             out["handler_ms_per_batch"] = round(sum(handler) / len(handler), 2)
         if sizes:
