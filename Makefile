@@ -16,7 +16,7 @@ IMG ?= docs/example.jpg
 PYTEST_ARGS ?=
 DURATION ?= 600
 
-.PHONY: help install java-check checkpoints dataset train train-ablation eval refit annotate mar serve serve-secure serve-ray update stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean fronts
+.PHONY: ui help install java-check checkpoints dataset train train-ablation eval refit annotate mar serve serve-secure serve-ray update stop status predict soak load bench ablation overhead sweep benchmarks peers scaling gpu-wheels docker-build docker-build-cuda docker-run docker-lint test test-fast lint clean fronts
 
 help:
 	@echo "make serve [OPT=auto] [MODELS=models.yaml] [BATCH=1] [SET='KEY=VALUE ...']  install, build the MAR, start TorchServe"
@@ -26,6 +26,7 @@ help:
 	@echo "make serve-ray [OPT=auto] [MODELS=models.yaml] [REPLICAS=1] [SET='KEY=VALUE ...']"
 	@echo "                                    the same model set on Ray Serve (port 8000; OIP v2 too), local cluster"
 	@echo "make stop                           stop TorchServe and Ray Serve"
+	@echo "make ui [SERVICE=http://127.0.0.1:8080]   a page to look at the running service's detections (port 8090)"
 	@echo "make test                           the whole test suite (unit, model, embedded, real TorchServe)"
 	@echo "make soak [DURATION=600]            sustained good+bad load against the server, worker memory"
 	@echo "make load [USERS=2] [LOAD_TIME=60s] Locust, headless, against the server; CSV in outputs/load/"
@@ -107,6 +108,12 @@ stop: install
 
 status: install
 	$(PY) scripts/serve.py status
+
+# a page to look at the detections of the running service (SERVICE: TorchServe's 8080, or the Ray front's 8000)
+SERVICE ?= http://127.0.0.1:8080
+UI_PORT ?= 8090
+ui: install
+	$(PY) scripts/ui.py --service $(SERVICE) --port $(UI_PORT)
 
 predict: install
 	$(PY) scripts/predict.py $(IMG) --model-set $(MODELS) --optimization $(OPT)

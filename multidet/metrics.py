@@ -78,6 +78,10 @@ METRICS = (
 BY_NAME = {m.name: m for m in METRICS}
 
 
+# TorchServe's frontend reads a metric line's labels as "name:value,name:value": a value keeps none of , : |
+# (the same value on both fronts: "auto:onnxruntime" is "auto/onnxruntime", a list of models space-separated)
+LABEL_VALUE = str.maketrans({",": " ", ":": "/", "|": "/"})
+
 # a front's metric API: add to a counter, observe into a histogram or set a gauge (by metric.kind)
 Sink = Callable[[Metric, float, Sequence[str]], None]
 
@@ -99,7 +103,7 @@ class Metrics:
         if metric.kind == "counter" and value == 0:
             return
         try:
-            self.sink(metric, value, labels)
+            self.sink(metric, value, tuple(str(v).translate(LABEL_VALUE) for v in labels))
         except Exception:
             if name not in self.failed:
                 self.failed.add(name)
@@ -107,7 +111,7 @@ class Metrics:
 
     def info(self, optimization: str, models: Iterable[str], version: str) -> None:
         """What is served (value 1); set again with every request and by ``refresh``."""
-        self.served = (optimization, ",".join(models), version)
+        self.served = (optimization, " ".join(models), version)
         self._add("multidet_info", 1, *self.served)
 
     def request(self, route: str, status: int) -> None:

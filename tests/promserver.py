@@ -136,5 +136,6 @@ def assert_counted(prom: Prometheus, job: str, url: str, models: list[str]) -> l
         assert after[metric, labels] - before[metric, labels] == want, (job, metric, labels, before, after)
     # an info gauge on Ray is exported while set (each request, each health check: every 5 s) and lives two export
     # intervals (the tests' 1 s): between, a scrape misses it, as any gauge a worker sets now and then
-    assert (prom.value(f'count(last_over_time(multidet_info{{job="{job}"}}[30s]))') or 0) >= 1
+    served = f'job="{job}",models="{" ".join(models)}"'  # the whole set in one label value, as both fronts write it
+    assert (prom.value(f"count(last_over_time(multidet_info{{{served}}}[30s]))") or 0) >= 1
     return answers

@@ -58,6 +58,14 @@ def test_each_image_counts_per_model_per_stage_and_each_error_by_type(trained):
     assert all(len(lb) == len(BY_NAME[n].labels) for n, _, lb in recorded)
 
 
+def test_label_values_read_the_same_on_both_fronts():
+    """TorchServe reads "name:value,name:value" from a metric line: no value may keep a comma, colon or bar."""
+    recorded = []
+    metrics = Metrics(lambda metric, value, labels: recorded.append(labels), "test")
+    metrics.info("efficientdet_d0=auto:onnxruntime_stacked,efficientdet_d1=baseline", ["a", "b"], "1|2")
+    assert recorded == [("efficientdet_d0=auto/onnxruntime_stacked efficientdet_d1=baseline", "a b", "1/2")]
+
+
 def test_request_ids_are_bounded_and_carried_by_every_log_record(caplog):
     assert tracing.request_id({"x-request-id": "client-7.a:b"}) == "client-7.a:b"
     assert tracing.request_id({}, "made-by-front") == "made-by-front"
