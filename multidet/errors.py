@@ -12,6 +12,8 @@ One rule for the whole service:
   (``multidet.isolation.DecodeTimeout``). 413 too when decoding needs more than ``decode_memory_mib``.
 - 404 / 405 / 431 on the Ray front as TorchServe answers them: an unknown route (``RouteNotFound``), a method the
   route does not take (``MethodNotAllowed``), request headers over 8 KiB (``HeadersTooLarge``).
+- 503 (``ServiceBusy``, the Ray front): a request that waited longer than ``max_queue_wait_s`` for its batch to start,
+  answered with ``Retry-After`` and never computed.
 - 500 (``ProcessingFailed``): an image we accepted but failed on; a bug of ours, reported for that
   request alone (the others in its batch are served) and logged with its traceback.
 """
@@ -91,3 +93,10 @@ class MethodNotAllowed(InputError):
 class HeadersTooLarge(InputError):
     status = 431
     kind = "RequestHeaderFieldsTooLarge"
+
+
+class ServiceBusy(InputError):
+    """Waited longer than the bounded queue wait (the Ray front's max_queue_wait_s) for its batch: 503 + Retry-After."""
+
+    status = 503
+    kind = "ServiceUnavailableException"  # TorchServe's words for a full queue

@@ -19,6 +19,7 @@ deploy/k8s/rayservice.yaml).
 
 import asyncio
 import logging
+import math
 import os
 import secrets
 import time
@@ -46,6 +47,7 @@ from .errors import (
     ProcessingFailed,
     RequestTooLarge,
     RouteNotFound,
+    ServiceBusy,
 )
 from .metrics import BUCKETS, METRICS, Metric, Metrics
 from .oip import error_body, model_metadata, parse_infer, server_metadata
@@ -111,8 +113,13 @@ class RayFront:
     # batching (@serve.batch): like TorchServe's batchSize / maxBatchDelay
     max_batch_size: int = 4
     batch_wait_s: float = 0.05
-    max_ongoing_requests: int = 16  # per replica, in flight at once (>= max_batch_size to fill batches)
-    max_queued_requests: int = 100  # waiting per caller; past it 503 (TorchServe's job_queue_size)
+    # per replica, in flight at once: admitted, a request waits in the replica for its batch, and the replica's event
+    # loop (inference runs on its own thread) answers the health routes meanwhile; past it requests wait in Ray's router
+    max_ongoing_requests: int = 128
+    max_queued_requests: int = 100  # waiting per caller beyond max_ongoing_requests; past it 503
+    max_queue_wait_s: float = (
+        30.0  # waiting longer for its batch to start: 503 + Retry-After, never computed (0: no bound)
+    )
     max_request_size: int = 16 * 1024 * 1024  # bytes; larger bodies get 413 (TorchServe's max_request_size)
     # a redeploy starts the new replicas before it stops the old (no request lost); it needs room for them
     # beside the old ones (num_cpus each): on a full cluster set 0 (replicas replaced 20 % at a time)
@@ -125,6 +132,8 @@ class RayFront:
             raise ConfigError(f"max_replicas {self.max_replicas} < min_replicas {self.min_replicas}")
         if self.num_cpus <= 0 or self.threads < 0 or self.max_batch_size < 1 or self.batch_wait_s < 0:
             raise ConfigError("num_cpus must be > 0, threads >= 0, max_batch_size >= 1, batch_wait_s >= 0")
+        if self.max_queue_wait_s < 0:
+            raise ConfigError(f"max_queue_wait_s must be >= 0, got {self.max_queue_wait_s}")
         if self.max_ongoing_requests < 1 or self.max_request_size < 1:
             raise ConfigError("max_ongoing_requests and max_request_size must be >= 1")
 
@@ -341,6 +350,17 @@ def not_found(name: str, oip: bool = False) -> JSONResponse:
     return error(NotFound(f"Model not found: {name}"), oip)
 
 
+@dataclass(eq=False)
+class Pending:
+    """A parsed request on its way to a batch."""
+
+    parsed: Any
+    arrived: float  # time.perf_counter() when it reached the batcher
+    request_id: str
+    started: bool = False  # its batch began: it is computed and answered
+    expired: bool = False  # it waited past max_queue_wait_s, or its client left: skipped by its batch
+
+
 @serve.deployment
 @serve.ingress(api)
 class MultiDet:
@@ -354,6 +374,8 @@ class MultiDet:
         # of the pipeline's time (docs/benchmarks.md 8c). Through asyncio's default pool successive batches even
         # landed on different threads (8b).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multidet-batch")
+        self.waiting: set[Pending] = set()  # admitted, their batch not begun
+        self.batch_s = 0.0  # the last batch's seconds (Retry-After's estimate)
         warm = self.executor.submit(self.load).result()
         self.run_batch.set_max_batch_size(front.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(front.batch_wait_s)
@@ -396,36 +418,74 @@ class MultiDet:
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def run_batch(self, items: list) -> list:
-        """Requests of several HTTP calls (each ``(parsed request, arrival time, request id)``), their images in one
-        Detector.predict (in a thread: the event loop keeps taking requests); per request (its results, the batch's
-        image count)."""
-        requests, arrived, ids = zip(*items)
+        """Requests of several HTTP calls (``Pending``), their images in one Detector.predict (in a thread: the event
+        loop keeps taking requests and answering health checks); per request (its results, the batch's image count),
+        ``(None, 0)`` for one that expired before its batch began (not computed)."""
+        live = [it for it in items if not it.expired]
+        for it in live:
+            it.started = True
+            self.waiting.discard(it)
+        if not live:
+            return [(None, 0)] * len(items)
+        requests = [it.parsed for it in live]
 
         def work() -> tuple[float, list]:
-            with tracing.use(ids):
+            with tracing.use([it.request_id for it in live]):
                 return time.perf_counter(), self.detector.answer(requests)
 
         started, answered = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        self.batch_s = time.perf_counter() - started
         images = sum(len(r.instances) for r in requests)
         self.metrics.batch(
             sum(1 for _, results in answered for r in results if not isinstance(r, InputError)),
-            [started - t for t in arrived],
+            [started - it.arrived for it in live],
         )
         for _, results in answered:
             self.metrics.results(results)
         self.metrics.decoder(getattr(self.detector.decoder, "restarts", 0))
-        return [(results, images) for _, results in answered]
+        results = iter(answered)
+        return [(None, 0) if it.expired else (next(results)[1], images) for it in items]
 
     async def body(self, request: Request) -> bytes:
         return await read_limited(request.stream(), request.headers.get("content-length"), self.front.max_request_size)
 
     async def answer(self, parsed) -> tuple[list, int]:
+        """The request's results and its batch's image count; ServiceBusy where its batch did not begin within
+        max_queue_wait_s. A request whose client leaves before its batch begins is not computed."""
+        item = Pending(parsed, time.perf_counter(), tracing.current()[0])
+        self.waiting.add(item)
+        task = asyncio.ensure_future(self.run_batch(item))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # an expired item's task: nobody awaits it
+        wait = self.front.max_queue_wait_s
         try:
-            return await self.run_batch((parsed, time.perf_counter(), tracing.current()[0]))
+            if wait > 0:
+                await asyncio.wait({task}, timeout=wait)
+                if not task.done() and not item.started:
+                    item.expired = True
+                    self.waiting.discard(item)
+                    raise ServiceBusy(
+                        f"waited {wait:g} s for a batch (setting max_queue_wait_s): the service is overloaded; "
+                        "retry after the time in Retry-After"
+                    )
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:  # the client went away: not computed unless its batch already began
+            if not item.started:
+                item.expired = True
+                self.waiting.discard(item)
+            raise
+        except ServiceBusy:
+            raise
         except Exception as exc:  # a bug of ours in the batch: every image of the request gets 500
             log.exception("batch failed")
             failed = ProcessingFailed(f"could not process this request ({type(exc).__name__}: {exc})")
             return [failed] * len(parsed.instances), 0
+
+    def busy(self, err: ServiceBusy, oip: bool = False) -> JSONResponse:
+        """503 with Retry-After: the seconds the requests waiting now take at the last batch's pace (1..60)."""
+        response = error(err, oip)
+        batches = len(self.waiting) / max(self.front.max_batch_size, 1)
+        response.headers["Retry-After"] = str(min(60, max(1, math.ceil(batches * self.batch_s))))
+        return response
 
     # -- the project's routes (as on TorchServe) ------------------------------------------------------
     @api.get("/ping")
@@ -471,7 +531,10 @@ class MultiDet:
         )
         if isinstance(parsed, InputError):
             return error(parsed)
-        results, images = await self.answer(parsed)
+        try:
+            results, images = await self.answer(parsed)
+        except ServiceBusy as err:
+            return self.busy(err)
         status, body = parsed.format(results)
         return json_response(body, status, {"x-batch-images": str(images)})
 
@@ -520,7 +583,10 @@ class MultiDet:
         )
         if isinstance(parsed, InputError):
             return error(parsed, oip=True)
-        results, images = await self.answer(parsed)
+        try:
+            results, images = await self.answer(parsed)
+        except ServiceBusy as err:
+            return self.busy(err, oip=True)
         status, body, headers = parsed.format(results)
         headers = {**headers, "x-batch-images": str(images)}
         return Response(body, status_code=status, headers=headers, media_type=headers.pop("content-type"))

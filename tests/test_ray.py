@@ -9,6 +9,7 @@ import json
 import os
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
-from multidet.ray_app import deploy, serving_environment  # noqa: E402
+from multidet.ray_app import build, deploy, ready, serving_environment  # noqa: E402
 
 pytestmark = pytest.mark.integration
 METRICS_PORTS = free_ports(2)  # the two nodes' metrics agents
@@ -307,3 +308,40 @@ def test_prometheus_counts_ray_per_model_across_both_nodes(cluster, ray_url, tmp
     assert answers[1][1]["request_id"] == "prom-test-1"
     for header_id, body in answers:
         assert header_id == body["request_id"] and f"[request_id={header_id}]" in logs
+
+
+def test_overload_past_the_bounded_wait_is_503_with_retry_after_and_health_is_answered_meanwhile(cluster, ray_url):
+    """One replica of one thread, batches of one, max_queue_wait_s 0.5 s, 48 clients at once: a request whose batch
+    did not begin within the bound gets 503 ServiceUnavailableException with Retry-After (and is never computed); every
+    other is 200 with the unloaded answer; the health route answers while requests are still outstanding (admitted
+    into the replica, they wait there, and its event loop is free: inference runs on the replica's own thread)."""
+    serve.run(
+        build({**APP, "num_replicas": 1, "max_batch_size": 1, "max_queue_wait_s": 0.5}),
+        name="busy",
+        route_prefix="/busy",
+        blocking=False,
+    )
+    url = f"{ray_url}/busy"
+    deadline = time.monotonic() + 300
+    while not ready(url):
+        assert time.monotonic() < deadline, serve.status()
+        time.sleep(1)
+    body = (ROOT / "docs" / "example.jpg").read_bytes()
+    reference = requests.put(f"{url}/predictions/all", data=body, timeout=120).json()["detections"]
+    try:
+        with ThreadPoolExecutor(48) as pool:
+            sent = [pool.submit(requests.put, f"{url}/predictions/all", data=body, timeout=120) for _ in range(48)]
+            time.sleep(0.1)
+            live = requests.get(f"{url}/v2/health/live", timeout=30)
+            outstanding = sum(not f.done() for f in sent)
+            responses = [f.result() for f in sent]
+    finally:
+        serve.delete("busy")
+    assert live.status_code == 200 and outstanding > 0, outstanding
+    statuses = Counter(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503} and statuses[200] >= 1 and statuses[503] >= 1, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.json()["type"] == "ServiceUnavailableException" and int(r.headers["Retry-After"]) >= 1
+        else:
+            assert_same_answer(reference, r.json()["detections"])
