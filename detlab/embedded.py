@@ -23,7 +23,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from multidet.config import Settings
-from multidet.metrics import metrics_yaml
+from multidet.metrics import torchserve_metrics_yaml
 
 
 @dataclass
@@ -60,9 +60,8 @@ class EmbeddedService:
         model_name: str = "all",
     ):
         # TorchServe's metrics declaration with the service's (as metrics.yaml: multidet.metrics.metrics_yaml)
-        defaults = yaml.safe_load(Path(ts.__file__).with_name("configs").joinpath("metrics.yaml").read_text())
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            yaml.safe_dump(metrics_yaml(defaults), f)
+            yaml.safe_dump(torchserve_metrics_yaml(), f)
         metrics = MetricsCacheYamlImpl(config_file_path=f.name)
         metrics.initialize_cache()
         os.unlink(f.name)

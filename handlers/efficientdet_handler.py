@@ -139,10 +139,7 @@ class EfficientDetHandler(BaseHandler):
         """Every good instance of the batch in one Detector.predict call; per request (request, results)."""
         with tracing.use(self.request_ids):
             answered = self.detector.answer(data)
-        self.metrics.batch(sum(1 for _, results in answered for r in results or () if not isinstance(r, InputError)))
-        for _, results in answered:
-            self.metrics.results(results or ())
-        self.metrics.decoder(getattr(self.detector.decoder, "restarts", 0))
+        self.metrics.answered(answered, self.detector.decoder)
         return answered
 
     @timed

@@ -110,7 +110,7 @@ class Metrics:
                 log.exception("metric %s could not be recorded (further failures of it not logged)", name)
 
     def info(self, optimization: str, models: Iterable[str], version: str) -> None:
-        """What is served (value 1); set again with every request and by ``refresh``."""
+        """What is served (value 1); set again by ``refresh``."""
         self.served = (optimization, " ".join(models), version)
         self._add("multidet_info", 1, *self.served)
 
@@ -119,10 +119,10 @@ class Metrics:
         ``<name>`` (``/predictions/<model>``): Ray drops a label value with braces."""
         route = route.replace("{", "<").replace("}", ">")
         self._add("multidet_requests_total", 1, self.front, route, str(status))
-        self.refresh()
 
     def refresh(self) -> None:
-        """The info gauge set again (Ray drops a gauge that is not set again within two export intervals)."""
+        """The info gauge set again (Ray drops a gauge that is not set again within two export intervals: its replica
+        calls this with every health check)."""
         if self.served:
             self._add("multidet_info", 1, *self.served)
 
@@ -135,6 +135,15 @@ class Metrics:
             self._add("multidet_batch_images", images)
         for seconds in queued_s:
             self._add("multidet_queue_seconds", seconds)
+
+    def answered(self, answered: Sequence[tuple[object, Sequence | None]], decoder: object, queued_s=()) -> None:
+        """One batch as ``Detector.answer`` returned it (per request ``(request, results)``): its image count and
+        queue waits, each image's figures, and the decoder's restarts so far (both fronts call this)."""
+        good = sum(1 for _, results in answered for r in results or () if not isinstance(r, InputError))
+        self.batch(good, queued_s)
+        for _, results in answered:
+            self.results(results or ())
+        self.decoder(getattr(decoder, "restarts", 0))
 
     def results(self, results: Iterable[Mapping | InputError | None]) -> None:
         """Per image of a batch: its models' detections and times, or its error's type."""
@@ -175,14 +184,20 @@ HEADER = (
 )
 
 
-def main() -> None:
+def torchserve_metrics_yaml() -> dict:
+    """``metrics_yaml`` of the metrics.yaml the installed TorchServe ships (the repository's metrics.yaml)."""
     from pathlib import Path
 
     import ts
     import yaml
 
-    defaults = yaml.safe_load((Path(ts.__file__).parent / "configs" / "metrics.yaml").read_text())
-    print(HEADER + yaml.safe_dump(metrics_yaml(defaults), sort_keys=False), end="")
+    return metrics_yaml(yaml.safe_load((Path(ts.__file__).parent / "configs" / "metrics.yaml").read_text()))
+
+
+def main() -> None:
+    import yaml
+
+    print(HEADER + yaml.safe_dump(torchserve_metrics_yaml(), sort_keys=False), end="")
 
 
 if __name__ == "__main__":

@@ -117,9 +117,8 @@ class RayFront:
     # loop (inference runs on its own thread) answers the health routes meanwhile; past it requests wait in Ray's router
     max_ongoing_requests: int = 128
     max_queued_requests: int = 100  # waiting per caller beyond max_ongoing_requests; past it 503
-    max_queue_wait_s: float = (
-        30.0  # waiting longer for its batch to start: 503 + Retry-After, never computed (0: no bound)
-    )
+    # waiting longer for its batch to start: 503 + Retry-After, never computed (0: no bound)
+    max_queue_wait_s: float = 30.0
     max_request_size: int = 16 * 1024 * 1024  # bytes; larger bodies get 413 (TorchServe's max_request_size)
     # a redeploy starts the new replicas before it stops the old (no request lost); it needs room for them
     # beside the old ones (num_cpus each): on a full cluster set 0 (replicas replaced 20 % at a time)
@@ -436,13 +435,7 @@ class MultiDet:
         started, answered = await asyncio.get_running_loop().run_in_executor(self.executor, work)
         self.batch_s = time.perf_counter() - started
         images = sum(len(r.instances) for r in requests)
-        self.metrics.batch(
-            sum(1 for _, results in answered for r in results if not isinstance(r, InputError)),
-            [started - it.arrived for it in live],
-        )
-        for _, results in answered:
-            self.metrics.results(results)
-        self.metrics.decoder(getattr(self.detector.decoder, "restarts", 0))
+        self.metrics.answered(answered, self.detector.decoder, [started - it.arrived for it in live])
         results = iter(answered)
         return [(None, 0) if it.expired else (next(results)[1], images) for it in items]
 
